@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make demo` (run the platform) and `make test` (run every test).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+DEMO_ENV := KOTAEMON_DEMO=1
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install demo test serve worker clean
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, from the local CPU build; otherwise pip fetches a multi-gigabyte CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(DEMO_ENV) $(PY) manage.py migrate --noinput
+	$(DEMO_ENV) $(PY) manage.py demo_setup
+	$(DEMO_ENV) $(VENV)/bin/uvicorn kotaemon_site.asgi:application --host $(HOST) --port $(PORT)
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+worker: install
+	$(VENV)/bin/celery -A kotaemon_site worker -l info --concurrency=2
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,25 @@
+import os
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+
+class Command(BaseCommand):
+    help = "Prepare the embedded demo: a demo admin and the sample knowledge base. Idempotent."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--username", default=os.environ.get("DEMO_ADMIN_USER", "admin"))
+        parser.add_argument("--password", default=os.environ.get("DEMO_ADMIN_PASSWORD", "admin"))
+
+    def handle(self, *args, username: str, password: str, **options):
+        from apps.core.services import demo_admin_ensure
+
+        created = demo_admin_ensure(username=username, password=password)
+        from apps.knowledge.services import demo_knowledge_load
+
+        demo_knowledge_load(owner=get_user_model().objects.get(username=username), stdout=self.stdout)
+        verb = "Created" if created else "Kept"
+        self.stdout.write(self.style.SUCCESS(
+            f"{verb} demo admin. Sign in at http://127.0.0.1:8000/admin/ as {username} / {password} "
+            "(demo only: change it before exposing this machine)."
+        ))

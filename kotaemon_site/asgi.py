@@ -1,0 +1,26 @@
+"""ASGI entry point: one application for HTTP and websockets.
+
+Run with uvicorn: uvicorn kotaemon_site.asgi:application --host 0.0.0.0 --port 8000
+"""
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kotaemon_site.settings")
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from apps.core.ws_auth import ApiKeyOrSessionAuthMiddlewareStack  # noqa: E402
+from kotaemon_site.routing import websocket_urlpatterns  # noqa: E402
+from apps.core.runtime import configure_process  # noqa: E402
+
+configure_process(kind="web")
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": AllowedHostsOriginValidator(ApiKeyOrSessionAuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    }
+)
