@@ -3,8 +3,12 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+# Each app owns its API routes under /api/v1/.
 api_v1 = [
     path("", include("apps.core.urls")),
+    path("", include("apps.knowledge.urls")),
+    path("", include("apps.conversations.urls")),
+    path("", include("apps.plugins.urls")),
 ]
 
 urlpatterns = [
@@ -13,6 +17,8 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/v1/", include((api_v1, "api"), namespace="v1")),
     path("", include("apps.monitoring.urls")),
+    # Pages (the web chat at /, source views) come last.
+    path("", include("apps.conversations.page_urls")),
 ]
 
 handler404 = "apps.core.errors.handler404"
