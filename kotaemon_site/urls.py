@@ -18,6 +18,7 @@ urlpatterns = [
     path("api/v1/", include((api_v1, "api"), namespace="v1")),
     path("", include("apps.monitoring.urls")),
     # Pages (the web chat at /, source views) come last.
+    path("", include("apps.knowledge.page_urls")),
     path("", include("apps.conversations.page_urls")),
 ]
 
