@@ -98,6 +98,8 @@ TEMPLATES = [
 ]
 
 # --- Database ---------------------------------------------------------------------------
+# Test runs on one machine may overlap (several developers, CI): each gets its own test database.
+_TEST_DB_SUFFIX = env("KOTAEMON_TEST_DB_SUFFIX", default=str(os.getpid()))
 DATABASES = {
     "default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}"),
 }
@@ -107,8 +109,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {})["init_command"] = "PRAGMA journal_mode=WAL;"
     DATABASES["default"]["OPTIONS"]["timeout"] = 20
     # A file, not memory, so server processes started by tests see the test database.
-    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / f"test-{_TEST_DB_SUFFIX}.sqlite3")}
 else:
+    DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{_TEST_DB_SUFFIX}"}
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
