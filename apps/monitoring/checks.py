@@ -19,7 +19,9 @@ def check_database() -> tuple[bool, str]:
 
 
 def check_cache() -> tuple[bool, str]:
-    from django.core.cache import cache
+    from django.core.cache import caches
+
+    cache = caches["default"]
 
     key, value = f"readyz:{uuid.uuid4().hex}", uuid.uuid4().hex
     cache.set(key, value, 10)

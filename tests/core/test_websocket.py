@@ -65,13 +65,13 @@ def test_real_client_against_running_server(user):
                      origin=f"http://{addr}") as ws:
             ws.send(json.dumps({"n": 1}))
             assert json.loads(ws.recv(timeout=10))["payload"] == {"n": 1}
-        # Session-cookie path: log in through the admin form like a browser would.
+        # Session-cookie path: sign in through the login form like a browser would.
         with httpx.Client(base_url=f"http://{addr}") as http:
-            page = http.get("/admin/login/")
+            page = http.get("/accounts/login/")
             csrf = http.cookies["csrftoken"]
-            http.post("/admin/login/", data={"username": "alice", "password": "pw-alice-123",
-                                             "csrfmiddlewaretoken": csrf, "next": "/api/v1/me/"},
-                      headers={"Referer": f"http://{addr}/admin/login/"})
+            http.post("/accounts/login/", data={"username": "alice", "password": "pw-alice-123",
+                                                "csrfmiddlewaretoken": csrf, "next": "/api/v1/me/"},
+                      headers={"Referer": f"http://{addr}/accounts/login/"})
             assert page.status_code == 200
             cookie = "; ".join(f"{k}={v}" for k, v in http.cookies.items())
             assert http.get("/api/v1/me/").json()["username"] == "alice"
