@@ -1,0 +1,246 @@
+"""Structure-aware chunking of a :class:`ParsedDocument` into embedding-sized chunks.
+
+Rules (each chunk is something a user can be shown as a citation):
+
+- a chunk never crosses a heading change or a page break: it has exactly one ``page`` and one
+  ``heading_path``;
+- consecutive blocks of a section are packed up to ``chunk_tokens``, measured with the embedding
+  model's own tokenizer (``count_tokens``), because the model silently truncates longer input;
+- a block longer than ``chunk_tokens`` is split at line breaks, then sentence ends, then words (then
+  characters, for a pathological "word"); consecutive pieces of one block overlap by about
+  ``overlap_tokens`` so that a fact straddling a cut is still seen whole by one chunk;
+- a tiny trailing piece is merged into the previous chunk of the same section when the result stays
+  within ``max_tokens``;
+- sections made only of headings are dropped (a bare heading is a useless citation) unless the
+  document has nothing else;
+- ``doc.text[chunk.char_start:chunk.char_end] == chunk.text`` always holds: the heading path is
+  metadata and is not prepended to the text.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .parsers import Block, ParsedDocument
+
+MODEL_MAX_TOKENS = 254
+"""all-MiniLM-L6-v2 reads 256 word pieces including [CLS] and [SEP]; ``count_tokens`` excludes them."""
+
+
+@dataclass
+class ChunkSpec:
+    """A chunk to store and embed; ``content_hash`` (sha256 of ``text``) keys the embedding cache."""
+
+    position: int
+    text: str
+    page: int | None
+    heading_path: tuple[str, ...]
+    char_start: int
+    char_end: int
+    token_count: int
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class _Segment:
+    start: int
+    end: int
+    tokens: int
+    block: int
+
+
+_LINE_GAP = re.compile(r"(\s*\n\s*)")
+_SENTENCE_GAP = re.compile(r"[.!?…]+[\"'”’)\]]*(\s+)")
+_WORD_GAP = re.compile(r"(\s+)")
+_SPLIT_LEVELS = (_LINE_GAP, _SENTENCE_GAP, _WORD_GAP)
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def chunk_document(
+    doc: ParsedDocument,
+    *,
+    count_tokens: Callable[[str], int],
+    chunk_tokens: int = 200,
+    overlap_tokens: int = 40,
+    min_tokens: int | None = None,
+    max_tokens: int = MODEL_MAX_TOKENS,
+) -> list[ChunkSpec]:
+    """Split ``doc`` into chunks (see module docstring).
+
+    ``min_tokens`` (default ``chunk_tokens // 8``) is the size under which a trailing piece counts as
+    tiny. Raises ``ValueError`` for inconsistent sizes.
+    """
+    _validate_sizes(chunk_tokens, overlap_tokens, max_tokens)
+    min_tokens = chunk_tokens // 8 if min_tokens is None else min_tokens
+    text = doc.text
+    spans = doc.block_spans()
+    chunks: list[ChunkSpec] = []
+    for section in _content_sections(doc.blocks):
+        segments = [
+            segment
+            for index in section
+            for segment in _segments(text, spans[index][0], spans[index][1], index, count_tokens, chunk_tokens)
+        ]
+        pieces = _merge_tail(_pack(segments, chunk_tokens, overlap_tokens), segments, min_tokens, max_tokens)
+        block = doc.blocks[section[0]]
+        for first, last in pieces:
+            chunks.append(_make_chunk(len(chunks), text, segments[first : last + 1], block, count_tokens))
+    return chunks
+
+
+def _validate_sizes(chunk_tokens: int, overlap_tokens: int, max_tokens: int) -> None:
+    if chunk_tokens <= 0:
+        raise ValueError("chunk_tokens must be positive")
+    if chunk_tokens > max_tokens:
+        raise ValueError(f"chunk_tokens={chunk_tokens} exceeds the model limit max_tokens={max_tokens}")
+    if not 0 <= overlap_tokens < chunk_tokens:
+        raise ValueError("overlap_tokens must be >= 0 and smaller than chunk_tokens")
+
+
+def _make_chunk(
+    position: int, text: str, segments: list[_Segment], block: Block, count_tokens: Callable[[str], int]
+) -> ChunkSpec:
+    start, end = segments[0].start, segments[-1].end
+    chunk_text = text[start:end]
+    return ChunkSpec(
+        position=position,
+        text=chunk_text,
+        page=block.page,
+        heading_path=tuple(block.heading_path),
+        char_start=start,
+        char_end=end,
+        token_count=_token_count(segments, chunk_text, count_tokens),
+        content_hash=content_hash(chunk_text),
+    )
+
+
+def _token_count(segments: list[_Segment], chunk_text: str, count_tokens: Callable[[str], int]) -> int:
+    """Sum of the segments' counts when every cut is at whitespace (exact for tokenizers that
+    pre-split on whitespace, as WordPiece and byte-level BPE do); recounted otherwise."""
+    if all(after.start > before.end for before, after in zip(segments, segments[1:])):
+        return sum(segment.tokens for segment in segments)
+    return count_tokens(chunk_text)
+
+
+def _sections(blocks: list[Block]) -> list[list[int]]:
+    """Runs of consecutive blocks sharing (page, heading_path)."""
+    sections: list[list[int]] = []
+    previous_key: tuple | None = None
+    for index, block in enumerate(blocks):
+        key = (block.page, tuple(block.heading_path))
+        if sections and key == previous_key:
+            sections[-1].append(index)
+        else:
+            sections.append([index])
+        previous_key = key
+    return sections
+
+
+def _content_sections(blocks: list[Block]) -> list[list[int]]:
+    sections = _sections(blocks)
+    with_content = [s for s in sections if any(blocks[i].kind != "heading" for i in s)]
+    return with_content or sections
+
+
+def _segments(
+    text: str, start: int, end: int, block: int, count_tokens: Callable[[str], int], limit: int, level: int = 0
+) -> list[_Segment]:
+    """Cut ``text[start:end]`` into the coarsest pieces that each fit in ``limit`` tokens."""
+    tokens = count_tokens(text[start:end])
+    if tokens <= limit:
+        return [_Segment(start, end, tokens, block)]
+    if level >= len(_SPLIT_LEVELS):
+        return _char_segments(text, start, end, block, count_tokens, limit)
+    pieces = _split(text, start, end, _SPLIT_LEVELS[level])
+    if len(pieces) == 1:
+        return _segments(text, start, end, block, count_tokens, limit, level + 1)
+    return [
+        segment
+        for piece_start, piece_end in pieces
+        for segment in _segments(text, piece_start, piece_end, block, count_tokens, limit, level + 1)
+    ]
+
+
+def _split(text: str, start: int, end: int, gap: re.Pattern[str]) -> list[tuple[int, int]]:
+    """Spans of ``text[start:end]`` between matches of ``gap``'s first group (never empty)."""
+    pieces: list[tuple[int, int]] = []
+    cursor = start
+    for match in gap.finditer(text, start, end):
+        gap_start, gap_end = match.span(1)
+        if gap_start > cursor and gap_end < end:
+            pieces.append((cursor, gap_start))
+            cursor = gap_end
+    pieces.append((cursor, end))
+    return pieces
+
+
+def _char_segments(
+    text: str, start: int, end: int, block: int, count_tokens: Callable[[str], int], limit: int
+) -> list[_Segment]:
+    """Last resort for a single unbreakable run: the longest prefixes that fit, by bisection."""
+    segments: list[_Segment] = []
+    cursor = start
+    while cursor < end:
+        low, high = cursor + 1, end
+        while low < high:
+            middle = (low + high + 1) // 2
+            if count_tokens(text[cursor:middle]) <= limit:
+                low = middle
+            else:
+                high = middle - 1
+        segments.append(_Segment(cursor, low, count_tokens(text[cursor:low]), block))
+        cursor = low
+    return segments
+
+
+def _pack(segments: list[_Segment], limit: int, overlap: int) -> list[tuple[int, int]]:
+    """Greedy packing into (first, last) segment ranges; overlap only inside one block."""
+    pieces: list[tuple[int, int]] = []
+    first = 0
+    while first < len(segments):
+        last, total = first, segments[first].tokens
+        while last + 1 < len(segments) and total + segments[last + 1].tokens <= limit:
+            last += 1
+            total += segments[last].tokens
+        pieces.append((first, last))
+        following = last + 1
+        if following >= len(segments):
+            break
+        first = following
+        if overlap and segments[last].block == segments[following].block:
+            first = _overlap_start(segments, pieces[-1][0], following, overlap, limit)
+    return pieces
+
+
+def _overlap_start(segments: list[_Segment], floor: int, following: int, overlap: int, limit: int) -> int:
+    """First segment of the next piece: step back over the previous piece's tail while the tail stays
+    within ``overlap`` tokens (one longer sentence up to twice that is accepted rather than none)."""
+    budget = limit - segments[following].tokens
+    start, carried = following, 0
+    block = segments[following].block
+    while start - 1 > floor and segments[start - 1].block == block:
+        size = segments[start - 1].tokens
+        within = carried + size <= overlap or (carried == 0 and size <= min(2 * overlap, limit // 2))
+        if not within or carried + size > budget:
+            break
+        start -= 1
+        carried += size
+    return start
+
+
+def _merge_tail(
+    pieces: list[tuple[int, int]], segments: list[_Segment], min_tokens: int, max_tokens: int
+) -> list[tuple[int, int]]:
+    if len(pieces) < 2:
+        return pieces
+    (prev_first, prev_last), (_, last_last) = pieces[-2], pieces[-1]
+    fresh = sum(s.tokens for s in segments[prev_last + 1 : last_last + 1])
+    merged = sum(s.tokens for s in segments[prev_first : last_last + 1])
+    if fresh < min_tokens and merged <= max_tokens:
+        return pieces[:-2] + [(prev_first, last_last)]
+    return pieces
