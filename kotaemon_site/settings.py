@@ -294,3 +294,49 @@ PLUGINS_DIR = Path(env("PLUGINS_DIR", default=str(BASE_DIR / "plugins_local")))
 PLUGINS = env.list("PLUGINS", default=[])  # dotted paths of extra plugin classes
 PLUGIN_TIMEOUT_SECONDS = env.float("PLUGIN_TIMEOUT_SECONDS", default=5.0)
 PLUGIN_MEMORY_LIMIT_MB = env.int("PLUGIN_MEMORY_LIMIT_MB", default=512)
+
+# --- Monitoring (apps/monitoring) -------------------------------------------------------
+# When set, /metrics requires `Authorization: Bearer <METRICS_TOKEN>` (Prometheus: authorization.credentials).
+METRICS_TOKEN = env("METRICS_TOKEN", default="")
+# Audit log: every create/update/delete (and many-to-many change) of these models is recorded.
+AUDITED_MODELS = env.list("AUDITED_MODELS", default=[
+    "knowledge.KnowledgeBase", "knowledge.Document", "plugins.PluginConfig", "core.ApiKey", "auth.User", "auth.Group",
+])
+# Fields whose changes alone do not make an audit row ("*": every model). Auto-stamped (auto_now) and
+# non-editable fields are always ignored; the document processing status is the ingest task's bookkeeping.
+AUDIT_IGNORED_FIELDS = {
+    "*": ["last_login", "last_used_at"],
+    "knowledge.Document": ["status", "error_code", "error_message", "ingested_at", "detected_type", "page_count",
+                           "size_bytes", "sha256"],
+}
+# Estimated cost on the dashboard: price per 1,000 tokens by generator/model name (Message.generator,
+# else LLM_MODEL); "*" is the fallback. JSON, e.g. LLM_PRICES='{"gpt-4o-mini": {"prompt": 0.00015, "completion": 0.0006}}'.
+LLM_PRICES = env.json("LLM_PRICES", default={
+    "extractive": {"prompt": 0.0, "completion": 0.0},
+    "*": {"prompt": 0.0005, "completion": 0.0015},
+})
+LLM_PRICE_CURRENCY = env("LLM_PRICE_CURRENCY", default="USD")
+DASHBOARD_DAYS = env.int("DASHBOARD_DAYS", default=30)
+# Conversation archives (manage.py archive_conversations / restore_conversations): gzip JSON Lines files
+# under ARCHIVE_ROOT, or in an S3-compatible bucket when ARCHIVE_S3_BUCKET is set.
+ARCHIVE_ROOT = Path(env("ARCHIVE_ROOT", default=str(DATA_DIR / "archive")))
+ARCHIVE_S3_BUCKET = env("ARCHIVE_S3_BUCKET", default="")
+ARCHIVE_S3_PREFIX = env("ARCHIVE_S3_PREFIX", default="conversations/")
+ARCHIVE_S3_ENDPOINT_URL = env("ARCHIVE_S3_ENDPOINT_URL", default="")  # MinIO, Ceph, ...; empty: AWS
+ARCHIVE_S3_REGION = env("ARCHIVE_S3_REGION", default="us-east-1")
+ARCHIVE_S3_ACCESS_KEY_ID = env("ARCHIVE_S3_ACCESS_KEY_ID", default="")  # empty: the default AWS credential chain
+ARCHIVE_S3_SECRET_ACCESS_KEY = env("ARCHIVE_S3_SECRET_ACCESS_KEY", default="")
+# Every log line is JSON from our formatter: uvicorn's and Celery's loggers go through it too (their levels
+# stay as their command lines set them). Django's access line (kotaemon.access, with the request id)
+# replaces uvicorn's, which cannot see the request id. Test servers write no access lines unless asked:
+# their output goes to a pipe that nobody may read.
+LOGGING["loggers"].update({
+    "uvicorn": {"handlers": ["console"], "propagate": False},
+    "uvicorn.error": {"handlers": ["console"], "propagate": False},
+    "uvicorn.access": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+    "celery": {"handlers": ["console"], "propagate": False},
+    "kotaemon.access": {"handlers": ["console"], "propagate": False,
+                        "level": env("ACCESS_LOG_LEVEL", default="WARNING" if TESTING else "INFO")},
+})
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+

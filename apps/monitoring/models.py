@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class AuditEvent(models.Model):
+    """One change to an audited object: who, what, when, and a before/after summary.
+
+    Rows are append-only: written by apps.monitoring.audit in the same transaction as the change
+    they describe (a rolled-back change leaves no row), never edited or deleted through the app.
+    Secret values never reach `changes` (masked by field name) and long values are abbreviated.
+    """
+
+    class Action(models.TextChoices):
+        CREATE = "create", "Create"
+        UPDATE = "update", "Update"
+        DELETE = "delete", "Delete"
+
+    class Source(models.TextChoices):
+        ADMIN = "admin", "Admin console"
+        API = "api", "REST API"
+        WEB = "web", "Web page"
+        COMMAND = "command", "Management command"
+        TASK = "task", "Background task"
+        SYSTEM = "system", "System"
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    # Kept when the user is deleted: actor_label is the durable record of who it was.
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")
+    actor_label = models.CharField(max_length=200, db_index=True)
+    source = models.CharField(max_length=16, choices=Source.choices, db_index=True)
+    action = models.CharField(max_length=16, choices=Action.choices, db_index=True)
+    model_label = models.CharField(max_length=100, db_index=True, help_text="app_label.ModelName")
+    object_id = models.CharField(max_length=64, db_index=True)
+    object_repr = models.CharField(max_length=200)
+    # {"field": {"before": ..., "after": ...}} for fields; {"field": {"added": [...], "removed": [...]}}
+    # for many-to-many relations.
+    changes = models.JSONField(default=dict, blank=True)
+    summary = models.TextField(blank=True)
+    request_id = models.CharField(max_length=64, blank=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["model_label", "object_id", "-created_at"], name="audit_object_recent")]
+        verbose_name = "audit event"
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_label} {self.action} {self.model_label} {self.object_repr}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not kwargs.get("force_insert"):
+            raise ValueError("Audit events are append-only.")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise ValueError("Audit events are append-only.")
