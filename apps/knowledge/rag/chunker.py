@@ -78,19 +78,31 @@ def chunk_document(
     _validate_sizes(chunk_tokens, overlap_tokens, max_tokens)
     min_tokens = chunk_tokens // 8 if min_tokens is None else min_tokens
     text = doc.text
-    spans = doc.block_spans()
+    spans = [_trimmed(text, start, end) for start, end in doc.block_spans()]
     chunks: list[ChunkSpec] = []
     for section in _content_sections(doc.blocks):
         segments = [
             segment
             for index in section
+            if spans[index][1] > spans[index][0]
             for segment in _segments(text, spans[index][0], spans[index][1], index, count_tokens, chunk_tokens)
         ]
+        if not segments:
+            continue
         pieces = _merge_tail(_pack(segments, chunk_tokens, overlap_tokens), segments, min_tokens, max_tokens)
         block = doc.blocks[section[0]]
         for first, last in pieces:
             chunks.append(_make_chunk(len(chunks), text, segments[first : last + 1], block, count_tokens))
     return chunks
+
+
+def _trimmed(text: str, start: int, end: int) -> tuple[int, int]:
+    """The span without surrounding whitespace, so chunks never start or end with blanks."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
 
 
 def _validate_sizes(chunk_tokens: int, overlap_tokens: int, max_tokens: int) -> None:

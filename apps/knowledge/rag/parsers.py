@@ -18,6 +18,7 @@ import csv
 import io
 import re
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePath
@@ -185,6 +186,7 @@ def _decode_text(data: bytes) -> str:
     sample = text[:65536]
     if sample and len(_CONTROL_CHARS.findall(sample)) / len(sample) > _MAX_CONTROL_RATIO:
         raise IngestError(errors.UNSUPPORTED_TYPE, "binary content is not supported", {"detected": "binary"})
+    text = text[1:] if text.startswith("\ufeff") else text
     return _CONTROL_CHARS.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
@@ -208,7 +210,7 @@ def _detect_text_type(text: str, ext: str | None) -> str:
     sample = text[:65536]
     if _looks_like_html(sample):
         return "html"
-    if ext in _CSV_EXTS and _sniff_delimiter(sample, min_rows=2) is not None:
+    if ext in _CSV_EXTS and _sniff_delimiter(sample, min_rows=2, agreement=0.8) is not None:
         return "csv"
     score = _markdown_score(sample)
     if score >= 3:
@@ -245,26 +247,28 @@ def _markdown_score(sample: str) -> int:
     return score
 
 
-def _sniff_delimiter(sample: str, *, min_rows: int) -> str | None:
-    """Return the delimiter if the sample is a consistent table with >= 2 columns."""
+def _sniff_delimiter(sample: str, *, min_rows: int, agreement: float = 1.0) -> str | None:
+    """Return the delimiter if the sample is a table with >= 2 columns where at least
+    ``agreement`` of the rows have the most common width (1.0 without a .csv extension)."""
     lines = [line for line in sample.split("\n")[:51] if line.strip()]
     if len(sample) == 65536 and len(lines) > 1:
         lines = lines[:-1]
     if len(lines) < min_rows or any(line.lstrip().startswith("|") for line in lines):
         return None
     for delimiter in (",", "\t", ";", "|"):
-        if _consistent_rows(lines, delimiter):
+        if _consistent_rows(lines, delimiter, agreement):
             return delimiter
     return None
 
 
-def _consistent_rows(lines: list[str], delimiter: str) -> bool:
+def _consistent_rows(lines: list[str], delimiter: str, agreement: float) -> bool:
     try:
         rows = list(csv.reader(lines, delimiter=delimiter))
     except csv.Error:
         return False
-    widths = {len(row) for row in rows}
-    if len(widths) != 1 or widths.pop() < 2:
+    widths = Counter(len(row) for row in rows)
+    width, count = widths.most_common(1)[0]
+    if width < 2 or count < agreement * len(rows) or len(rows[0]) != width:
         return False
     return all(len(cell.strip()) <= 64 for cell in rows[0])
 
@@ -614,6 +618,7 @@ def _html_table_text(table) -> str:
 # PDF
 # --------------------------------------------------------------------------------------------
 
+_PLACEHOLDER_TITLES = {"untitled", "untitled document", "microsoft word", "document", "title"}
 _SENTENCE_END = re.compile(r"[.!?:;\"”’)]$")
 
 
@@ -661,9 +666,10 @@ def _pdf_unlock(reader) -> None:
 def _pdf_title(reader) -> str:
     try:
         metadata = reader.metadata
-        return _inline(str(metadata.title)) if metadata and metadata.title else ""
+        title = _inline(str(metadata.title)) if metadata and metadata.title else ""
     except Exception:
         return ""
+    return "" if title.lower() in _PLACEHOLDER_TITLES else title
 
 
 def _pdf_paragraphs(page_text: str) -> list[str]:
@@ -828,7 +834,7 @@ _CSV_BLOCK_CHARS = 800
 
 def _parse_csv(data: bytes, filename: str | None, limits: ParseLimits) -> ParsedDocument:
     text = _decode_text(data)
-    delimiter = "\t" if _extension(filename) == "tsv" else (_sniff_delimiter(text[:65536], min_rows=1) or ",")
+    delimiter = "\t" if _extension(filename) == "tsv" else (_sniff_delimiter(text[:65536], min_rows=1, agreement=0.8) or ",")
     reader = csv.reader(io.StringIO(text), delimiter=delimiter)
     header = [_inline(name) for name in next(reader, [])]
     blocks: list[Block] = []
