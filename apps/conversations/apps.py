@@ -5,3 +5,13 @@ class ConversationsConfig(AppConfig):
     name = "apps.conversations"
     label = "conversations"
     default_auto_field = "django.db.models.BigAutoField"
+    verbose_name = "Conversations"
+
+    def ready(self) -> None:
+        from apps.core.events import register_handler
+
+        from . import metrics  # noqa: F401  (registers the metrics on the monitoring registry)
+        from .session_store import on_session_updated
+
+        # Another instance changed a session: drop our cached copy (the cluster listener delivers it).
+        register_handler("session_updated", on_session_updated)

@@ -1,3 +1,7 @@
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-urlpatterns: list = []
+from . import page_views
+
+urlpatterns = [
+    path("", page_views.chat_page, name="chat-page"),
+]

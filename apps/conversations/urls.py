@@ -1,3 +1,11 @@
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-urlpatterns: list = []
+from . import views
+
+urlpatterns = [
+    path("chat/", views.ChatView.as_view(), name="chat"),
+    path("conversations/", views.ConversationListView.as_view(), name="conversations"),
+    path("conversations/<str:session_id>/", views.ConversationDetailView.as_view(), name="conversation"),
+    path("conversations/<str:session_id>/messages/", views.MessageListView.as_view(), name="conversation-messages"),
+    path("messages/<int:message_id>/feedback/", views.FeedbackView.as_view(), name="message-feedback"),
+]

@@ -1,0 +1,157 @@
+"""Websocket chat: /ws/chat/<session_id>/ (session cookie or API key).
+
+Client -> server: {"type": "message", "message": "...", "knowledge_bases": [...]} or {"type": "ping"}.
+Server -> client: {"type": "token", "text": "..."} while the answer is generated, then one
+{"type": "answer", ...same payload as POST /api/v1/chat/}; or {"type": "error", "code", "message",
+"details"}. Recoverable errors (bad frames, throttling, a failed generation) keep the connection;
+a bad or foreign session id closes it after the error frame.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+from channels.db import DatabaseSyncToAsync
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from apps.core.errors import ApplicationError
+from apps.core.throttling import ChatRateThrottle
+
+logger = logging.getLogger(__name__)
+
+MAX_FRAME_BYTES = 64 * 1024
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_BAD_SESSION = 4400
+CLOSE_NOT_FOUND = 4404
+
+
+def in_thread(func):
+    """Run blocking Django code in the shared thread pool, not the single thread-sensitive executor:
+    concurrent turns on one instance must not queue behind each other. Stale DB connections are
+    closed around each call, as channels' database_sync_to_async does."""
+    return DatabaseSyncToAsync(func, thread_sensitive=False)
+
+
+def _check_session(user, session_id: str) -> None:
+    from .selectors import conversation_find
+
+    conversation_find(user=user, session_id=session_id)
+
+
+def _throttle_wait(user, api_key, client_ip: str) -> float | None:
+    """Seconds to wait when the chat rate limit (the same one as REST) is exhausted, else None."""
+    throttle = ChatRateThrottle()
+    request = SimpleNamespace(user=user, api_key=api_key, META={"REMOTE_ADDR": client_ip}, _request=None)
+    if throttle.allow_request(request, None):
+        return None
+    return throttle.wait() or 1.0
+
+
+def _run_turn(user, session_id: str, message: Any, knowledge_bases: Any, on_token):
+    from .services import chat_turn
+
+    return chat_turn(user=user, session_id=session_id, message=message, knowledge_bases=knowledge_bases,
+                     on_token=on_token, channel="websocket")
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    async def connect(self):
+        from apps.monitoring.metrics import websocket_connections_total
+
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            websocket_connections_total.labels("chat", "refused").inc()
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.user = user
+        self.session_id = self.scope["url_route"]["kwargs"]["session_id"]
+        self.turn: asyncio.Task | None = None
+        await self.accept()
+        try:
+            await in_thread(_check_session)(user, self.session_id)
+        except ApplicationError as exc:
+            websocket_connections_total.labels("chat", "bad_session").inc()
+            await self.send_error(exc.code, exc.message)
+            await self.close(code=CLOSE_NOT_FOUND if exc.status_code == 404 else CLOSE_BAD_SESSION)
+            return
+        websocket_connections_total.labels("chat", "accepted").inc()
+
+    async def disconnect(self, code):
+        # A turn in flight finishes in its thread and is saved; only its frames are dropped.
+        self.closed = True
+
+    async def receive(self, text_data=None, bytes_data=None):
+        if text_data is None:
+            await self.send_error("bad_frame", "Send JSON text frames, not binary.")
+            return
+        if len(text_data.encode("utf-8")) > MAX_FRAME_BYTES:
+            await self.send_error("frame_too_large", f"A frame is at most {MAX_FRAME_BYTES // 1024} KiB.")
+            return
+        try:
+            payload = json.loads(text_data)
+        except ValueError:
+            await self.send_error("malformed_json", "The frame is not valid JSON.")
+            return
+        if not isinstance(payload, dict):
+            await self.send_error("invalid_frame", 'A frame is a JSON object with a "type".')
+            return
+        kind = payload.get("type")
+        if kind == "ping":
+            await self.send_json({"type": "pong"})
+            return
+        if kind != "message":
+            await self.send_error("unknown_type", 'Unknown frame type; send {"type": "message", "message": "..."}.',
+                                  details={"type": str(kind)[:40]})
+            return
+        if self.turn is not None and not self.turn.done():
+            await self.send_error("turn_in_progress", "Wait for the answer before sending the next message.")
+            return
+        client = self.scope.get("client") or ("", 0)
+        wait = await in_thread(_throttle_wait)(self.user, self.scope.get("api_key"), client[0] or "")
+        if wait is not None:
+            retry = int(wait + 0.999)
+            await self.send_error("throttled", f"Too many messages; retry in {retry} s.",
+                                  details={"retry_after_seconds": retry})
+            return
+        self.turn = asyncio.ensure_future(self._turn(payload.get("message"), payload.get("knowledge_bases")))
+
+    async def _turn(self, message: Any, knowledge_bases: Any) -> None:
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[str] = asyncio.Queue()
+
+        def on_token(text: str) -> None:
+            loop.call_soon_threadsafe(tokens.put_nowait, text)
+
+        work = asyncio.ensure_future(in_thread(_run_turn)(self.user, self.session_id, message, knowledge_bases,
+                                                          on_token))
+        try:
+            while True:
+                getter = asyncio.ensure_future(tokens.get())
+                done, _ = await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    await self.send_json({"type": "token", "text": getter.result()})
+                    continue
+                getter.cancel()
+                break
+            while not tokens.empty():
+                await self.send_json({"type": "token", "text": tokens.get_nowait()})
+            result = work.result()
+        except ApplicationError as exc:
+            await self.send_error(exc.code, exc.message, details=exc.details)
+            return
+        except Exception:
+            logger.exception("chat turn failed on the websocket")
+            await self.send_error("server_error", "An unexpected error occurred; it has been logged.")
+            return
+        await self.send_json({"type": "answer", **result.to_dict()})
+
+    async def send_error(self, code: str, message: str, *, details: dict | None = None) -> None:
+        await self.send_json({"type": "error", "code": code, "message": message, "details": details or {}})
+
+    async def send_json(self, content: dict) -> None:
+        if getattr(self, "closed", False):
+            return
+        await self.send(text_data=json.dumps(content))

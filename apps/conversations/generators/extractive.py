@@ -1,0 +1,171 @@
+"""The default generator: no model. It picks the sentences of the top sources that best cover the
+question and returns them in source order with [n] citations. It never writes a sentence that is
+not in a source; when no sentence covers the question well enough it says so plainly.
+"""
+from __future__ import annotations
+
+import math
+import re
+import threading
+
+from .base import Generation, Generator, Source, TokenCallback
+
+NOT_FOUND = ("I could not find anything about that in the knowledge bases you can search. "
+             "Try rephrasing the question or naming the document or topic.")
+
+_WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9'’-]*")
+_SENTENCE_RE = re.compile(r"(?<=[.!?])[\"”')\]]*\s+(?=[\"“(\[]?[A-Z0-9])")
+_STOPWORDS = frozenset("""
+a about above after again against all am an and any are aren't as at be because been before being below
+between both but by can can't cannot could couldn't did didn't do does doesn't doing don't down during each
+few for from further had hadn't has hasn't have haven't having he he'd he'll he's her here here's hers herself
+him himself his how how's i i'd i'll i'm i've if in into is isn't it it's its itself let's me more most
+mustn't my myself no nor not of off on once only or other ought our ours ourselves out over own same shan't
+she she'd she'll she's should shouldn't so some such than that that's the their theirs them themselves then
+there there's these they they'd they'll they're they've this those through to too under until up very was
+wasn't we we'd we'll we're we've were weren't what what's when when's where where's which while who who's
+whom why why's with won't would wouldn't you you'd you'll you're you've your yours yourself yourselves
+""".split()) | frozenset(
+    # Phrasing of a question ("how long does it take", "please tell me") that rarely appears in the
+    # sentence that answers it; counting it would make good answers look weak.
+    "also please tell know explain get got give us many much long take takes taking".split())
+
+# Answer types: a question asking "how long" is best answered by a sentence holding a duration.
+_ANSWER_TYPES = [
+    (re.compile(r"\bhow (long|soon|quickly|fast)\b|\bwhen\b|\bdeadline\b|\bturnaround\b", re.I),
+     re.compile(r"\b\d+(\s*(-|to)\s*\d+)?\s*(business |working |calendar )?(second|minute|hour|day|week|month|year)s?\b"
+                r"|\b(one|two|three|four|five|six|seven|ten|fourteen|thirty)\s+(business |working )?(day|week|month|hour)s?\b"
+                r"|\bwithin\b|\bimmediately\b|\bsame day\b", re.I)),
+    (re.compile(r"\bhow much\b|\bcost\b|\bprice\b|\bfee\b|\bcharge\b", re.I),
+     re.compile(r"[$€£¥]\s?\d|\b\d+([.,]\d+)?\s?(usd|eur|euros?|dollars?|pounds?|gbp)\b|\bfree\b", re.I)),
+    (re.compile(r"\bhow many\b|\bnumber of\b", re.I), re.compile(r"\b\d+\b")),
+]
+ANSWER_TYPE_BONUS = 0.35
+
+MIN_COVERAGE = 0.2
+MAX_SENTENCES = 4
+MAX_ANSWER_CHARS = 900
+MAX_SOURCES_CONSIDERED = 5
+
+_stemmer = None
+_stemmer_lock = threading.Lock()
+
+
+def _stem_words(words: list[str]) -> list[str]:
+    global _stemmer
+    if _stemmer is None:
+        with _stemmer_lock:
+            if _stemmer is None:
+                import Stemmer
+
+                _stemmer = Stemmer.Stemmer("english")
+    with _stemmer_lock:  # PyStemmer objects are not thread-safe
+        return _stemmer.stemWords(words)
+
+
+def terms(text: str) -> list[str]:
+    words = [w.lower().replace("’", "'").strip("'-") for w in _WORD_RE.findall(text)]
+    words = [w for w in words if w and w not in _STOPWORDS and (len(w) > 1 or w.isdigit())]
+    return _stem_words(words)
+
+
+def split_sentences(text: str) -> list[str]:
+    sentences: list[str] = []
+    for block in re.split(r"\n\s*\n|\n(?=\s*(?:[-*•]|\d+[.)])\s)", text):
+        block = " ".join(block.split())
+        if not block:
+            continue
+        sentences.extend(s.strip() for s in _SENTENCE_RE.split(block) if s.strip())
+    return sentences
+
+
+def _cite(sentence: str, n: int) -> str:
+    sentence = sentence.strip()
+    m = re.search(r"[.!?:;]+[\"”')\]]*$", sentence)
+    if m:
+        return f"{sentence[:m.start()].rstrip()} [{n}]{sentence[m.start():]}"
+    return f"{sentence} [{n}]."
+
+
+class ExtractiveGenerator(Generator):
+    name = "extractive"
+
+    def generate(self, *, question: str, query: str, history: list[dict], sources: list[Source],
+                 on_token: TokenCallback | None = None) -> Generation:
+        text, snippets = self.answer(question=question, query=query, sources=sources)
+        if on_token is not None:
+            # Word-sized pieces keep the streaming contract identical to the LLM generators.
+            for piece in re.findall(r"\S+\s*", text):
+                on_token(piece)
+        return Generation(text=text, generator=self.name, prompt_tokens=0, completion_tokens=0, snippets=snippets)
+
+    def answer(self, *, question: str, query: str, sources: list[Source]) -> tuple[str, dict[int, str]]:
+        # The message's own words weigh more than words carried over from earlier turns.
+        own = terms(question)
+        context = [t for t in terms(query) if t not in set(own)]
+        weights_q: dict[str, float] = {}
+        for t in own:
+            weights_q[t] = 1.0
+        for t in context:
+            weights_q.setdefault(t, 0.6)
+        plugin_sources = [s for s in sources if s.type == "plugin"]
+        chunk_sources = [s for s in sources if s.type != "plugin"][:MAX_SOURCES_CONSIDERED]
+
+        candidates: list[tuple[int, int, int, str, set[str]]] = []  # (rank, n, position, sentence, terms)
+        for rank, source in enumerate(chunk_sources):
+            for pos, sentence in enumerate(split_sentences(source.text)):
+                if len(sentence) < 12 or len(sentence.split()) < 3:
+                    continue  # headings and fragments
+                candidates.append((rank, source.n, pos, sentence, set(terms(sentence))))
+
+        picked: list[tuple[int, int, str]] = []  # (n, position, sentence)
+        # Plugin results were chosen by the intent router for this message: they lead the answer.
+        for source in plugin_sources:
+            first = split_sentences(source.text)[:2]
+            for pos, sentence in enumerate(first):
+                picked.append((source.n, pos, sentence))
+
+        if weights_q and candidates:
+            n_docs = len(candidates)
+            df: dict[str, int] = {}
+            for *_, sentence_terms in candidates:
+                for t in sentence_terms & weights_q.keys():
+                    df[t] = df.get(t, 0) + 1
+            idf = {t: math.log(1 + n_docs / (1 + df.get(t, 0))) for t in weights_q}
+            # A question word no source sentence contains still counts against coverage, but less:
+            # it is often phrasing ("cost", "price") rather than substance.
+            total = sum(weights_q[t] * idf[t] * (1.0 if df.get(t) else 0.5) for t in weights_q) or 1.0
+            wanted_types = [answer for asks, answer in _ANSWER_TYPES if asks.search(question)]
+            scored = []
+            for rank, n, pos, sentence, sentence_terms in candidates:
+                matched = sentence_terms & weights_q.keys()
+                coverage = sum(weights_q[t] * idf[t] for t in matched) / total
+                if matched and any(answer.search(sentence) for answer in wanted_types):
+                    coverage = min(1.0, coverage + ANSWER_TYPE_BONUS)
+                prior = 1.0 / (1.0 + 0.25 * rank)  # the retriever's order breaks near-ties
+                scored.append((coverage * (0.75 + 0.25 * prior), coverage, n, pos, sentence))
+            scored.sort(key=lambda s: -s[0])
+            best = scored[0][1] if scored else 0.0
+            if best >= MIN_COVERAGE:
+                length = 0
+                for score, coverage, n, pos, sentence in scored:
+                    if len(picked) >= MAX_SENTENCES + len(plugin_sources) * 2:
+                        break
+                    if coverage < max(MIN_COVERAGE, 0.5 * best):
+                        break
+                    if any(sentence == p[2] for p in picked):
+                        continue
+                    if length + len(sentence) > MAX_ANSWER_CHARS and picked:
+                        continue
+                    picked.append((n, pos, sentence))
+                    length += len(sentence)
+
+        if not picked:
+            return NOT_FOUND, {}
+        picked.sort(key=lambda p: (p[0], p[1]))
+        snippets: dict[int, str] = {}
+        parts = []
+        for n, _pos, sentence in picked:
+            snippets[n] = (snippets[n] + " " + sentence) if n in snippets else sentence
+            parts.append(_cite(sentence, n))
+        return " ".join(parts), snippets

@@ -1,0 +1,62 @@
+"""Prompt building for LLM generators and mapping of [n] markers in an answer to citations."""
+from __future__ import annotations
+
+import re
+
+from django.conf import settings
+
+from .generators.base import Source
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant for the company's employees and customers. Answer the question using only "
+    "the numbered sources below. After each statement, cite the source it comes from as [n], for example [1] "
+    "or [2]. If the sources do not contain the answer, say plainly that you could not find it; never invent "
+    "facts, numbers or sources."
+)
+MAX_SOURCE_CHARS = 1200
+MAX_HISTORY_TURNS = 6
+MAX_HISTORY_CHARS = 600
+
+_MARKER_RE = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
+
+
+def build_messages(*, question: str, history: list[dict], sources: list[Source]) -> list[dict[str, str]]:
+    """OpenAI chat messages. Sources go in the system message so the model sees them before the dialogue."""
+    budget = getattr(settings, "LLM_PROMPT_MAX_CHARS", 6000)
+    lines = []
+    used = 0
+    for source in sources:
+        text = " ".join(source.text.split())[:MAX_SOURCE_CHARS]
+        entry = f"[{source.n}] {source.label()}\n{text}"
+        if used + len(entry) > budget and lines:
+            break
+        lines.append(entry)
+        used += len(entry)
+    sources_block = "\n\n".join(lines) if lines else "(no sources were found)"
+    messages = [{"role": "system", "content": f"{SYSTEM_PROMPT}\n\nSources:\n\n{sources_block}"}]
+    for turn in history[-MAX_HISTORY_TURNS:]:
+        if turn.get("role") in ("user", "assistant") and turn.get("content"):
+            messages.append({"role": turn["role"], "content": str(turn["content"])[:MAX_HISTORY_CHARS]})
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+def cited_numbers(answer: str, valid: set[int]) -> tuple[str, list[int]]:
+    """The answer with markers naming no source removed, and the cited numbers in order of first use.
+
+    Accepts [1], [1, 2] and [1][2]; a marker like [7] when there are 3 sources is dropped rather
+    than shown as a dead link.
+    """
+    order: list[int] = []
+
+    def replace(m: re.Match) -> str:
+        numbers = [int(x) for x in re.split(r"\s*,\s*", m.group(1))]
+        kept = [n for n in numbers if n in valid]
+        for n in kept:
+            if n not in order:
+                order.append(n)
+        return "".join(f"[{n}]" for n in kept)
+
+    cleaned = _MARKER_RE.sub(replace, answer)
+    cleaned = re.sub(r"[ \t]+([.,;:!?])", r"\1", cleaned) if cleaned != answer else cleaned
+    return cleaned, order

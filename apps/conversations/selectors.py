@@ -1,0 +1,99 @@
+"""Reads of conversations. Every read is scoped to the owner: another user's conversation is
+reported as not found (the same answer as a nonexistent one, so ids don't leak)."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Count, QuerySet
+
+from apps.core.errors import ApplicationError, NotFound
+
+from . import metrics
+from .models import Conversation, Message
+from .session_store import SessionState, get_session_store
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+# Turns kept in the hot state: enough to contextualise follow-ups and give an LLM recent history.
+STATE_TURNS = 20
+STATE_TURN_CHARS = 2000
+
+
+def session_id_validate(session_id: Any) -> str:
+    if not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id):
+        raise ApplicationError("invalid_session_id",
+                               "A session id is 8 to 64 characters: letters, digits, '-' and '_'.",
+                               details={"session_id": str(session_id)[:80]})
+    return session_id
+
+
+def conversation_list(*, user: AbstractBaseUser, archived: bool | None = False) -> QuerySet[Conversation]:
+    """The user's conversations, most recent first; archived=None lists all."""
+    qs = Conversation.objects.filter(owner=user)
+    if archived is not None:
+        qs = qs.filter(archived=archived)
+    return qs.annotate(message_count=Count("messages")).order_by("-updated_at", "-id")
+
+
+def conversation_find(*, user: AbstractBaseUser, session_id: str) -> Conversation | None:
+    """The user's conversation, None when there is none; NotFound when it belongs to someone else."""
+    session_id_validate(session_id)
+    conversation = Conversation.objects.filter(session_id=session_id).first()
+    if conversation is not None and conversation.owner_id != user.pk:
+        raise NotFound("No such conversation.", code="conversation_not_found")
+    return conversation
+
+
+def conversation_get(*, user: AbstractBaseUser, session_id: str) -> Conversation:
+    conversation = conversation_find(user=user, session_id=session_id)
+    if conversation is None:
+        raise NotFound("No such conversation.", code="conversation_not_found")
+    return conversation
+
+
+def message_list(*, user: AbstractBaseUser, session_id: str) -> QuerySet[Message]:
+    conversation = conversation_get(user=user, session_id=session_id)
+    return conversation.messages.all().prefetch_related("feedback").order_by("id")
+
+
+def message_get_for_feedback(*, user: AbstractBaseUser, message_id: int) -> Message:
+    message = (Message.objects.select_related("conversation")
+               .filter(pk=message_id, conversation__owner=user).first())
+    if message is None:
+        raise NotFound("No such message.", code="message_not_found")
+    if message.role != Message.Role.ASSISTANT:
+        raise ApplicationError("feedback_not_allowed", "Feedback is given on the assistant's answers only.",
+                               details={"message_id": message_id})
+    return message
+
+
+def session_state_from_database(*, conversation: Conversation) -> dict[str, Any]:
+    recent = list(conversation.messages.order_by("-id").values("role", "content", "query")[:STATE_TURNS])
+    recent.reverse()
+    last_query = next((m["query"] or m["content"] for m in reversed(recent) if m["role"] == "user"), "")
+    return {
+        "conversation_id": conversation.pk,
+        "owner_id": conversation.owner_id,
+        "turns": [{"role": m["role"], "content": m["content"][:STATE_TURN_CHARS]} for m in recent],
+        "last_query": last_query,
+    }
+
+
+def session_state_get(*, conversation: Conversation) -> SessionState:
+    """The hot state of a conversation; rebuilt from the database when the store lost it
+    (expired, flushed Redis, another region) so no context is ever lost."""
+    store = get_session_store()
+    state = store.get(conversation.session_id)
+    if state is not None and state.data.get("conversation_id") == conversation.pk:
+        return state
+    built = session_state_from_database(conversation=conversation)
+    metrics.session_store_lookups_total.labels("database", "hit").inc()
+
+    def keep_or_build(current: dict | None) -> dict | None:
+        # A concurrent turn may have rebuilt it already; keep theirs (it may hold a newer turn).
+        if current and current.get("conversation_id") == conversation.pk:
+            return None
+        return built
+
+    return store.update(conversation.session_id, keep_or_build) or SessionState(0, built)

@@ -1,0 +1,103 @@
+"""REST API of conversations. Thin: parse, call a service or selector, serialise."""
+from __future__ import annotations
+
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from apps.core.errors import ApplicationError
+from apps.core.throttling import ChatRateThrottle, UserOrKeyRateThrottle
+
+from .selectors import conversation_get, conversation_list, message_list
+from .serializers import (ChatRequestSerializer, ChatResponseSerializer, ConversationSerializer,
+                          ConversationUpdateSerializer, FeedbackRequestSerializer, FeedbackSerializer,
+                          MessageSerializer)
+from .services import chat_turn, conversation_delete, conversation_update, feedback_submit
+
+_ERRORS = {400: OpenApiResponse(description="Invalid input: error.code names the problem"),
+           404: OpenApiResponse(description="conversation_not_found / knowledge_base_not_found"),
+           429: OpenApiResponse(description="throttled (Retry-After header)")}
+
+
+class ChatView(APIView):
+    throttle_classes = [UserOrKeyRateThrottle, ChatRateThrottle]
+
+    @extend_schema(
+        request=ChatRequestSerializer,
+        responses={200: ChatResponseSerializer, **_ERRORS,
+                   409: OpenApiResponse(description="conversation_archived / session_busy"),
+                   503: OpenApiResponse(description="llm_unavailable: the message is saved; error.details holds "
+                                                    "session_id, user_message_id and the retrieved sources")},
+        summary="Ask a question; the answer cites its sources",
+        description="Each [n] in `answer` is explained by the citation with the same `n`.",
+        tags=["chat"],
+    )
+    def post(self, request):
+        params = ChatRequestSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        result = chat_turn(user=request.user, session_id=data.get("session_id"), message=data["message"],
+                           knowledge_bases=data.get("knowledge_bases") or None, channel="rest")
+        return Response(result.to_dict())
+
+
+class ConversationListView(APIView):
+    @extend_schema(
+        parameters=[OpenApiParameter("archived", str, enum=["false", "true", "all"],
+                                     description="Which conversations to list (default: not archived)")],
+        responses=ConversationSerializer(many=True), summary="Your conversations, most recent first", tags=["chat"],
+    )
+    def get(self, request):
+        raw = request.query_params.get("archived", "false").lower()
+        if raw not in ("false", "true", "all"):
+            raise ApplicationError("invalid_parameter", "archived is one of false, true, all.",
+                                   details={"archived": raw})
+        qs = conversation_list(user=request.user, archived=None if raw == "all" else raw == "true")
+        paginator = LimitOffsetPagination()
+        page = paginator.paginate_queryset(qs, request, view=self)
+        return paginator.get_paginated_response(ConversationSerializer(page, many=True).data)
+
+
+class ConversationDetailView(APIView):
+    @extend_schema(responses={200: ConversationSerializer, 404: _ERRORS[404]}, summary="One conversation",
+                   tags=["chat"])
+    def get(self, request, session_id: str):
+        return Response(ConversationSerializer(conversation_get(user=request.user, session_id=session_id)).data)
+
+    @extend_schema(request=ConversationUpdateSerializer, responses={200: ConversationSerializer, 404: _ERRORS[404]},
+                   summary="Rename, archive or unarchive a conversation", tags=["chat"])
+    def patch(self, request, session_id: str):
+        params = ConversationUpdateSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        conversation = conversation_update(user=request.user, session_id=session_id, **params.validated_data)
+        return Response(ConversationSerializer(conversation).data)
+
+    @extend_schema(responses={204: None, 404: _ERRORS[404]}, summary="Delete a conversation and its messages",
+                   tags=["chat"])
+    def delete(self, request, session_id: str):
+        conversation_delete(user=request.user, session_id=session_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class MessageListView(APIView):
+    @extend_schema(responses={200: MessageSerializer(many=True), 404: _ERRORS[404]},
+                   summary="Messages of a conversation, oldest first", tags=["chat"])
+    def get(self, request, session_id: str):
+        qs = message_list(user=request.user, session_id=session_id)
+        paginator = LimitOffsetPagination()
+        paginator.default_limit = 200
+        page = paginator.paginate_queryset(qs, request, view=self)
+        data = MessageSerializer(page, many=True, context={"user": request.user}).data
+        return paginator.get_paginated_response(data)
+
+
+class FeedbackView(APIView):
+    @extend_schema(request=FeedbackRequestSerializer, responses={200: FeedbackSerializer, 404: _ERRORS[404]},
+                   summary="Rate an answer (up or down, optional comment); again replaces it", tags=["chat"])
+    def post(self, request, message_id: int):
+        params = FeedbackRequestSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        feedback = feedback_submit(user=request.user, message_id=message_id, **params.validated_data)
+        return Response(FeedbackSerializer(feedback).data)
