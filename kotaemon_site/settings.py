@@ -288,6 +288,11 @@ LLM_API_KEY = env("LLM_API_KEY", default="")
 LLM_MODEL = env("LLM_MODEL", default="")
 LLM_TIMEOUT_SECONDS = env.float("LLM_TIMEOUT_SECONDS", default=60.0)
 LLAMA_CPP_MODEL_PATH = env("LLAMA_CPP_MODEL_PATH", default="")
+SESSION_LOCAL_CACHE_SECONDS = env.float("SESSION_LOCAL_CACHE_SECONDS", default=30.0)  # re-validate local copies
+GENERATOR_BY_KNOWLEDGE_BASE = env.dict("GENERATOR_BY_KNOWLEDGE_BASE", default={})  # slug=generator,...
+CHAT_TOP_K = env.int("CHAT_TOP_K", default=6)
+LLM_MAX_TOKENS = env.int("LLM_MAX_TOKENS", default=512)
+LLM_PROMPT_MAX_CHARS = env.int("LLM_PROMPT_MAX_CHARS", default=6000)
 
 # --- Plugins (apps/plugins) ------------------------------------------------------------
 PLUGINS_DIR = Path(env("PLUGINS_DIR", default=str(BASE_DIR / "plugins_local")))
