@@ -15,12 +15,15 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from apps.core.ws_auth import ApiKeyOrSessionAuthMiddlewareStack  # noqa: E402
 from kotaemon_site.routing import websocket_urlpatterns  # noqa: E402
 from apps.core.runtime import configure_process  # noqa: E402
+from apps.core.cluster import ClusterLifespan  # noqa: E402
 
 configure_process(kind="web")
 
-application = ProtocolTypeRouter(
+# ClusterLifespan: on the ASGI lifespan startup each server process subscribes to cluster events, starts
+# its heartbeat and loads its indexes before /readyz says ready (apps/core/cluster.py, docs/cluster.md).
+application = ClusterLifespan(ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": AllowedHostsOriginValidator(ApiKeyOrSessionAuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
-)
+))

@@ -345,3 +345,20 @@ LOGGING["loggers"].update({
 })
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
+# --- Cluster (apps/core: event bus, instance registry; docs/cluster.md) -----------------
+CLUSTER_RUNTIME = env.bool("CLUSTER_RUNTIME", default=True)  # ASGI lifespan starts listener + heartbeat
+CLUSTER_LISTENER = env.bool("CLUSTER_LISTENER", default=True)  # subscribe to events (needs a shared channel layer)
+CLUSTER_WORKER_RUNTIME = env.bool("CLUSTER_WORKER_RUNTIME", default=True)  # Celery processes heartbeat + listen
+CLUSTER_HEARTBEAT_SECONDS = env.float("CLUSTER_HEARTBEAT_SECONDS", default=5.0)
+CLUSTER_INSTANCE_TTL_SECONDS = env.int("CLUSTER_INSTANCE_TTL_SECONDS", default=15)
+# Bounded staleness: how often each instance replays the event journal and runs the apps' checks.
+CLUSTER_RECONCILE_SECONDS = env.float("CLUSTER_RECONCILE_SECONDS", default=3.0)
+CLUSTER_JOURNAL_SECONDS = env.int("CLUSTER_JOURNAL_SECONDS", default=24 * 3600)
+CLUSTER_ADVERTISE_PORT = env.int("CLUSTER_ADVERTISE_PORT", default=0)  # 0: from the server's --port
+# Per-process cache of API-key lookups; api_key_revoked drops entries on every instance. 0 disables.
+API_KEY_CACHE_SECONDS = env.float("API_KEY_CACHE_SECONDS", default=5.0)
+if REDIS_URL and CHANNEL_LAYERS["default"]["BACKEND"] == "channels_redis.core.RedisChannelLayer":
+    # redis-py 8 reads with a 5 s socket timeout by default, exactly channels-redis's blocking BZPOPMIN
+    # timeout: every idle receive() raised TimeoutError, and a message popped at that instant was lost.
+    CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
+        {"address": REDIS_URL, "socket_timeout": REDIS_TIMEOUT + 10, "socket_connect_timeout": REDIS_TIMEOUT}]

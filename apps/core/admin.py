@@ -2,7 +2,7 @@ from django.contrib import admin, messages
 from django.utils import timezone
 
 from .models import ApiKey
-from .services import api_key_create
+from .services import api_key_create, api_key_revoked_publish
 
 
 @admin.register(ApiKey)
@@ -29,5 +29,18 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request, queryset):
-        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
+        key_ids = list(queryset.filter(revoked_at__isnull=True).values_list("pk", flat=True))
+        count = ApiKey.objects.filter(pk__in=key_ids, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        api_key_revoked_publish(key_ids=key_ids)
         messages.success(request, f"Revoked {count} key(s).")
+
+    # A deleted key must stop working everywhere too, not only when instances' caches expire.
+    def delete_model(self, request, obj):
+        key_id = obj.pk
+        super().delete_model(request, obj)
+        api_key_revoked_publish(key_ids=[key_id])
+
+    def delete_queryset(self, request, queryset):
+        key_ids = list(queryset.values_list("pk", flat=True))
+        super().delete_queryset(request, queryset)
+        api_key_revoked_publish(key_ids=key_ids)

@@ -8,3 +8,8 @@ class CoreConfig(AppConfig):
 
     def ready(self) -> None:
         from . import schema  # noqa: F401  (registers the OpenAPI auth extension)
+        from . import auth_cache, cluster, cluster_admin, events
+
+        events.register_handler("api_key_revoked", auth_cache.on_api_key_revoked)
+        cluster.connect_celery()
+        cluster_admin.install()

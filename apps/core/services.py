@@ -49,21 +49,41 @@ def api_key_revoke(*, user: AbstractBaseUser, key_id: int) -> ApiKey:
         if key.revoked_at is None:
             key.revoked_at = timezone.now()
             key.save(update_fields=["revoked_at"])
+            api_key_revoked_publish(key_ids=[key.pk])
     return key
+
+
+def api_key_revoked_publish(*, key_ids: list[int]) -> None:
+    """Tell every instance (after the commit) to drop cached lookups of these keys. This process drops
+    them at once as well: dropping is always safe, and the caller expects its own next request refused."""
+    from . import auth_cache
+    from .events import publish_on_commit
+
+    for key_id in key_ids:
+        auth_cache.drop_key(key_id)
+        publish_on_commit("api_key_revoked", {"key_id": key_id})
 
 
 def api_key_authenticate(*, raw_key: str) -> ApiKey | None:
     """The active key for `raw_key`, or None. Marks last use at most once a minute to spare writes.
 
-    Deliberately uncached: a revoked key stops working at once on every instance, and a lookup by
-    a unique index is cheap.
+    Lookups are cached per process for API_KEY_CACHE_SECONDS (apps.core.auth_cache): revocation
+    publishes `api_key_revoked`, which drops the entry on every instance.
     """
-    key = ApiKey.objects.select_related("user").filter(key_hash=hash_api_key(raw_key)).first()
+    from . import auth_cache
+
+    key_hash = hash_api_key(raw_key)
+    key = auth_cache.get(key_hash)
+    if key is None:
+        key = ApiKey.objects.select_related("user").filter(key_hash=key_hash).first()
+        if key is not None and key.is_active and key.user.is_active:
+            auth_cache.put(key_hash, key)
     if key is None or not key.is_active or not key.user.is_active:
         return None
     now = timezone.now()
     if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        key.last_used_at = now  # the cached copy too, or every later hit would write again
     return key
 
 

@@ -49,10 +49,18 @@ def check_channel_layer(timeout: float = 2.0) -> tuple[bool, str]:
     return async_to_sync(bounded)(), layer.__class__.__name__
 
 
+def check_indexes() -> tuple[bool, str]:
+    """Not ready until this instance has loaded its indexes (the cluster runtime's warm-ups)."""
+    from apps.core.cluster import readiness
+
+    return readiness()
+
+
 CHECKS: dict[str, Callable[[], tuple[bool, str]]] = {
     "database": check_database,
     "cache": check_cache,
     "channel_layer": check_channel_layer,
+    "indexes": check_indexes,
 }
 
 

@@ -1,0 +1,59 @@
+"""The cluster page of the admin console (/admin/cluster/): the same table as `manage.py cluster_status`.
+
+There is no model behind it, so it is added to the default admin site's URLs and to its index rather
+than registered as a ModelAdmin; admin_view() gives it the admin's staff-only login.
+"""
+from __future__ import annotations
+
+import time
+
+from django.contrib import admin
+from django.http import JsonResponse
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+
+from .registry import instances_list
+
+
+def cluster_rows() -> tuple[list[dict], str | None]:
+    """Instance records for display, or ([], reason) when the registry cannot be read."""
+    try:
+        return instances_list(), None
+    except Exception as exc:  # Redis down: the page says so instead of failing
+        return [], f"The instance registry could not be read: {exc.__class__.__name__}"
+
+
+def cluster_status_view(request):
+    rows, error = cluster_rows()
+    if request.GET.get("format") == "json":
+        return JsonResponse({"instances": rows, "error": error}, status=503 if error else 200)
+    for row in rows:
+        row["started_ago"] = round(time.time() - float(row.get("started") or time.time()))
+        row["index_list"] = ", ".join(f"{k}: v{v}" for k, v in sorted((row.get("indexes") or {}).items())) \
+            if isinstance(row.get("indexes"), dict) else row.get("indexes")
+    context = {**admin.site.each_context(request), "title": "Cluster instances", "rows": rows, "error": error,
+               "web_count": sum(1 for r in rows if r.get("kind") == "web"),
+               "ready_count": sum(1 for r in rows if r.get("kind") == "web" and r.get("ready"))}
+    return TemplateResponse(request, "admin/core/cluster_status.html", context)
+
+
+def install(site: admin.AdminSite = admin.site) -> None:
+    if getattr(site, "_cluster_page_installed", False):
+        return
+    site._cluster_page_installed = True
+    original_urls, original_app_list = site.get_urls, site.get_app_list
+
+    def get_urls():
+        return [path("cluster/", site.admin_view(cluster_status_view), name="cluster-status")] + original_urls()
+
+    def get_app_list(request, app_label=None):
+        apps = original_app_list(request, app_label)
+        if app_label in (None, "cluster") and request.user.is_active and request.user.is_staff:
+            url = reverse(f"{site.name}:cluster-status")
+            apps.append({"name": "Cluster", "app_label": "cluster", "app_url": url, "has_module_perms": True,
+                         "models": [{"name": "Instances", "object_name": "Instance", "admin_url": url,
+                                     "add_url": None, "view_only": True, "perms": {"view": True}}]})
+        return apps
+
+    site.get_urls = get_urls
+    site.get_app_list = get_app_list
