@@ -9,6 +9,8 @@ but no queue wait, and keep the request context of the caller they run in.
 """
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from typing import Any
@@ -17,7 +19,9 @@ from celery import signals
 
 from apps.core.logging import actor_var, request_id_var, session_id_var
 
-from .metrics import celery_queue_wait_seconds, celery_task_duration_seconds, celery_tasks_total
+from .metrics import REGISTRY, celery_queue_wait_seconds, celery_task_duration_seconds, celery_tasks_total
+
+logger = logging.getLogger(__name__)
 
 PUBLISHED_AT = "kotaemon_published_at"
 REQUEST_ID = "kotaemon_request_id"
@@ -94,6 +98,37 @@ def _on_rejected(message=None, **_kwargs) -> None:
     celery_tasks_total.labels(str(headers.get("task", "unknown")), "rejected").inc()
 
 
+def _on_worker_init(sender=None, **_kwargs) -> None:
+    """Serve the worker's metrics on WORKER_METRICS_PORT (Prometheus scrapes workers like instances).
+
+    Prefork children record into their own memory: set PROMETHEUS_MULTIPROC_DIR (an empty directory,
+    per worker) so their values are written to shared files and summed here; the solo and threads
+    pools need nothing.
+    """
+    from django.conf import settings
+
+    port = int(getattr(settings, "WORKER_METRICS_PORT", 0) or 0)
+    if not port:
+        return
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    start_http_server(port, addr=getattr(settings, "WORKER_METRICS_ADDR", "0.0.0.0"), registry=registry)
+    logger.info("worker metrics on port %s", port, extra={"multiprocess": registry is not REGISTRY})
+
+
+def _on_worker_process_shutdown(pid=None, **_kwargs) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())
+
+
 def connect() -> None:
     """Idempotent: AppConfig.ready() may run more than once in tests."""
     global _connected
@@ -104,4 +139,7 @@ def connect() -> None:
     signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid="kotaemon-monitoring-postrun")
     signals.task_revoked.connect(_on_revoked, weak=False, dispatch_uid="kotaemon-monitoring-revoked")
     signals.task_rejected.connect(_on_rejected, weak=False, dispatch_uid="kotaemon-monitoring-rejected")
+    signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="kotaemon-monitoring-worker-init")
+    signals.worker_process_shutdown.connect(_on_worker_process_shutdown, weak=False,
+                                            dispatch_uid="kotaemon-monitoring-worker-shutdown")
     _connected = True

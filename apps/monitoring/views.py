@@ -1,6 +1,11 @@
+import hmac
+
+from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
+
+from apps.core.errors import error_body
 
 from .checks import run_checks
 from .metrics import CONTENT_TYPE_LATEST, render
@@ -25,4 +30,16 @@ def readyz(request):
 @never_cache
 @require_GET
 def metrics(request):
+    """Prometheus exposition. With METRICS_TOKEN set, only scrapers presenting it are answered."""
+    token = getattr(settings, "METRICS_TOKEN", "")
+    if token:
+        from apps.core.authentication import bearer_token
+
+        offered = bearer_token(request.headers.get("Authorization")) or ""
+        if not hmac.compare_digest(offered.encode(), token.encode()):
+            response = JsonResponse(error_body("metrics_token_required",
+                                               "Send the metrics token as 'Authorization: Bearer <token>'."),
+                                    status=401)
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
     return HttpResponse(render(), content_type=CONTENT_TYPE_LATEST)

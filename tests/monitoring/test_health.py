@@ -19,7 +19,8 @@ def test_readyz_all_checks_pass(client):
     body = response.json()
     assert response.status_code == 200, body
     assert body["status"] == "ok" and body["failing"] == []
-    assert set(body["checks"]) == {"database", "cache", "channel_layer"}
+    # Other apps add their own checks (the cluster runtime adds "indexes"); these three are always there.
+    assert {"database", "cache", "channel_layer"} <= set(body["checks"])
     assert all(check["ok"] for check in body["checks"].values())
 
 
