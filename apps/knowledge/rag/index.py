@@ -207,7 +207,8 @@ class BM25Index:
         if len(ids_array) != len(texts):
             raise ValueError(f"{len(ids_array)} ids for {len(texts)} texts")
         self._ids = ids_array
-        self._model = _build_bm25([bm25_tokenize(text) for text in texts]) if len(texts) else None
+        corpus_tokens = [bm25_tokenize(text) for text in texts]
+        self._model = _build_bm25(corpus_tokens) if any(corpus_tokens) else None
 
     @property
     def count(self) -> int:
@@ -248,7 +249,7 @@ class BM25Index:
         instance = cls.__new__(cls)
         instance._ids = np.load(directory / _BM25_IDS, allow_pickle=False)
         instance._model = None
-        if len(instance._ids):
+        if (directory / _BM25_DIR).is_dir():
             instance._model = bm25s.BM25.load(str(directory / _BM25_DIR), mmap=False, show_progress=False)
         return instance
 
