@@ -274,6 +274,16 @@ KNOWLEDGE_HNSW_THRESHOLD = env.int("KNOWLEDGE_HNSW_THRESHOLD", default=50_000)
 KNOWLEDGE_INDEX_GRACE_SECONDS = env.int("KNOWLEDGE_INDEX_GRACE_SECONDS", default=600)
 KNOWLEDGE_VERSION_CHECK_SECONDS = env.float("KNOWLEDGE_VERSION_CHECK_SECONDS", default=3.0)
 RETRIEVAL_CACHE_SECONDS = env.int("RETRIEVAL_CACHE_SECONDS", default=300)
+RETRIEVAL_MAX_TOP_K = env.int("RETRIEVAL_MAX_TOP_K", default=100)
+KNOWLEDGE_MAX_UNCOMPRESSED_BYTES = env.int("KNOWLEDGE_MAX_UNCOMPRESSED_BYTES", default=200 * 1024 * 1024)
+KNOWLEDGE_MAX_COMPRESSION_RATIO = env.float("KNOWLEDGE_MAX_COMPRESSION_RATIO", default=100.0)
+KNOWLEDGE_MAX_CSV_ROWS = env.int("KNOWLEDGE_MAX_CSV_ROWS", default=200_000)
+KNOWLEDGE_FETCH_TIMEOUT_SECONDS = env.float("KNOWLEDGE_FETCH_TIMEOUT_SECONDS", default=20.0)
+# Ingests finishing within this window share one index rebuild (the later rebuild tasks find nothing to do).
+KNOWLEDGE_REBUILD_DELAY_SECONDS = env.float("KNOWLEDGE_REBUILD_DELAY_SECONDS", default=2.0)
+CELERY_BEAT_SCHEDULE["knowledge-index-cleanup"] = {
+    "task": "knowledge.cleanup_indexes", "schedule": float(max(60, KNOWLEDGE_INDEX_GRACE_SECONDS // 2)),
+}
 
 # --- Conversations (apps/conversations) ------------------------------------------------
 SESSION_STORE_BACKEND = env("SESSION_STORE_BACKEND", default="redis" if REDIS_URL else "memory")

@@ -1,0 +1,70 @@
+from django import forms
+from django.conf import settings
+
+from .models import Document, KnowledgeBase
+from .selectors import MODES
+
+
+class MultipleFileInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleFileField(forms.FileField):
+    """Django's documented pattern for an <input type=file multiple>: cleans to a list of files."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("widget", MultipleFileInput())
+        super().__init__(*args, **kwargs)
+
+    def clean(self, data, initial=None):
+        single = super().clean
+        if isinstance(data, (list, tuple)):
+            return [single(item, initial) for item in data]
+        return [single(data, initial)]
+
+
+class UploadForm(forms.Form):
+    knowledge_base = forms.ModelChoiceField(queryset=KnowledgeBase.objects.all())
+    files = MultipleFileField(help_text="Select many files at once: PDF, DOCX, HTML, Markdown, CSV or text.")
+
+    def __init__(self, *args, knowledge_bases=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if knowledge_bases is not None:
+            self.fields["knowledge_base"].queryset = knowledge_bases
+
+
+class DocumentAdminForm(forms.ModelForm):
+    class Meta:
+        model = Document
+        fields = ["knowledge_base", "title", "file", "source_url"]
+
+    def clean(self):
+        cleaned = super().clean()
+        upload, url = cleaned.get("file"), cleaned.get("source_url")
+        if not upload and not url:
+            raise forms.ValidationError("Upload a file or give a source URL.", code="no_content")
+        size = getattr(upload, "size", None)
+        if upload and "file" in self.changed_data and size is not None and size > settings.KNOWLEDGE_MAX_UPLOAD_BYTES:
+            self.add_error("file", forms.ValidationError(
+                "too_large: the file is %(size)s bytes; the limit is %(limit)s bytes.", code="too_large",
+                params={"size": size, "limit": settings.KNOWLEDGE_MAX_UPLOAD_BYTES}))
+        return cleaned
+
+
+class KnowledgeBaseAdminForm(forms.ModelForm):
+    class Meta:
+        model = KnowledgeBase
+        fields = "__all__"
+
+    def clean(self):
+        cleaned = super().clean()
+        tokens, overlap = cleaned.get("chunk_tokens"), cleaned.get("chunk_overlap")
+        if tokens is not None and overlap is not None and overlap >= tokens:
+            self.add_error("chunk_overlap", "Must be smaller than the chunk size.")
+        return cleaned
+
+
+class TestRetrievalForm(forms.Form):
+    q = forms.CharField(label="Query", max_length=2000, widget=forms.TextInput(attrs={"size": 80, "autofocus": True}))
+    mode = forms.ChoiceField(choices=[(m, m) for m in MODES], initial="hybrid")
+    top_k = forms.IntegerField(min_value=1, max_value=50, initial=10)

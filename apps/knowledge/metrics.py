@@ -1,0 +1,28 @@
+"""Knowledge metrics on the shared Prometheus registry (labels stay low-cardinality: no ids)."""
+from prometheus_client import Counter, Histogram
+
+from apps.monitoring.metrics import LATENCY_BUCKETS, REGISTRY
+
+documents_ingested_total = Counter(
+    "kotaemon_knowledge_documents_ingested_total", "Documents through ingestion, by outcome", ["outcome"],
+    registry=REGISTRY,
+)
+embeddings_total = Counter(
+    "kotaemon_knowledge_embeddings_total", "Chunk embeddings needed, by source (encoded or reused from storage)",
+    ["source"], registry=REGISTRY,
+)
+index_builds_total = Counter(
+    "kotaemon_knowledge_index_builds_total", "Index version builds, by outcome", ["outcome"], registry=REGISTRY,
+)
+index_build_seconds = Histogram(
+    "kotaemon_knowledge_index_build_seconds", "Time to build and activate an index version",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY,
+)
+index_loads_total = Counter(
+    "kotaemon_knowledge_index_loads_total", "Index versions loaded into this process, by trigger", ["trigger"],
+    registry=REGISTRY,
+)
+retrieval_seconds = Histogram(
+    "kotaemon_knowledge_retrieval_seconds", "chunks_retrieve latency by mode and cache result", ["mode", "cache"],
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)

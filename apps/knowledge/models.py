@@ -1,0 +1,179 @@
+"""Knowledge bases, their documents, chunks with stored embeddings, and index versions.
+
+The database is the source of truth for content and for which index version is active; the index
+files under INDEX_ROOT are derived artifacts that can always be rebuilt from stored chunks.
+"""
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+
+class KnowledgeBase(models.Model):
+    class Fusion(models.TextChoices):
+        RRF = "rrf", "Reciprocal rank fusion"
+        WEIGHTED = "weighted", "Weighted (min-max normalised scores)"
+
+    slug = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="knowledge_bases"
+    )
+    allowed_groups = models.ManyToManyField(Group, blank=True, related_name="knowledge_bases",
+                                            help_text="Members of these groups may search this knowledge base.")
+    is_public = models.BooleanField(default=False, help_text="Every signed-in user may search it.")
+
+    # Chunking: sized in the embedding model's tokens (all-MiniLM-L6-v2 reads at most 254).
+    chunk_tokens = models.PositiveSmallIntegerField(default=200, validators=[MinValueValidator(32),
+                                                                             MaxValueValidator(254)])
+    chunk_overlap = models.PositiveSmallIntegerField(default=40, validators=[MaxValueValidator(128)])
+
+    # Retrieval.
+    fusion = models.CharField(max_length=16, choices=Fusion.choices, default=Fusion.RRF)
+    rrf_k = models.PositiveSmallIntegerField(default=60, validators=[MinValueValidator(1)])
+    dense_weight = models.FloatField(default=0.5, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+                                     help_text="Weighted fusion only: weight of the dense score (BM25 gets the rest).")
+    candidates = models.PositiveSmallIntegerField(default=100, validators=[MinValueValidator(10),
+                                                                           MaxValueValidator(1000)],
+                                                  help_text="Hits taken from each of FAISS and BM25 before fusion.")
+    mmr_lambda = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+                                   help_text="Set (e.g. 0.7) to diversify results with MMR; empty disables it.")
+    use_reranker = models.BooleanField(default=True,
+                                       help_text="Rerank with the cross-encoder when RERANKER_MODEL_PATH is set.")
+
+    # Bumped in the same transaction as every chunk change, so an index records exactly what it covers.
+    content_revision = models.PositiveBigIntegerField(default=0, editable=False)
+    # Index versions are allocated here under a row lock: concurrent rebuilds never share a number.
+    last_index_version = models.PositiveIntegerField(default=0, editable=False)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def document_upload_to(instance: "Document", filename: str) -> str:
+    return f"knowledge/{instance.knowledge_base_id}/{filename}"
+
+
+class Document(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        PROCESSING = "processing", "Processing"
+        READY = "ready", "Ready"
+        FAILED = "failed", "Failed"
+
+    knowledge_base = models.ForeignKey(KnowledgeBase, on_delete=models.CASCADE, related_name="documents")
+    title = models.CharField(max_length=300, blank=True)
+    file = models.FileField(upload_to=document_upload_to, max_length=500, blank=True)
+    source_url = models.URLField(max_length=1000, blank=True)
+    # What the document was called where it came from (upload name or path relative to an ingest root):
+    # the ingest command updates a document with the same source name instead of duplicating it.
+    source_name = models.CharField(max_length=500, blank=True, db_index=True)
+    detected_type = models.CharField(max_length=16, blank=True)
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True, db_index=True)
+    page_count = models.PositiveIntegerField(null=True, blank=True)
+    # Canonical parsed text: chunk character spans point into it (the source view highlights them).
+    text = models.TextField(blank=True, editable=False)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    error_code = models.CharField(max_length=40, blank=True)
+    error_message = models.TextField(blank=True)
+    version = models.PositiveIntegerField(default=1, help_text="Incremented each time the content changes.")
+    # Fingerprint of what the current chunks were built from (content + chunking + model): re-ingesting
+    # with the same fingerprint is a no-op, which makes the ingest task idempotent.
+    ingest_fingerprint = models.CharField(max_length=64, blank=True, editable=False)
+    ingested_at = models.DateTimeField(null=True, blank=True)
+    # Set when an editor deletes the document; search hides it at once, the delete task purges it.
+    deleted_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    updated_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at", "-id"]
+        indexes = [models.Index(fields=["knowledge_base", "status"])]
+
+    def __str__(self) -> str:
+        return self.title or self.source_name or f"Document {self.pk}"
+
+
+class Chunk(models.Model):
+    document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="chunks")
+    position = models.PositiveIntegerField()
+    text = models.TextField()
+    page = models.PositiveIntegerField(null=True, blank=True)
+    heading_path = models.JSONField(default=list, blank=True)
+    char_start = models.PositiveIntegerField()
+    char_end = models.PositiveIntegerField()
+    token_count = models.PositiveIntegerField()
+    content_hash = models.CharField(max_length=64)
+    # float32 little-endian bytes of the L2-normalised vector; reused by (embedding_model, content_hash).
+    embedding = models.BinaryField(null=True, blank=True, editable=False)
+    embedding_model = models.CharField(max_length=200, blank=True)
+    # Set when a re-ingest replaces this chunk. The row stays while an index version that contains it
+    # may still be serving (grace period), so a search on the old version returns that version's text.
+    superseded_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["document_id", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["document", "position"], condition=Q(superseded_at__isnull=True),
+                                    name="chunk_unique_current_position"),
+        ]
+        indexes = [
+            models.Index(fields=["embedding_model", "content_hash"], name="chunk_embedding_key"),
+            models.Index(fields=["superseded_at"], name="chunk_superseded"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.document_id}#{self.position}"
+
+
+class IndexVersion(models.Model):
+    class Status(models.TextChoices):
+        BUILDING = "building", "Building"
+        ACTIVE = "active", "Active"
+        RETIRED = "retired", "Retired"
+        FAILED = "failed", "Failed"
+
+    knowledge_base = models.ForeignKey(KnowledgeBase, on_delete=models.CASCADE, related_name="index_versions")
+    version = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.BUILDING)
+    artifact_path = models.CharField(max_length=1000, blank=True)
+    source_revision = models.PositiveBigIntegerField(default=0)
+    document_count = models.PositiveIntegerField(default=0)
+    chunk_count = models.PositiveIntegerField(default=0)
+    embedding_model = models.CharField(max_length=200, blank=True)
+    dense_kind = models.CharField(max_length=16, blank=True)
+    build_seconds = models.FloatField(null=True, blank=True)
+    encoded_count = models.PositiveIntegerField(default=0, help_text="Chunks that had to be encoded for this build.")
+    error_message = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    activated_at = models.DateTimeField(null=True, blank=True)
+    retired_at = models.DateTimeField(null=True, blank=True)
+    artifact_removed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["knowledge_base_id", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["knowledge_base", "version"], name="index_version_unique"),
+            models.UniqueConstraint(fields=["knowledge_base"], condition=Q(status="active"),
+                                    name="index_version_one_active"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.knowledge_base_id} v{self.version} ({self.status})"

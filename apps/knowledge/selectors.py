@@ -1,0 +1,349 @@
+"""Reads for knowledge: access rules, listings, and retrieval (`chunks_retrieve`).
+
+Access is decided here and nowhere else. A knowledge base is readable by its owner, members of
+its allowed groups, everyone when it is public, and staff; it is editable by its owner and staff.
+Callers never filter chunks themselves: `chunks_retrieve` searches only readable knowledge bases.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db.models import Count, Max, OuterRef, Q, QuerySet, Subquery
+from django.urls import reverse
+
+from apps.core.errors import ApplicationError, NotFound
+
+from .index_registry import registry
+from .metrics import retrieval_seconds
+from .models import Chunk, Document, IndexVersion, KnowledgeBase
+
+logger = logging.getLogger(__name__)
+
+MODES = ("hybrid", "dense", "bm25")
+MAX_QUERY_CHARS = 2000
+
+
+# ------------------------------------------------------------------------------------------
+# Access
+# ------------------------------------------------------------------------------------------
+
+
+def _is_staff(user) -> bool:
+    return bool(getattr(user, "is_authenticated", False) and (user.is_staff or user.is_superuser))
+
+
+def knowledge_bases_visible(*, user) -> QuerySet[KnowledgeBase]:
+    """Knowledge bases `user` may read (anonymous users: public ones only)."""
+    qs = KnowledgeBase.objects.all()
+    if _is_staff(user):
+        return qs
+    if not getattr(user, "is_authenticated", False):
+        return qs.filter(is_public=True)
+    readable = Q(is_public=True) | Q(owner=user) | Q(allowed_groups__in=user.groups.all())
+    return qs.filter(pk__in=KnowledgeBase.objects.filter(readable).values("pk"))
+
+
+def knowledge_base_can_edit(*, user, knowledge_base: KnowledgeBase) -> bool:
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return False
+    return _is_staff(user) or knowledge_base.owner_id == user.pk
+
+
+def knowledge_base_can_create(*, user) -> bool:
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return False
+    return _is_staff(user) or user.has_perm("knowledge.add_knowledgebase")
+
+
+def knowledge_base_get(*, user, ref: int | str) -> KnowledgeBase:
+    """A readable knowledge base by id or slug; unreadable and nonexistent look the same (404)."""
+    visible = knowledge_bases_visible(user=user)
+    kb = None
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+        kb = visible.filter(pk=int(ref)).first()
+    if kb is None and isinstance(ref, str):
+        kb = visible.filter(slug=ref).first()
+    if kb is None:
+        raise NotFound("No such knowledge base.", code="knowledge_base_not_found", details={"knowledge_base": ref})
+    return kb
+
+
+def knowledge_bases_with_stats(*, user) -> QuerySet[KnowledgeBase]:
+    active = IndexVersion.objects.filter(knowledge_base=OuterRef("pk"), status=IndexVersion.Status.ACTIVE)
+    return (knowledge_bases_visible(user=user)
+            .annotate(document_count=Count("documents", filter=Q(documents__deleted_at__isnull=True), distinct=True),
+                      active_version=Subquery(active.values("version")[:1]),
+                      last_build_at=Max("index_versions__created_at"))
+            .select_related("owner"))
+
+
+def documents_for(*, user, knowledge_base: KnowledgeBase, status: str | None = None) -> QuerySet[Document]:
+    if not knowledge_bases_visible(user=user).filter(pk=knowledge_base.pk).exists():
+        raise NotFound("No such knowledge base.", code="knowledge_base_not_found")
+    qs = knowledge_base.documents.filter(deleted_at__isnull=True).annotate(
+        chunk_count=Count("chunks", filter=Q(chunks__superseded_at__isnull=True)))
+    if status:
+        if status not in Document.Status.values:
+            raise ApplicationError("invalid_status", f"status must be one of {', '.join(Document.Status.values)}.",
+                                   details={"status": status})
+        qs = qs.filter(status=status)
+    return qs.order_by("-updated_at", "-id")
+
+
+def document_get(*, user, document_id: int) -> Document:
+    document = (Document.objects.select_related("knowledge_base")
+                .filter(pk=document_id, deleted_at__isnull=True,
+                        knowledge_base__in=knowledge_bases_visible(user=user)).first())
+    if document is None:
+        raise NotFound("No such document.", code="document_not_found")
+    return document
+
+
+def document_chunks(*, document: Document) -> QuerySet[Chunk]:
+    return document.chunks.filter(superseded_at__isnull=True).order_by("position")
+
+
+def source_view_context(*, user, document_id: int, chunk_id: int | None) -> dict[str, Any]:
+    """What the source page shows: the document text split around the cited chunk.
+
+    A chunk replaced by a newer version of the document is located by its text when it is still
+    there; otherwise its own text is shown with a note that the document has changed.
+    """
+    document = document_get(user=user, document_id=document_id)
+    text = document.text
+    chunk = Chunk.objects.filter(pk=chunk_id, document=document).first() if chunk_id is not None else None
+    before, cited, after, located = text, "", "", chunk is None
+    if chunk is not None:
+        start, end = chunk.char_start, chunk.char_end
+        if text[start:end] != chunk.text:
+            found = text.find(chunk.text)
+            start, end = (found, found + len(chunk.text)) if found >= 0 else (-1, -1)
+        if start >= 0:
+            before, cited, after, located = text[:start], text[start:end], text[end:], True
+    return {"document": document, "knowledge_base": document.knowledge_base, "chunk": chunk, "before": before,
+            "cited": cited, "after": after, "located": located}
+
+
+# ------------------------------------------------------------------------------------------
+# Retrieval
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrievedChunk:
+    chunk_id: int
+    document_id: int
+    document_title: str
+    knowledge_base_id: int
+    knowledge_base_slug: str
+    text: str
+    page: int | None
+    heading_path: list[str]
+    char_start: int
+    char_end: int
+    score: float  # the score used for the final ranking
+    scores: dict[str, float] = field(default_factory=dict)  # per stage: dense, bm25, fused, mmr, rerank
+    index_version: int = 0
+    url: str = ""  # source view: /sources/<document_id>/?chunk=<chunk_id>
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _validate(query: Any, top_k: Any, mode: Any) -> tuple[str, int, str]:
+    if not isinstance(query, str) or not query.strip():
+        raise ApplicationError("invalid_query", "The query is empty.")
+    query = " ".join(query.split())
+    if len(query) > MAX_QUERY_CHARS:
+        raise ApplicationError("query_too_long", f"The query is longer than {MAX_QUERY_CHARS} characters.",
+                               details={"max_chars": MAX_QUERY_CHARS})
+    if mode not in MODES:
+        raise ApplicationError("invalid_mode", f"mode must be one of {', '.join(MODES)}.", details={"mode": mode})
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= settings.RETRIEVAL_MAX_TOP_K:
+        raise ApplicationError("invalid_top_k", f"top_k must be an integer from 1 to {settings.RETRIEVAL_MAX_TOP_K}.",
+                               details={"top_k": top_k, "max": settings.RETRIEVAL_MAX_TOP_K})
+    return query, top_k, mode
+
+
+def chunks_retrieve(*, user, query: str, knowledge_bases: list[str | int] | None = None, top_k: int = 8,
+                    mode: str = "hybrid") -> list[RetrievedChunk]:
+    """The `top_k` chunks most relevant to `query` in the knowledge bases `user` may read.
+
+    `knowledge_bases` (ids or slugs) narrows the search; naming one the user cannot read raises
+    `knowledge_base_not_found` (404, as for a nonexistent one). Each knowledge base is searched on
+    exactly one complete index version. Results of identical queries on the same versions come
+    from the cache; activating a version changes the key.
+    """
+    query, top_k, mode = _validate(query, top_k, mode)
+    started = time.perf_counter()
+    if knowledge_bases is None:
+        kbs = list(knowledge_bases_visible(user=user).order_by("pk"))
+    else:
+        if not isinstance(knowledge_bases, (list, tuple)):
+            raise ApplicationError("invalid_knowledge_bases", "knowledge_bases must be a list of ids or slugs.")
+        kbs = list({kb.pk: kb for kb in (knowledge_base_get(user=user, ref=ref) for ref in knowledge_bases)}.values())
+    held = [(kb, bundle) for kb in kbs if (bundle := registry.bundle(kb.pk)) is not None]
+    if not held:
+        return []
+    reranker = _reranker() if any(kb.use_reranker for kb, _ in held) else None
+    key = _cache_key(query, top_k, mode, held, reranker)
+    ranked = _cache_get(key)
+    cache_result = "hit"
+    if ranked is None:
+        cache_result = "miss"
+        ranked = _rank(query, top_k, mode, held, reranker)
+        _cache_set(key, ranked)
+    results = _materialize(ranked, top_k)
+    retrieval_seconds.labels(mode=mode, cache=cache_result).observe(time.perf_counter() - started)
+    return results
+
+
+def ranked_chunk_ids(*, knowledge_base: KnowledgeBase, query: str, top_k: int, mode: str = "hybrid"
+                     ) -> list[tuple[int, float]]:
+    """(chunk id, score) best first, with no access check, no cache and no top_k cap.
+
+    For operator tools only (the evaluate command measures the same ranking users get).
+    """
+    bundle = registry.bundle(knowledge_base.pk)
+    if bundle is None:
+        return []
+    ranked = _rank(query, top_k, mode, [(knowledge_base, bundle)], None)
+    return [(item["id"], item["score"]) for item in ranked[:top_k]]
+
+
+def _kb_settings(kb: KnowledgeBase) -> list:
+    return [kb.fusion, kb.rrf_k, kb.dense_weight, kb.candidates, kb.mmr_lambda, kb.use_reranker]
+
+
+def _cache_key(query: str, top_k: int, mode: str, held, reranker) -> str:
+    parts = [query, top_k, mode, [[kb.pk, bundle.version, _kb_settings(kb)] for kb, bundle in held],
+             getattr(reranker, "path", None)]
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return f"knowledge:retrieve:v1:{digest}"
+
+
+def _cache_get(key: str):
+    try:
+        return cache.get(key)
+    except Exception:  # a cache outage must not take search down with it
+        logger.warning("retrieval cache read failed", exc_info=True)
+        return None
+
+
+def _cache_set(key: str, value) -> None:
+    try:
+        cache.set(key, value, timeout=settings.RETRIEVAL_CACHE_SECONDS)
+    except Exception:
+        logger.warning("retrieval cache write failed", exc_info=True)
+
+
+_RERANKER: dict[str, Any] = {}
+
+
+def _reranker():
+    """The configured cross-encoder (loaded once per process), or None."""
+    path = settings.RERANKER_MODEL_PATH
+    if not path:
+        return None
+    if path not in _RERANKER:
+        from .rag.rerank import load_reranker
+
+        _RERANKER[path] = load_reranker(path)
+    return _RERANKER[path]
+
+
+def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, Any]]:
+    """Ranked [{"id", "kb", "version", "score", "scores"}]: a few more than top_k, so that hits in documents
+    deleted since can be dropped without returning short."""
+    from .embeddings import embedder
+    from .rag.fusion import mmr, rrf, weighted_fusion
+
+    needs_vector = mode != "bm25" or any(kb.mmr_lambda is not None for kb, _ in held)
+    query_vec = embedder().encode_query(query) if needs_vector else None
+    pool: dict[int, dict[str, Any]] = {}
+    for kb, bundle in held:
+        n = max(kb.candidates, top_k)
+        dense = bundle.dense_search(query_vec, n) if mode in ("hybrid", "dense") else []
+        bm25 = bundle.bm25_search(query, n) if mode in ("hybrid", "bm25") else []
+        if mode == "hybrid":
+            fused = (rrf([dense, bm25], k=kb.rrf_k) if kb.fusion == KnowledgeBase.Fusion.RRF
+                     else weighted_fusion([dense, bm25], [kb.dense_weight, 1.0 - kb.dense_weight]))
+        else:
+            fused = dense or bm25
+        dense_scores, bm25_scores = dict(dense), dict(bm25)
+        for chunk_id, score in fused:
+            scores = {}
+            if chunk_id in dense_scores:
+                scores["dense"] = dense_scores[chunk_id]
+            if chunk_id in bm25_scores:
+                scores["bm25"] = bm25_scores[chunk_id]
+            if mode == "hybrid":
+                scores["fused"] = score
+            pool[chunk_id] = {"id": chunk_id, "kb": kb.pk, "version": bundle.version, "score": score,
+                              "scores": scores, "_bundle": bundle}
+    # Across knowledge bases the per-base scores are on one scale (cosine, RRF, or [0, 1] weighted).
+    ranked = sorted(pool.values(), key=lambda item: (-item["score"], item["id"]))
+    want = top_k * 2
+    lambdas = [kb.mmr_lambda for kb, _ in held if kb.mmr_lambda is not None]
+    if lambdas and query_vec is not None and len(ranked) > 1:
+        ranked = _diversify(ranked[:max(want * 3, 30)], query_vec, min(lambdas), want, mmr)
+    if reranker is not None:
+        ranked = _rerank(reranker, query, ranked[:max(want * 2, 20)])
+    for item in ranked:
+        item.pop("_bundle", None)
+    return ranked[:want]
+
+
+def _diversify(candidates: list[dict], query_vec, lambda_: float, want: int, mmr) -> list[dict]:
+    import numpy as np
+
+    vectors = np.vstack([item["_bundle"].vectors([item["id"]]) for item in candidates])
+    by_id = {item["id"]: item for item in candidates}
+    chosen = []
+    for chunk_id, score in mmr([c["id"] for c in candidates], vectors, query_vec, lambda_=lambda_, top_k=want):
+        item = by_id[chunk_id]
+        item["scores"]["mmr"] = score
+        item["score"] = score
+        chosen.append(item)
+    return chosen
+
+
+def _rerank(reranker, query: str, candidates: list[dict]) -> list[dict]:
+    texts = dict(Chunk.objects.filter(pk__in=[c["id"] for c in candidates]).values_list("id", "text"))
+    candidates = [c for c in candidates if c["id"] in texts]
+    scores = reranker.rerank(query, [texts[c["id"]] for c in candidates])
+    for item, score in zip(candidates, scores):
+        item["scores"]["rerank"] = float(score)
+        item["score"] = float(score)
+    return sorted(candidates, key=lambda item: (-item["score"], item["id"]))
+
+
+def _materialize(ranked: list[dict[str, Any]], top_k: int) -> list[RetrievedChunk]:
+    """Chunk rows for the ranked ids in one query; hits in documents deleted since are dropped."""
+    ids = [item["id"] for item in ranked]
+    rows = {chunk.pk: chunk for chunk in Chunk.objects.filter(pk__in=ids, document__deleted_at__isnull=True)
+            .select_related("document__knowledge_base")}
+    results = []
+    for item in ranked:
+        chunk = rows.get(item["id"])
+        if chunk is None:
+            continue
+        document, kb = chunk.document, chunk.document.knowledge_base
+        results.append(RetrievedChunk(
+            chunk_id=chunk.pk, document_id=document.pk, document_title=document.title or str(document),
+            knowledge_base_id=kb.pk, knowledge_base_slug=kb.slug, text=chunk.text, page=chunk.page,
+            heading_path=list(chunk.heading_path or []), char_start=chunk.char_start, char_end=chunk.char_end,
+            score=float(item["score"]), scores={k: float(v) for k, v in item["scores"].items()},
+            index_version=item["version"],
+            url=f"{reverse('knowledge-source', args=[document.pk])}?chunk={chunk.pk}",
+        ))
+        if len(results) == top_k:
+            break
+    return results

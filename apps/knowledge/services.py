@@ -1,0 +1,885 @@
+"""Writes for knowledge: knowledge bases, documents, ingestion, index versions, the demo knowledge base.
+
+Flow (see DESIGN.md): an editor's change is committed, then a task is enqueued with the id
+(transaction.on_commit). Ingestion parses, chunks and embeds (reusing stored embeddings), replaces the
+document's chunks and bumps the knowledge base's content revision in one transaction. A rebuild
+writes a NEW index version from stored vectors, activates it in one transaction and publishes
+`knowledge_updated` after commit. Every step is idempotent, so re-delivered tasks change nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.core.files.base import ContentFile, File
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+from django.utils.text import get_valid_filename
+
+from apps.core.errors import ApplicationError, PermissionDenied
+from apps.core.events import publish_on_commit
+
+from . import selectors
+from .embeddings import embedder, vector_from_bytes, vector_to_bytes, vectors_for
+from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
+from .models import Chunk, Document, IndexVersion, KnowledgeBase
+from .rag.chunker import ChunkSpec, chunk_document
+from .rag.errors import IngestError
+from .rag.index import MANIFEST_NAME, delete_version, remove_stale_tmp, version_dirname, write_index_version
+from .rag.parsers import ParseLimits, ParsedDocument, parse
+
+logger = logging.getLogger(__name__)
+
+User = AbstractBaseUser | AnonymousUser
+
+# Bump when parsing or chunking changes in a way that must re-chunk stored documents.
+PIPELINE_VERSION = "1"
+INGEST_BATCH_DOCUMENTS = 64
+_READ_BLOCK = 1 << 20
+
+
+class TransientError(Exception):
+    """A failure worth retrying later (network, database or broker hiccup); tasks retry these with backoff."""
+
+
+class DocumentSourceError(Exception):
+    """The document's bytes cannot be obtained (file gone, URL refused); stored on the Document."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# ------------------------------------------------------------------------------------------
+# Limits
+# ------------------------------------------------------------------------------------------
+
+
+def parse_limits() -> ParseLimits:
+    return ParseLimits(
+        max_bytes=settings.KNOWLEDGE_MAX_UPLOAD_BYTES,
+        max_pages=settings.KNOWLEDGE_MAX_PAGES,
+        max_uncompressed_bytes=settings.KNOWLEDGE_MAX_UNCOMPRESSED_BYTES,
+        max_compression_ratio=settings.KNOWLEDGE_MAX_COMPRESSION_RATIO,
+        max_csv_rows=settings.KNOWLEDGE_MAX_CSV_ROWS,
+    )
+
+
+def upload_size_validate(*, size: int, name: str = "") -> None:
+    limit = settings.KNOWLEDGE_MAX_UPLOAD_BYTES
+    if size > limit:
+        raise ApplicationError("too_large", f"{name or 'The file'} is {size} bytes; the limit is {limit} bytes.",
+                               details={"size": size, "limit": limit, "name": name}, status=413)
+
+
+# ------------------------------------------------------------------------------------------
+# Knowledge bases
+# ------------------------------------------------------------------------------------------
+
+KB_SETTINGS_FIELDS = ("chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates",
+                      "mmr_lambda", "use_reranker")
+KB_EDITABLE_FIELDS = ("slug", "name", "description", "is_public") + KB_SETTINGS_FIELDS
+
+
+def _kb_validate(kb: KnowledgeBase) -> None:
+    from django.core.exceptions import ValidationError
+
+    try:
+        kb.full_clean(exclude=["owner", "allowed_groups"])
+    except ValidationError as exc:
+        codes = {"unique": "knowledge_base_exists"}
+        fields = exc.message_dict
+        code = next((codes[e.code] for errors in exc.error_dict.values() for e in errors if e.code in codes),
+                    "validation_error")
+        raise ApplicationError(code, "The knowledge base is invalid; see details.", details={"fields": fields})
+    if kb.chunk_overlap >= kb.chunk_tokens:
+        raise ApplicationError("validation_error", "chunk_overlap must be smaller than chunk_tokens.",
+                               details={"fields": {"chunk_overlap": ["must be smaller than chunk_tokens"]}})
+
+
+def knowledge_base_create(*, user: User, slug: str, name: str, allowed_group_ids: Sequence[int] = (),
+                          **fields: Any) -> KnowledgeBase:
+    if not selectors.knowledge_base_can_create(user=user):
+        raise PermissionDenied("You may not create knowledge bases.")
+    unknown = set(fields) - set(KB_EDITABLE_FIELDS)
+    if unknown:
+        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+    kb = KnowledgeBase(slug=slug, name=name, owner=user if user.is_authenticated else None, **fields)
+    _kb_validate(kb)
+    with transaction.atomic():
+        kb.save()
+        if allowed_group_ids:
+            kb.allowed_groups.set(allowed_group_ids)
+    return kb
+
+
+def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_group_ids: Sequence[int] | None = None,
+                          **fields: Any) -> KnowledgeBase:
+    kb = knowledge_base
+    if not selectors.knowledge_base_can_edit(user=user, knowledge_base=kb):
+        raise PermissionDenied("Only the owner or staff may change this knowledge base.")
+    unknown = set(fields) - set(KB_EDITABLE_FIELDS)
+    if unknown:
+        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+    rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
+    for name, value in fields.items():
+        setattr(kb, name, value)
+    _kb_validate(kb)
+    with transaction.atomic():
+        kb.save()
+        if allowed_group_ids is not None:
+            kb.allowed_groups.set(allowed_group_ids)
+        if rechunk:
+            knowledge_base_rechunk(knowledge_base=kb)
+    return kb
+
+
+def knowledge_base_rechunk(*, knowledge_base: KnowledgeBase) -> int:
+    """After a chunk-size change: re-ingest every document (unchanged text keeps its stored vectors)."""
+    ids = list(knowledge_base.documents.filter(deleted_at__isnull=True).values_list("id", flat=True))
+    _enqueue_ingest(ids)
+    return len(ids)
+
+
+def knowledge_base_delete(*, user: User, knowledge_base: KnowledgeBase) -> None:
+    kb = knowledge_base
+    if not selectors.knowledge_base_can_edit(user=user, knowledge_base=kb):
+        raise PermissionDenied("Only the owner or staff may delete this knowledge base.")
+    files = [name for name in kb.documents.exclude(file="").values_list("file", flat=True)]
+    root = kb_index_root(kb.id)
+    with transaction.atomic():
+        kb.delete()
+        transaction.on_commit(lambda: _remove_artifacts(files, root))
+
+
+def _remove_artifacts(files: Iterable[str], index_root: Path | None) -> None:
+    import shutil
+
+    from django.core.files.storage import default_storage
+
+    for name in files:
+        try:
+            default_storage.delete(name)
+        except OSError:
+            logger.warning("could not delete stored file", extra={"file": name})
+    if index_root is not None:
+        shutil.rmtree(index_root, ignore_errors=True)
+
+
+def kb_index_root(knowledge_base_id: int) -> Path:
+    return Path(settings.INDEX_ROOT) / f"kb-{knowledge_base_id}"
+
+
+# ------------------------------------------------------------------------------------------
+# Documents
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UploadOutcome:
+    """What happened to one uploaded file; `status` is created, updated, unchanged, duplicate or rejected."""
+
+    name: str
+    status: str
+    document: Document | None = None
+    error_code: str = ""
+    error_message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name, "status": self.status,
+                                "document_id": self.document.pk if self.document else None}
+        if self.error_code:
+            data["error"] = {"code": self.error_code, "message": self.error_message}
+        return data
+
+
+def _read_limited(handle: IO[bytes], limit: int) -> bytes:
+    """At most limit+1 bytes: enough to know a file is too large without reading all of it."""
+    chunks, total = [], 0
+    while total <= limit:
+        block = handle.read(min(_READ_BLOCK, limit + 1 - total))
+        if not block:
+            break
+        chunks.append(block)
+        total += len(block)
+    return b"".join(chunks)
+
+
+def _safe_name(name: str) -> str:
+    base = PurePosixPath(name.replace("\\", "/")).name or "document"
+    return get_valid_filename(base)[:150] or "document"
+
+
+def _require_edit(user: User, kb: KnowledgeBase) -> None:
+    if not selectors.knowledge_base_can_edit(user=user, knowledge_base=kb):
+        raise PermissionDenied("Only the owner or staff may change documents of this knowledge base.")
+
+
+def documents_upload(*, knowledge_base: KnowledgeBase, user: User, files: Sequence[File]) -> list[UploadOutcome]:
+    """Store each file as a new Document and enqueue its ingestion after commit.
+
+    Each file is judged on its own: a file over the size limit is rejected (`too_large`) without
+    losing the others, and a file identical to a live document of the same knowledge base is
+    reported as `duplicate` instead of being stored twice. Parse problems (type, corruption,
+    encryption, emptiness) are found by ingestion and stored on the Document.
+    """
+    _require_edit(user, knowledge_base)
+    if not files:
+        raise ApplicationError("no_files", "Send at least one file in the multipart field 'files'.")
+    outcomes: list[UploadOutcome] = []
+    with transaction.atomic():
+        for upload in files:
+            name = getattr(upload, "name", "") or "document"
+            size = getattr(upload, "size", None)
+            if size is not None and size > settings.KNOWLEDGE_MAX_UPLOAD_BYTES:
+                outcomes.append(_rejected(name, size))
+                continue
+            upload.seek(0)
+            data = _read_limited(upload, settings.KNOWLEDGE_MAX_UPLOAD_BYTES)
+            if len(data) > settings.KNOWLEDGE_MAX_UPLOAD_BYTES:
+                outcomes.append(_rejected(name, len(data)))
+                continue
+            sha = hashlib.sha256(data).hexdigest()
+            existing = knowledge_base.documents.filter(sha256=sha, deleted_at__isnull=True).first()
+            if existing is not None:
+                outcomes.append(UploadOutcome(name, "duplicate", existing))
+                continue
+            document = Document(knowledge_base=knowledge_base, source_name=name[:500], sha256=sha, size_bytes=len(data),
+                                created_by=_actor(user), updated_by=_actor(user))
+            document.file.save(_safe_name(name), ContentFile(data), save=False)
+            document.save()
+            outcomes.append(UploadOutcome(name, "created", document))
+        _enqueue_ingest([o.document.pk for o in outcomes if o.status == "created"])
+    return outcomes
+
+
+def _rejected(name: str, size: int) -> UploadOutcome:
+    limit = settings.KNOWLEDGE_MAX_UPLOAD_BYTES
+    return UploadOutcome(name, "rejected", error_code="too_large",
+                         error_message=f"{size} bytes; the limit is {limit} bytes.")
+
+
+def _actor(user: User) -> AbstractBaseUser | None:
+    return user if getattr(user, "is_authenticated", False) else None
+
+
+def document_import(*, knowledge_base: KnowledgeBase, user: User | None, name: str, data: bytes,
+                    title: str = "") -> UploadOutcome:
+    """Create or update the document called `name` in the knowledge base (no task is enqueued).
+
+    Used by the ingest command, the demo and the evaluation: re-importing the same bytes under the
+    same name is `unchanged`, new bytes make a new version of the same document.
+    """
+    if len(data) > settings.KNOWLEDGE_MAX_UPLOAD_BYTES:
+        return _rejected(name, len(data))
+    sha = hashlib.sha256(data).hexdigest()
+    actor = _actor(user) if user is not None else None
+    with transaction.atomic():
+        document = (knowledge_base.documents.select_for_update()
+                    .filter(source_name=name[:500], deleted_at__isnull=True).order_by("id").first())
+        if document is not None and document.sha256 == sha and document.file:
+            if title and document.title != title:
+                Document.objects.filter(pk=document.pk).update(title=title[:300])
+            return UploadOutcome(name, "unchanged", document)
+        status = "updated" if document is not None else "created"
+        old_file = document.file.name if document is not None and document.file else ""
+        if document is None:
+            document = Document(knowledge_base=knowledge_base, source_name=name[:500], created_by=actor)
+        else:
+            document.version += 1
+        document.title = title[:300] or document.title
+        document.sha256, document.size_bytes, document.updated_by = sha, len(data), actor
+        document.status, document.error_code, document.error_message = Document.Status.PENDING, "", ""
+        document.file.save(_safe_name(name), ContentFile(data), save=False)
+        document.save()
+        if old_file:
+            transaction.on_commit(lambda: _remove_artifacts([old_file], None))
+    return UploadOutcome(name, status, document)
+
+
+def document_save(*, document: Document, user: User, content_changed: bool) -> Document:
+    """Save an editor's create or edit (the admin form); a content change makes a new version and is ingested."""
+    _require_edit(user, document.knowledge_base)
+    if not document.file and not document.source_url:
+        raise ApplicationError("no_content", "A document needs an uploaded file or a source URL.")
+    creating = document.pk is None
+    if content_changed and document.file:
+        upload = document.file
+        size = upload.size
+        upload_size_validate(size=size, name=upload.name)
+        upload.open("rb")
+        upload.seek(0)
+        digest = hashlib.sha256()
+        for block in iter(lambda: upload.read(_READ_BLOCK), b""):
+            digest.update(block)
+        upload.seek(0)
+        document.sha256, document.size_bytes = digest.hexdigest(), size
+        if not document.source_name:
+            document.source_name = _safe_name(upload.name)
+    elif content_changed:
+        document.sha256, document.size_bytes = "", 0
+        document.source_name = document.source_name or document.source_url[:500]
+    if content_changed:
+        if not creating:
+            document.version += 1
+        document.status, document.error_code, document.error_message = Document.Status.PENDING, "", ""
+    if creating:
+        document.created_by = _actor(user)
+    document.updated_by = _actor(user)
+    with transaction.atomic():
+        document.save()
+        if content_changed:
+            _enqueue_ingest([document.pk])
+    return document
+
+
+def document_reindex(*, documents: Iterable[Document], user: User) -> int:
+    """Re-ingest documents even if unchanged (e.g. after a parser upgrade). Returns how many were queued."""
+    ids = []
+    for document in documents:
+        _require_edit(user, document.knowledge_base)
+        if document.deleted_at is None:
+            ids.append(document.pk)
+    with transaction.atomic():
+        Document.objects.filter(pk__in=ids).update(status=Document.Status.PENDING, error_code="", error_message="")
+        _enqueue_ingest(ids, force=True)
+    return len(ids)
+
+
+def document_delete(*, document: Document, user: User) -> None:
+    """Hide the document from search at once; the delete task purges it and rebuilds the index."""
+    _require_edit(user, document.knowledge_base)
+    if document.deleted_at is not None:
+        return
+    with transaction.atomic():
+        Document.objects.filter(pk=document.pk, deleted_at__isnull=True).update(
+            deleted_at=timezone.now(), updated_by=_actor(user))
+        transaction.on_commit(lambda: _tasks().delete_document.delay(document.pk))
+    document.deleted_at = timezone.now()
+
+
+def document_purge(*, document_id: int) -> bool:
+    """Remove a (soft-)deleted document, its chunks and file, then rebuild its index. Idempotent."""
+    with transaction.atomic():
+        document = Document.objects.select_for_update().filter(pk=document_id).first()
+        if document is None:
+            return False
+        kb_id, file_name = document.knowledge_base_id, document.file.name if document.file else ""
+        document.delete()
+        KnowledgeBase.objects.filter(pk=kb_id).update(content_revision=F("content_revision") + 1)
+        transaction.on_commit(lambda: _remove_artifacts([file_name] if file_name else [], None))
+        index_rebuild_enqueue(kb_id)
+    return True
+
+
+def _tasks():
+    from . import tasks
+
+    return tasks
+
+
+def _enqueue_ingest(document_ids: Sequence[int], *, force: bool = False) -> None:
+    """After commit, one task per document: a worker never sees an uncommitted row."""
+    ids = list(document_ids)
+    if not ids:
+        return
+
+    def send() -> None:
+        task = _tasks().ingest_document
+        for document_id in ids:
+            task.delay(document_id, force=force)
+
+    transaction.on_commit(send)
+
+
+# ------------------------------------------------------------------------------------------
+# Ingestion
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IngestOutcome:
+    """`status`: ready, failed, unchanged (nothing to do) or skipped (deleted or changed meanwhile)."""
+
+    document_id: int
+    knowledge_base_id: int
+    status: str
+    name: str = ""
+    chunks: int = 0
+    encoded: int = 0
+    reused: int = 0
+    error_code: str = ""
+    error_message: str = ""
+
+    @property
+    def changed(self) -> bool:
+        return self.status in ("ready", "failed")
+
+
+@dataclass
+class _Prepared:
+    document: Document
+    seen_version: int
+    sha256: str
+    size: int
+    fingerprint: str
+    data: bytes = b""
+    parsed: ParsedDocument | None = None
+    specs: list[ChunkSpec] = field(default_factory=list)
+    error: tuple[str, str] | None = None
+
+
+def _fingerprint(sha: str, kb: KnowledgeBase, model_id: str) -> str:
+    raw = f"{PIPELINE_VERSION}|{sha}|{kb.chunk_tokens}|{kb.chunk_overlap}|{model_id}"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _source_filename(document: Document) -> str | None:
+    if document.source_name:
+        return PurePosixPath(document.source_name.replace("\\", "/")).name
+    if document.file:
+        return PurePosixPath(document.file.name).name
+    if document.source_url:
+        return PurePosixPath(urlsplit(document.source_url).path).name or None
+    return None
+
+
+def _document_bytes(document: Document) -> bytes:
+    limit = settings.KNOWLEDGE_MAX_UPLOAD_BYTES
+    if document.file:
+        try:
+            with document.file.open("rb") as handle:
+                return _read_limited(handle, limit)
+        except FileNotFoundError:
+            raise DocumentSourceError("file_missing", "The uploaded file is no longer in storage; upload it again.")
+    if document.source_url:
+        return _fetch(document.source_url, limit)
+    raise DocumentSourceError("no_content", "The document has neither a file nor a source URL.")
+
+
+def _fetch(url: str, limit: int) -> bytes:
+    import httpx
+
+    try:
+        with httpx.Client(timeout=settings.KNOWLEDGE_FETCH_TIMEOUT_SECONDS, follow_redirects=True) as client:
+            with client.stream("GET", url, headers={"User-Agent": "kotaemon-site/1.0"}) as response:
+                if response.status_code >= 500 or response.status_code == 429:
+                    raise TransientError(f"{url} answered {response.status_code}")
+                if response.status_code >= 400:
+                    raise DocumentSourceError("fetch_failed", f"The source URL answered HTTP {response.status_code}.")
+                chunks, total = [], 0
+                for block in response.iter_bytes():
+                    chunks.append(block)
+                    total += len(block)
+                    if total > limit:
+                        break
+                return b"".join(chunks)
+    except httpx.TransportError as exc:
+        raise TransientError(f"fetching the source URL failed: {type(exc).__name__}") from exc
+    except httpx.InvalidURL as exc:
+        raise DocumentSourceError("fetch_failed", f"The source URL is invalid: {exc}") from exc
+
+
+def document_ingest(*, document_id: int, force: bool = False) -> IngestOutcome | None:
+    """Ingest one document (the Celery task's body). Transient failures raise TransientError for a retry."""
+    outcomes = documents_ingest(document_ids=[document_id], force=force, raise_transient=True)
+    return outcomes[0] if outcomes else None
+
+
+def documents_ingest(*, document_ids: Sequence[int], force: bool = False, rebuild: bool = True,
+                     raise_transient: bool = False,
+                     on_progress: Callable[[list[IngestOutcome]], None] | None = None) -> list[IngestOutcome]:
+    """Parse, chunk and embed documents in batches, replacing their chunks. Never raises for bad input.
+
+    A document whose content, chunk settings and model are unchanged since its last successful
+    ingest is left alone (`unchanged`) unless `force`. Vectors are reused by (model, content hash),
+    so only text never seen before is encoded, in large batches across documents. With `rebuild`,
+    an index rebuild is enqueued after commit for every knowledge base that changed.
+    """
+    model = embedder()
+    outcomes: list[IngestOutcome] = []
+    ids = list(dict.fromkeys(document_ids))
+    for start in range(0, len(ids), INGEST_BATCH_DOCUMENTS):
+        batch = _ingest_batch(ids[start:start + INGEST_BATCH_DOCUMENTS], model, force, raise_transient)
+        outcomes.extend(batch)
+        for outcome in batch:
+            documents_ingested_total.labels(outcome=outcome.status).inc()
+        if on_progress is not None:
+            on_progress(batch)
+    if rebuild:
+        for kb_id in sorted({o.knowledge_base_id for o in outcomes if o.changed}):
+            index_rebuild_enqueue(kb_id)
+    return outcomes
+
+
+def _ingest_batch(ids: list[int], model, force: bool, raise_transient: bool) -> list[IngestOutcome]:
+    documents = {d.pk: d for d in Document.objects.select_related("knowledge_base").filter(pk__in=ids)}
+    outcomes: dict[int, IngestOutcome] = {}
+    prepared: list[_Prepared] = []
+    for document_id in ids:
+        document = documents.get(document_id)
+        if document is None or document.deleted_at is not None:
+            continue
+        item = _prepare(document, model, force, raise_transient)
+        if item is None:
+            outcomes[document_id] = IngestOutcome(document_id, document.knowledge_base_id, "unchanged",
+                                                  name=str(document))
+        else:
+            prepared.append(item)
+    Document.objects.filter(pk__in=[p.document.pk for p in prepared], status__in=["pending", "ready", "failed"]
+                            ).update(status=Document.Status.PROCESSING)
+    for item in prepared:
+        if item.error is None:
+            _parse_and_chunk(item, model)
+
+    specs = [spec for item in prepared for spec in item.specs]
+    vectors, encoded_hashes = vectors_for([s.text for s in specs], [s.content_hash for s in specs], model=model)
+    with transaction.atomic():
+        offset = 0
+        counted: set[str] = set()
+        for item in prepared:
+            item_vectors = vectors[offset:offset + len(item.specs)]
+            offset += len(item.specs)
+            new_hashes = {s.content_hash for s in item.specs} & (encoded_hashes - counted)
+            counted |= new_hashes
+            outcomes[item.document.pk] = _write(item, item_vectors, model.model_id, len(new_hashes))
+    return [outcomes[i] for i in ids if i in outcomes]
+
+
+def _prepare(document: Document, model, force: bool, raise_transient: bool) -> _Prepared | None:
+    kb = document.knowledge_base
+    try:
+        data = _document_bytes(document)
+    except TransientError as exc:
+        if raise_transient:
+            raise
+        return _Prepared(document, document.version, document.sha256, 0, "", error=("fetch_failed", str(exc)))
+    except DocumentSourceError as exc:
+        return _Prepared(document, document.version, document.sha256, 0, "", error=(exc.code, exc.message))
+    sha = hashlib.sha256(data).hexdigest()
+    fingerprint = _fingerprint(sha, kb, model.model_id)
+    if not force and document.status == Document.Status.READY and document.ingest_fingerprint == fingerprint:
+        return None
+    return _Prepared(document, document.version, sha, len(data), fingerprint, data=data)
+
+
+def _parse_and_chunk(item: _Prepared, model) -> None:
+    kb = item.document.knowledge_base
+    try:
+        item.parsed = parse(item.data, filename=_source_filename(item.document), limits=parse_limits())
+        item.specs = chunk_document(item.parsed, count_tokens=model.count_tokens, chunk_tokens=kb.chunk_tokens,
+                                    overlap_tokens=kb.chunk_overlap)
+    except IngestError as exc:
+        item.parsed, item.error = None, (exc.code, exc.message)
+    item.data = b""  # the bytes can be large; only the parsed text is kept
+
+
+def _write(item: _Prepared, vectors, model_id: str, encoded: int) -> IngestOutcome:
+    """Replace the document's chunks, unless it was deleted or re-uploaded while we worked."""
+    document = Document.objects.select_for_update().filter(pk=item.document.pk).first()
+    kb_id = item.document.knowledge_base_id
+    name = str(item.document)
+    if document is None or document.deleted_at is not None or document.version != item.seen_version:
+        return IngestOutcome(item.document.pk, kb_id, "skipped", name=name)
+    now = timezone.now()
+    superseded = Chunk.objects.filter(document=document, superseded_at__isnull=True).update(superseded_at=now)
+    document.sha256, document.ingested_at = item.sha256, now
+    document.size_bytes = item.size or document.size_bytes
+    if item.error is not None:
+        code, message = item.error
+        document.status, document.error_code, document.error_message = Document.Status.FAILED, code, message[:2000]
+        document.text, document.ingest_fingerprint, document.page_count = "", "", None
+        document.save()
+        if superseded:
+            KnowledgeBase.objects.filter(pk=kb_id).update(content_revision=F("content_revision") + 1)
+        return IngestOutcome(document.pk, kb_id, "failed", name=name, error_code=code, error_message=message)
+    parsed: ParsedDocument = item.parsed  # type: ignore[assignment]
+    Chunk.objects.bulk_create([
+        Chunk(document=document, position=spec.position, text=spec.text, page=spec.page,
+              heading_path=list(spec.heading_path), char_start=spec.char_start, char_end=spec.char_end,
+              token_count=spec.token_count, content_hash=spec.content_hash, embedding=vector_to_bytes(vector),
+              embedding_model=model_id)
+        for spec, vector in zip(item.specs, vectors)
+    ], batch_size=500)
+    document.status, document.error_code, document.error_message = Document.Status.READY, "", ""
+    document.text, document.detected_type, document.page_count = parsed.text, parsed.type, parsed.page_count
+    document.ingest_fingerprint = item.fingerprint
+    if not document.title:
+        document.title = (parsed.title or name)[:300]
+    document.save()
+    KnowledgeBase.objects.filter(pk=kb_id).update(content_revision=F("content_revision") + 1)
+    return IngestOutcome(document.pk, kb_id, "ready", name=document.title or name, chunks=len(item.specs),
+                         encoded=encoded, reused=len(item.specs) - encoded)
+
+
+def document_mark_failed(*, document_id: int, code: str, message: str) -> None:
+    """Last resort when a task gives up: the editor sees why instead of a document stuck in processing."""
+    Document.objects.filter(pk=document_id, status__in=["pending", "processing"]).update(
+        status=Document.Status.FAILED, error_code=code, error_message=message[:2000])
+
+
+# ------------------------------------------------------------------------------------------
+# Index versions
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IndexBuildResult:
+    """`status`: built (and active), unchanged, superseded (a newer version was already active) or missing."""
+
+    knowledge_base_id: int
+    status: str
+    version: int | None = None
+    chunk_count: int = 0
+    document_count: int = 0
+    encoded: int = 0
+    seconds: float = 0.0
+
+
+def index_rebuild_enqueue(knowledge_base_id: int, *, force: bool = False) -> None:
+    """After commit, a short delay lets a burst of ingests coalesce into one rebuild (the rest no-op)."""
+    delay = settings.KNOWLEDGE_REBUILD_DELAY_SECONDS
+    transaction.on_commit(lambda: _tasks().rebuild_index.apply_async(
+        args=[knowledge_base_id], kwargs={"force": force}, countdown=delay))
+
+
+def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildResult:
+    """Build a new index version from stored chunk vectors and activate it. Idempotent.
+
+    Without `force`, nothing is done when the active version already covers the knowledge base's
+    current content revision with the current model. Concurrent rebuilds get distinct versions from
+    the row-locked counter; activation never replaces a newer active version with an older one.
+    """
+    model = embedder()
+    kb = KnowledgeBase.objects.filter(pk=knowledge_base_id).first()
+    if kb is None:
+        return IndexBuildResult(knowledge_base_id, "missing")
+    active = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
+    if (not force and active is not None and active.source_revision == kb.content_revision
+            and active.embedding_model == model.model_id and Path(active.artifact_path).is_dir()):
+        return IndexBuildResult(kb.pk, "unchanged", active.version, active.chunk_count, active.document_count)
+
+    started = time.perf_counter()
+    with transaction.atomic():
+        kb = KnowledgeBase.objects.select_for_update().get(pk=kb.pk)
+        kb.last_index_version += 1
+        KnowledgeBase.objects.filter(pk=kb.pk).update(last_index_version=kb.last_index_version)
+        version = IndexVersion.objects.create(knowledge_base=kb, version=kb.last_index_version,
+                                              source_revision=kb.content_revision, embedding_model=model.model_id)
+    try:
+        ids, texts, vectors, document_count, encoded = _index_inputs(kb.pk, model)
+        path = write_index_version(
+            kb_index_root(kb.pk), version.version, ids=ids, vectors=vectors, texts=texts,
+            meta={"model_id": model.model_id, "knowledge_base": kb.pk, "slug": kb.slug,
+                  "source_revision": version.source_revision},
+            hnsw_threshold=settings.KNOWLEDGE_HNSW_THRESHOLD,
+        )
+        manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
+        version.artifact_path, version.dense_kind = str(path), manifest.get("dense_kind", "")
+        version.chunk_count, version.document_count, version.encoded_count = len(ids), document_count, encoded
+        version.build_seconds = time.perf_counter() - started
+        activated = _index_activate(version)
+    except Exception as exc:
+        IndexVersion.objects.filter(pk=version.pk).update(status=IndexVersion.Status.FAILED,
+                                                          error_message=f"{type(exc).__name__}: {exc}"[:2000])
+        index_builds_total.labels(outcome="failed").inc()
+        raise
+    seconds = time.perf_counter() - started
+    index_build_seconds.observe(seconds)
+    index_builds_total.labels(outcome="built" if activated else "superseded").inc()
+    index_versions_cleanup(knowledge_base_id=kb.pk)
+    return IndexBuildResult(kb.pk, "built" if activated else "superseded", version.version, len(ids),
+                            document_count, encoded, seconds)
+
+
+def _index_inputs(kb_id: int, model):
+    """Chunk ids, texts and vectors of every live chunk of ready documents, in id order.
+
+    Vectors come from storage; a chunk stored under another model (the model was changed) is
+    re-encoded once and its new vector stored, reusing any vector already known for its text.
+    """
+    import numpy as np
+
+    rows = list(
+        Chunk.objects.filter(document__knowledge_base_id=kb_id, document__status=Document.Status.READY,
+                             document__deleted_at__isnull=True, superseded_at__isnull=True)
+        .order_by("id").values_list("id", "text", "content_hash", "embedding", "embedding_model", "document_id")
+    )
+    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+    texts = [row[1] for row in rows]
+    vectors = np.zeros((len(rows), model.dim), dtype=np.float32)
+    stale: list[int] = []
+    for index, (_, _, _, data, model_id, _) in enumerate(rows):
+        if data is not None and model_id == model.model_id:
+            vectors[index] = vector_from_bytes(data)
+        else:
+            stale.append(index)
+    encoded = 0
+    if stale:
+        fresh, encoded_hashes = vectors_for([rows[i][1] for i in stale], [rows[i][2] for i in stale], model=model)
+        encoded = len(encoded_hashes)
+        vectors[stale] = fresh
+        updates = [Chunk(pk=rows[i][0], embedding=vector_to_bytes(fresh[n]), embedding_model=model.model_id)
+                   for n, i in enumerate(stale)]
+        Chunk.objects.bulk_update(updates, ["embedding", "embedding_model"], batch_size=500)
+    return ids, texts, vectors, len({row[5] for row in rows}), encoded
+
+
+def _index_activate(version: IndexVersion) -> bool:
+    """Make `version` the active one in one transaction; False if a newer version is already active."""
+    with transaction.atomic():
+        kb = KnowledgeBase.objects.select_for_update().get(pk=version.knowledge_base_id)
+        current = (IndexVersion.objects.select_for_update()
+                   .filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first())
+        now = timezone.now()
+        if current is not None and current.version > version.version:
+            version.status, version.retired_at = IndexVersion.Status.RETIRED, now
+            version.save()
+            return False
+        if current is not None:
+            current.status, current.retired_at = IndexVersion.Status.RETIRED, now
+            current.save(update_fields=["status", "retired_at"])
+        version.status, version.activated_at = IndexVersion.Status.ACTIVE, now
+        version.save()
+        publish_on_commit("knowledge_updated", {"knowledge_base": kb.pk, "slug": kb.slug, "version": version.version},
+                          version=version.version)
+    return True
+
+
+def index_versions_cleanup(*, knowledge_base_id: int | None = None, now=None) -> int:
+    """Delete what no instance can still be serving: retired versions and superseded chunks older than the
+    grace period, failed builds, and temporary directories of crashed writers. Returns versions removed."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.KNOWLEDGE_INDEX_GRACE_SECONDS)
+    versions = IndexVersion.objects.filter(artifact_removed_at__isnull=True)
+    if knowledge_base_id is not None:
+        versions = versions.filter(knowledge_base_id=knowledge_base_id)
+    # A build that outlived the task time limit died with its worker.
+    stuck_before = now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)
+    versions.filter(status=IndexVersion.Status.BUILDING, created_at__lt=stuck_before).update(
+        status=IndexVersion.Status.FAILED, error_message="The build did not finish (worker lost).")
+    removed = 0
+    for version in versions.filter(status__in=[IndexVersion.Status.RETIRED, IndexVersion.Status.FAILED]):
+        if version.status == IndexVersion.Status.RETIRED and (version.retired_at is None or version.retired_at > cutoff):
+            continue
+        delete_version(kb_index_root(version.knowledge_base_id), version.version)
+        IndexVersion.objects.filter(pk=version.pk).update(artifact_removed_at=now)
+        removed += 1
+    # A superseded chunk is only in versions built before it was superseded; once a later version has
+    # been active for the grace period, every instance has moved past them.
+    actives = IndexVersion.objects.filter(status=IndexVersion.Status.ACTIVE, activated_at__lt=cutoff)
+    if knowledge_base_id is not None:
+        actives = actives.filter(knowledge_base_id=knowledge_base_id)
+    for active in actives:
+        Chunk.objects.filter(document__knowledge_base_id=active.knowledge_base_id,
+                             superseded_at__lt=active.created_at).delete()
+        root = kb_index_root(active.knowledge_base_id)
+        remove_stale_tmp(root, older_than_s=float(settings.CELERY_TASK_TIME_LIMIT))
+    return removed
+
+
+@dataclass
+class FilesIngestReport:
+    outcomes: list[IngestOutcome]
+    build: IndexBuildResult | None
+    seconds: float
+
+    @property
+    def encoded(self) -> int:
+        return sum(o.encoded for o in self.outcomes)
+
+    @property
+    def reused(self) -> int:
+        return sum(o.reused for o in self.outcomes)
+
+    def counts(self) -> dict[str, int]:
+        counts = {status: 0 for status in ("ready", "unchanged", "failed", "rejected", "skipped")}
+        for outcome in self.outcomes:
+            counts[outcome.status] = counts.get(outcome.status, 0) + 1
+        return counts
+
+
+def files_ingest(*, knowledge_base: KnowledgeBase, files: Sequence[tuple[str, Path]], user: User | None = None,
+                 force: bool = False, on_progress: Callable[[int], None] | None = None) -> FilesIngestReport:
+    """Import files (by source name), ingest them synchronously and rebuild the index once.
+
+    Never aborts the batch: an unreadable or oversized file becomes a `rejected` outcome, a file
+    that cannot be parsed a `failed` one with its error code.
+    """
+    started = time.perf_counter()
+    outcomes: list[IngestOutcome] = []
+    document_ids: list[int] = []
+    for name, path in files:
+        try:
+            if path.stat().st_size > settings.KNOWLEDGE_MAX_UPLOAD_BYTES:
+                upload = _rejected(name, path.stat().st_size)
+            else:
+                upload = document_import(knowledge_base=knowledge_base, user=user, name=name, data=path.read_bytes())
+        except OSError as exc:
+            upload = UploadOutcome(name, "rejected", error_code="unreadable", error_message=exc.strerror or str(exc))
+        if upload.document is None:
+            outcomes.append(IngestOutcome(0, knowledge_base.pk, "rejected", name=name, error_code=upload.error_code,
+                                          error_message=upload.error_message))
+            if on_progress is not None:
+                on_progress(1)
+        else:
+            document_ids.append(upload.document.pk)
+    outcomes += documents_ingest(document_ids=document_ids, force=force, rebuild=False,
+                                 on_progress=lambda batch: on_progress(len(batch)) if on_progress else None)
+    build = index_rebuild(knowledge_base_id=knowledge_base.pk)
+    return FilesIngestReport(outcomes, build, time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------------------------
+# Demo knowledge base
+# ------------------------------------------------------------------------------------------
+
+DEMO_DATA_DIR = Path(__file__).resolve().parent / "demo_data"
+DEMO_SLUG = "handbook"
+
+
+def demo_knowledge_load(*, owner: AbstractBaseUser, stdout=None) -> dict[str, int]:
+    """Create (once) the public "handbook" knowledge base from demo_data/ and ingest it synchronously.
+
+    Idempotent: unchanged files are neither re-imported nor re-encoded, and the index is rebuilt
+    only when something changed.
+    """
+    kb, created = KnowledgeBase.objects.get_or_create(
+        slug=DEMO_SLUG,
+        defaults={"name": "Company handbook & user guide", "owner": owner, "is_public": True,
+                  "description": "Sample knowledge: policies of the fictional Northwind Outfitters and the "
+                                 "kotaemon-site user guide. Public: every user can search it."},
+    )
+    counts = {"created": 0, "updated": 0, "unchanged": 0, "rejected": 0}
+    document_ids = []
+    for path in sorted(p for p in DEMO_DATA_DIR.iterdir() if p.is_file() and not p.name.startswith((".", "_"))):
+        outcome = document_import(knowledge_base=kb, user=owner, name=path.name, data=path.read_bytes())
+        counts[outcome.status] += 1
+        if outcome.document is not None:
+            document_ids.append(outcome.document.pk)
+    results = documents_ingest(document_ids=document_ids, rebuild=False)
+    build = index_rebuild(knowledge_base_id=kb.pk)
+    failed = [r for r in results if r.status == "failed"]
+    summary = {**counts, "ingested": sum(r.status == "ready" for r in results), "failed": len(failed),
+               "encoded": sum(r.encoded for r in results), "index_version": build.version or 0}
+    if stdout is not None:
+        stdout.write(
+            f"Knowledge base '{kb.slug}' ({'created' if created else 'kept'}): {len(document_ids)} documents, "
+            f"{summary['ingested']} ingested, {summary['encoded']} chunks encoded, index v{summary['index_version']} "
+            f"({build.status})."
+        )
+        for result in failed:
+            stdout.write(f"  failed: {result.name}: {result.error_code}: {result.error_message}")
+    return summary
