@@ -169,6 +169,7 @@ class ClusterRuntime:
         self.heartbeat_ok = False
         self.heals = 0
         self._stopping = threading.Event()
+        self._beat_now = threading.Event()  # a state change (subscribed, ready) is published at once
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-events")
         self._reconcile_pending = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -189,6 +190,7 @@ class ClusterRuntime:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
+        self._beat_now.set()
         if self._loop is not None and self._layer is not None and self._channel is not None:
             try:  # wake the listener's receive() so it can leave the group cleanly
                 asyncio.run_coroutine_threadsafe(self._layer.send(self._channel, _STOP), self._loop).result(timeout)
@@ -196,6 +198,14 @@ class ClusterRuntime:
                 pass
         for thread in self._threads:
             thread.join(timeout)
+        from django.db import connections
+
+        # The events thread's database connection must not outlive the runtime (a test database, or a
+        # PostgreSQL server counting connections, would see it until the process exits).
+        try:
+            self._executor.submit(connections.close_all).result(timeout)
+        except Exception:
+            pass
         self._executor.shutdown(wait=False, cancel_futures=True)
         try:
             registry.deregister(self.instance_id)
@@ -257,6 +267,7 @@ class ClusterRuntime:
                 self._run_job(_warmups[name])
                 self.warm[name] = True
                 self.warmup_errors.pop(name, None)
+                self._beat_now.set()
             except Exception as exc:
                 self.warmup_errors[name] = f"{exc.__class__.__name__}: {exc}"[:200]
                 logger.warning("cluster warm-up %s failed; retrying", name, exc_info=True)
@@ -290,6 +301,14 @@ class ClusterRuntime:
 
     # threads -------------------------------------------------------------------------------------
     def _heartbeat_thread(self) -> None:
+        from django.db import connections
+
+        try:
+            self._heartbeat_loop()
+        finally:
+            connections.close_all()
+
+    def _heartbeat_loop(self) -> None:
         from django.db import close_old_connections
 
         interval = max(0.05, float(settings.CLUSTER_HEARTBEAT_SECONDS))
@@ -317,7 +336,9 @@ class ClusterRuntime:
                     self._executor.submit(self._reconcile_job)
                 except RuntimeError:  # executor shut down: we are stopping
                     return
-            self._stopping.wait(max(0.01, min(next_beat, next_reconcile) - time.monotonic()))
+            if self._beat_now.wait(max(0.01, min(next_beat, next_reconcile) - time.monotonic())):
+                self._beat_now.clear()
+                next_beat = 0.0
 
     def _listen_thread(self) -> None:
         loop = asyncio.new_event_loop()
@@ -343,6 +364,7 @@ class ClusterRuntime:
                 await layer.group_add(events.CLUSTER_GROUP, channel)
                 self._channel = channel
                 self.subscribed = True
+                self._beat_now.set()
                 backoff = 0.2
                 logger.info("cluster listener subscribed", extra={"channel": channel})
                 refresher = asyncio.ensure_future(self._refresh_membership(layer, channel, refresh))

@@ -282,6 +282,7 @@ class _Broadcaster:
         self._pid: int | None = None
         self._loop: Any = None
         self._layer: Any = None
+        self._config: str | None = None
 
     def _ensure(self):
         import asyncio
@@ -289,11 +290,14 @@ class _Broadcaster:
 
         from channels.layers import channel_layers
 
+        config = repr(settings.CHANNEL_LAYERS.get("default"))
         with self._lock:
             if self._pid != os.getpid() or self._loop is None or self._loop.is_closed():
                 loop = asyncio.new_event_loop()
                 threading.Thread(target=loop.run_forever, name="cluster-broadcast", daemon=True).start()
-                self._loop, self._layer, self._pid = loop, channel_layers.make_backend("default"), os.getpid()
+                self._loop, self._layer, self._pid = loop, None, os.getpid()
+            if self._layer is None or self._config != config:  # settings overridden (tests)
+                self._layer, self._config = channel_layers.make_backend("default"), config
             return self._loop, self._layer
 
     def send(self, message: dict[str, Any], timeout: float) -> None:

@@ -43,7 +43,7 @@ return 1
 
 _client_lock = threading.Lock()
 _client: Any = None
-_client_pid: int | None = None
+_client_key: tuple | None = None
 
 # Process-local stand-in (no Redis: one process is the whole cluster).
 _local_lock = threading.Lock()
@@ -69,18 +69,19 @@ def journal_key() -> str:
 
 def redis_client():
     """A redis-py client for REDIS_URL, one per process (re-created after fork), or None."""
-    global _client, _client_pid
+    global _client, _client_key
     if not settings.REDIS_URL:
         return None
+    key = (os.getpid(), settings.REDIS_URL)
     with _client_lock:
-        if _client is None or _client_pid != os.getpid():
+        if _client is None or _client_key != key:
             import redis
 
             _client = redis.Redis.from_url(
                 settings.REDIS_URL, socket_timeout=settings.REDIS_TIMEOUT,
                 socket_connect_timeout=settings.REDIS_TIMEOUT, health_check_interval=30,
             )
-            _client_pid = os.getpid()
+            _client_key = key
         return _client
 
 

@@ -1,0 +1,82 @@
+"""Shared pieces of the cluster tests: an isolated Redis namespace per test, and process helpers."""
+from __future__ import annotations
+
+import copy
+import uuid
+
+import pytest
+
+
+def namespace_settings(settings, redis_url: str | None) -> str:
+    """Give this test its own key prefix (registry, journal, channel layer): other test runs share the
+    Redis database, and their servers must not hear this test's events (nor this test theirs)."""
+    prefix = f"kt{uuid.uuid4().hex[:12]}"
+    settings.CACHE_KEY_PREFIX = prefix
+    if redis_url:
+        settings.REDIS_URL = redis_url
+        settings.CHANNEL_LAYERS = {"default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [{"address": redis_url, "socket_timeout": 15}], "prefix": f"{prefix}:asgi",
+                       "capacity": 1000, "expiry": 60},
+        }}
+    else:
+        settings.REDIS_URL = ""
+        settings.CHANNEL_LAYERS = copy.deepcopy({"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}})
+    return prefix
+
+
+def delete_namespace(redis_url: str, prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def redis_namespace(settings, redis_url):
+    """Registry, journal and channel layer on the real Redis, under a prefix only this test uses."""
+    prefix = namespace_settings(settings, redis_url)
+    yield prefix
+    delete_namespace(redis_url, prefix)
+
+
+@pytest.fixture
+def local_namespace(settings):
+    """The embedded default: no Redis, process-local registry and journal."""
+    from apps.core import registry
+
+    registry._reset_local_for_tests()
+    yield namespace_settings(settings, None)
+    registry._reset_local_for_tests()
+
+
+@pytest.fixture
+def isolated_namespace(settings):
+    """Redis when the run has REDIS_URL (production paths), else the local stand-in; isolated either way."""
+    from apps.core import registry
+
+    url = settings.REDIS_URL
+    registry._reset_local_for_tests()
+    prefix = namespace_settings(settings, url or None)
+    yield prefix
+    if url:
+        delete_namespace(url, prefix)
+    registry._reset_local_for_tests()
+
+
+@pytest.fixture(params=["local", "redis"])
+def both_namespaces(request, settings):
+    """Each test runs once on the process-local stand-in and once on the real Redis."""
+    from apps.core import registry
+
+    registry._reset_local_for_tests()
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        prefix = namespace_settings(settings, url)
+        yield prefix
+        delete_namespace(url, prefix)
+    else:
+        yield namespace_settings(settings, None)
+    registry._reset_local_for_tests()
