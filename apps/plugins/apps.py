@@ -4,4 +4,15 @@ from django.apps import AppConfig
 class PluginsConfig(AppConfig):
     name = "apps.plugins"
     label = "plugins"
+    verbose_name = "Plugins"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Nothing here starts a process or imports plugin code: workers start on first use.
+        from apps.conversations.hooks import register_turn_hook
+
+        from . import metrics  # noqa: F401  (registers the plugin metrics)
+        from .services import plugins_turn_hook, register_event_handlers
+
+        register_event_handlers()
+        register_turn_hook(plugins_turn_hook)

@@ -1,0 +1,187 @@
+"""Finding plugin classes: built-ins, dotted paths from settings, the `kotaemon_site.plugins` entry-point
+group, and modules in the plugins directory. Django-free: runs only inside sandbox worker processes,
+so a module that fails to import (or crashes the interpreter) is reported and skipped, never taking
+the web process down.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from .base import BasePlugin
+
+ENTRY_POINT_GROUP = "kotaemon_site.plugins"
+BUILTIN_MODULES = (
+    "apps.plugins.builtin.order_query",
+    "apps.plugins.builtin.ticket_create",
+    "apps.plugins.builtin.http_api",
+)
+LOCAL_PACKAGE = "kotaemon_plugins_local"
+
+
+@dataclass
+class Found:
+    cls: type[BasePlugin]
+    source: str   # builtin | setting | entry_point | dir
+    ref: str      # what load_plugin_class needs to find it again
+
+    def describe(self) -> dict:
+        return self.cls.describe() | {"source": self.source, "ref": self.ref}
+
+
+@dataclass
+class LoadError:
+    source: str
+    ref: str
+    error: str
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "ref": self.ref, "error": self.error}
+
+
+def _error_text(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"[:1000]
+
+
+def _plugin_classes(obj: object, module_name: str | None = None) -> list[type[BasePlugin]]:
+    if inspect.isclass(obj):
+        if not issubclass(obj, BasePlugin):
+            raise TypeError(f"{obj!r} is not a BasePlugin subclass")
+        return [obj]
+    if isinstance(obj, ModuleType):
+        found = [c for _, c in inspect.getmembers(obj, inspect.isclass)
+                 if issubclass(c, BasePlugin) and c is not BasePlugin and c.__module__ == obj.__name__
+                 and getattr(c, "name", "")]
+        return sorted(found, key=lambda c: c.name)
+    raise TypeError(f"{obj!r} is neither a module nor a plugin class")
+
+
+def _import_dotted(path: str) -> object:
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError as exc:
+        module_path, _, attr = path.rpartition(".")
+        if not module_path or exc.name not in (path,):
+            raise
+        return getattr(importlib.import_module(module_path), attr)
+
+
+def _local_package() -> None:
+    if LOCAL_PACKAGE not in sys.modules:
+        pkg = ModuleType(LOCAL_PACKAGE)
+        pkg.__path__ = []  # namespace-like: submodules are loaded from explicit file locations
+        sys.modules[LOCAL_PACKAGE] = pkg
+
+
+def import_local_file(path: Path) -> ModuleType:
+    """Import one module (file.py or package dir) from the plugins directory under a private name."""
+    _local_package()
+    name = f"{LOCAL_PACKAGE}.{path.stem if path.is_file() else path.name}"
+    if path.is_dir():
+        spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
+                                                      submodule_search_locations=[str(path)])
+    else:
+        spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def local_candidates(plugins_dir: Path | str | None) -> list[Path]:
+    if not plugins_dir:
+        return []
+    root = Path(plugins_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(("_", ".")):
+            continue
+        if entry.is_file() and entry.suffix == ".py":
+            out.append(entry)
+        elif entry.is_dir() and (entry / "__init__.py").is_file():
+            out.append(entry)
+    return out
+
+
+def discover(*, plugins_dir: str | None, dotted_paths: list[str], entry_points: bool = True,
+             builtins: bool = True) -> tuple[list[Found], list[LoadError]]:
+    """Every plugin class that can be found, first-found wins on a name clash (reported as an error)."""
+    found: list[Found] = []
+    errors: list[LoadError] = []
+    names: dict[str, Found] = {}
+
+    def add(source: str, ref: str, loader) -> None:
+        try:
+            classes = _plugin_classes(*loader())
+            for cls in classes:
+                cls.validate_class()
+        except BaseException as exc:  # noqa: BLE001 - any import-time failure is a load error, even SystemExit
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            errors.append(LoadError(source, ref, _error_text(exc)))
+            return
+        if not classes:
+            errors.append(LoadError(source, ref, "no plugin class found (subclass BasePlugin and set `name`)"))
+        for cls in classes:
+            if cls.name in names:
+                other = names[cls.name]
+                errors.append(LoadError(source, ref, f"plugin name {cls.name!r} is already provided by "
+                                                     f"{other.source} {other.ref}; skipped"))
+                continue
+            item = Found(cls, source, ref)
+            names[cls.name] = item
+            found.append(item)
+
+    if builtins:
+        for module in BUILTIN_MODULES:
+            add("builtin", module, lambda m=module: (importlib.import_module(m),))
+    for path in dotted_paths:
+        add("setting", path, lambda p=path: (_import_dotted(p),))
+    if entry_points:
+        try:
+            eps = list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+        except Exception as exc:  # noqa: BLE001 - broken distribution metadata must not stop discovery
+            eps = []
+            errors.append(LoadError("entry_point", ENTRY_POINT_GROUP, _error_text(exc)))
+        for ep in eps:
+            add("entry_point", ep.name, lambda e=ep: (e.load(),))
+    for path in local_candidates(plugins_dir):
+        add("dir", str(path), lambda p=path: (import_local_file(p),))
+    return found, errors
+
+
+def load_plugin_class(source: str, ref: str, name: str) -> type[BasePlugin]:
+    """Import only what one plugin needs (per-plugin workers never import the others)."""
+    if source == "builtin" or source == "setting":
+        obj = importlib.import_module(ref) if source == "builtin" else _import_dotted(ref)
+    elif source == "entry_point":
+        matches = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == ref]
+        if not matches:
+            raise LookupError(f"entry point {ref!r} is no longer installed")
+        obj = matches[0].load()
+    elif source == "dir":
+        obj = import_local_file(Path(ref))
+    else:
+        raise LookupError(f"unknown plugin source {source!r}")
+    for cls in _plugin_classes(obj):
+        if cls.name == name:
+            cls.validate_class()
+            return cls
+    raise LookupError(f"{source} {ref} no longer provides a plugin named {name!r}")

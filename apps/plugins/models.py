@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.db import models
+
+
+class PluginRegistryState(models.Model):
+    """One row. `version` rises on every plugin change (the cluster-wide plugin config version);
+    `discovery_version` rises when modules must be discovered again (manage.py plugins reload)."""
+
+    version = models.PositiveBigIntegerField(default=0)
+    discovery_version = models.PositiveBigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "plugin registry state"
+
+
+class PluginConfig(models.Model):
+    """The administrator's settings for one plugin. Rows override the plugin's schema defaults.
+
+    Plugins start disabled. Secret config fields are stored encrypted in `secrets_encrypted` and are
+    never shown back. An empty `allowed_groups` means every signed-in user may trigger the plugin.
+    """
+
+    name = models.CharField(max_length=64, unique=True)
+    enabled = models.BooleanField(default=False)
+    config = models.JSONField(default=dict, blank=True)
+    secrets_encrypted = models.TextField(blank=True, default="")
+    allowed_groups = models.ManyToManyField(Group, blank=True, related_name="+",
+                                            help_text="Only members of these groups trigger the plugin. "
+                                                      "Empty: every signed-in user.")
+    allowed_hosts = models.JSONField(default=list, blank=True,
+                                     help_text="Extra hosts the plugin's HTTP client may call "
+                                               "(host, host:port or *.domain), besides hosts of URL settings.")
+    timeout_seconds = models.FloatField(null=True, blank=True,
+                                        help_text="Wall-clock limit per call; empty: PLUGIN_TIMEOUT_SECONDS.")
+    version = models.PositiveIntegerField(default=1)
+    updated_at = models.DateTimeField(auto_now=True)
+    updated_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "plugin"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class PluginInvocation(models.Model):
+    OUTCOMES = [("ok", "ok"), ("error", "error"), ("timeout", "timeout"), ("denied", "denied")]
+
+    plugin = models.CharField(max_length=64)
+    stage = models.CharField(max_length=32)
+    intent = models.CharField(max_length=64, blank=True, default="")
+    outcome = models.CharField(max_length=16, choices=OUTCOMES)
+    error_code = models.CharField(max_length=64, blank=True, default="")
+    error_message = models.CharField(max_length=500, blank=True, default="")
+    duration_ms = models.FloatField(default=0.0)
+    confidence = models.FloatField(null=True, blank=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="+")
+    conversation_id = models.BigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["plugin", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.plugin} {self.stage} {self.outcome}"
+
+
+class Ticket(models.Model):
+    """A support ticket opened by the ticket_create plugin: the conversation handed to a human."""
+
+    STATUSES = [("open", "open"), ("in_progress", "in progress"), ("resolved", "resolved"), ("closed", "closed")]
+    PRIORITIES = [("low", "low"), ("normal", "normal"), ("high", "high"), ("urgent", "urgent")]
+
+    number = models.CharField(max_length=20, unique=True, null=True, blank=True, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="support_tickets")
+    subject = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    transcript = models.JSONField(default=list, blank=True)
+    status = models.CharField(max_length=16, choices=STATUSES, default="open")
+    priority = models.CharField(max_length=16, choices=PRIORITIES, default="normal")
+    assignee = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                 related_name="assigned_support_tickets", limit_choices_to={"is_staff": True})
+    conversation_id = models.BigIntegerField(null=True, blank=True)
+    session_id = models.CharField(max_length=100, blank=True, default="")
+    source_plugin = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "support ticket"
+
+    def __str__(self) -> str:
+        return f"{self.number or 'T-?'} {self.subject}"
