@@ -309,6 +309,17 @@ PLUGINS_DIR = Path(env("PLUGINS_DIR", default=str(BASE_DIR / "plugins_local")))
 PLUGINS = env.list("PLUGINS", default=[])  # dotted paths of extra plugin classes
 PLUGIN_TIMEOUT_SECONDS = env.float("PLUGIN_TIMEOUT_SECONDS", default=5.0)
 PLUGIN_MEMORY_LIMIT_MB = env.int("PLUGIN_MEMORY_LIMIT_MB", default=512)
+PLUGIN_WORKERS_PER_PLUGIN = env.int("PLUGIN_WORKERS_PER_PLUGIN", default=2)  # warm sandbox processes per plugin
+PLUGIN_START_TIMEOUT_SECONDS = env.float("PLUGIN_START_TIMEOUT_SECONDS", default=15.0)
+PLUGIN_ENTRY_POINTS = env.bool("PLUGIN_ENTRY_POINTS", default=True)  # the `kotaemon_site.plugins` group
+PLUGIN_VERSION_CHECK_SECONDS = env.float("PLUGIN_VERSION_CHECK_SECONDS", default=3.0)  # heals missed events
+PLUGIN_STORAGE_TTL_SECONDS = env.int("PLUGIN_STORAGE_TTL_SECONDS", default=30 * 24 * 3600)
+PLUGIN_STATS_WINDOW_DAYS = env.int("PLUGIN_STATS_WINDOW_DAYS", default=7)
+# Intent router (tuned on tests/plugins/data/router_dev.json; see docs/plugins.md).
+PLUGIN_ROUTER_THRESHOLD = env.float("PLUGIN_ROUTER_THRESHOLD", default=0.40)
+PLUGIN_ROUTER_MARGIN = env.float("PLUGIN_ROUTER_MARGIN", default=0.03)
+PLUGIN_ROUTER_TOP_K = env.int("PLUGIN_ROUTER_TOP_K", default=2)
+PLUGIN_ROUTER_KEYWORD_BONUS = env.float("PLUGIN_ROUTER_KEYWORD_BONUS", default=0.15)
 
 # --- Monitoring (apps/monitoring) -------------------------------------------------------
 # When set, /metrics requires `Authorization: Bearer <METRICS_TOKEN>` (Prometheus: authorization.credentials).
