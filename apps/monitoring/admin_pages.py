@@ -1,0 +1,83 @@
+"""The operations dashboard page of the admin console (/admin/dashboard/), staff only.
+
+There is no model behind it, so it is added to the default admin site's URLs and index (as the
+cluster page is, apps/core/cluster_admin.py); admin_view() gives it the admin's staff-only login.
+"""
+from __future__ import annotations
+
+from django.contrib import admin
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+
+from apps.core.errors import ApplicationError
+
+from . import charts
+from .dashboard import dashboard_build
+
+PERIODS = (7, 30, 90)
+
+
+def dashboard_view(request):
+    try:
+        board = dashboard_build(user=request.user, days=request.GET.get("days"))
+    except ApplicationError as exc:
+        context = {**admin.site.each_context(request), "title": "Operations dashboard", "error": exc.message,
+                   "periods": PERIODS}
+        return TemplateResponse(request, "monitoring/dashboard.html", context, status=exc.status_code)
+    labels = board.day_labels
+    green, red, blue, orange = "#5b9a68", "#c0392b", charts.PALETTE[0], charts.PALETTE[1]
+    chart = {
+        "answers": charts.stacked_bar_chart(labels, [
+            ("answered with sources", blue, [a - u for a, u in zip(board.answers, board.unanswered_per_day)]),
+            ("no relevant source", orange, board.unanswered_per_day),
+        ], title="Answers per day"),
+        "feedback": charts.stacked_bar_chart(labels, [
+            ("helpful", green, board.feedback_up), ("not helpful", red, board.feedback_down),
+        ], title="Feedback per day"),
+        "latency": charts.line_chart(labels, [
+            ("p50", blue, board.latency_p50), ("p95", red, board.latency_p95),
+        ], title="Answer latency per day (ms)", unit=" ms"),
+        "tokens": charts.stacked_bar_chart(labels, [
+            ("prompt", blue, board.prompt_tokens), ("completion", orange, board.completion_tokens),
+        ], title="Tokens per day"),
+        "retrieval": charts.stacked_bar_chart([r["mode"] for r in board.retrieval], [
+            ("p50", blue, [r["p50_ms"] for r in board.retrieval]),
+            ("p95 - p50", "#9cc3d5", [max(0.0, r["p95_ms"] - r["p50_ms"]) for r in board.retrieval]),
+        ], title="Retrieval latency by mode (ms), this instance", unit=" ms", height=200),
+        "plugins": charts.rate_bars([(p["plugin"], p["rate"], f"{p['failures']}/{p['calls']}") for p in board.plugins],
+                                    title="Plugin failure rate", good_high=False),
+        "session": charts.rate_bars([(s["tier"], s["rate"], f"{s['hits']}/{s['hits'] + s['misses']}")
+                                     for s in board.session_store], title="Session store hit rate by tier"),
+    }
+    totals = board.totals
+    if totals["feedback_up_rate"] is not None:
+        chart["feedback_rate"] = charts.rate_bars([
+            ("helpful", totals["feedback_up_rate"], f"{totals['feedback_up']} up"),
+            ("not helpful", 1 - totals["feedback_up_rate"], f"{totals['feedback_down']} down"),
+        ], title="Feedback up/down rate")
+    context = {**admin.site.each_context(request), "title": "Operations dashboard", "board": board,
+               "totals": totals, "chart": chart, "periods": PERIODS}
+    return TemplateResponse(request, "monitoring/dashboard.html", context)
+
+
+def install(site: admin.AdminSite = admin.site) -> None:
+    if getattr(site, "_dashboard_page_installed", False):
+        return
+    site._dashboard_page_installed = True
+    original_urls, original_app_list = site.get_urls, site.get_app_list
+
+    def get_urls():
+        return [path("dashboard/", site.admin_view(dashboard_view), name="operations-dashboard")] + original_urls()
+
+    def get_app_list(request, app_label=None):
+        app_list = original_app_list(request, app_label)
+        if app_label in (None, "operations") and request.user.is_active and request.user.is_staff:
+            url = reverse(f"{site.name}:operations-dashboard")
+            app_list.insert(0, {"name": "Operations", "app_label": "operations", "app_url": url,
+                                "has_module_perms": True,
+                                "models": [{"name": "Dashboard", "object_name": "Dashboard", "admin_url": url,
+                                            "add_url": None, "view_only": True, "perms": {"view": True}}]})
+        return app_list
+
+    site.get_urls = get_urls
+    site.get_app_list = get_app_list
