@@ -180,6 +180,11 @@ class Embedder:
     def encode_query(self, text: str) -> np.ndarray:
         return self.encode([text])[0]
 
+    @property
+    def model(self) -> Any:
+        """The loaded ``SentenceTransformer`` (loads it on first access)."""
+        return self._loaded_model()
+
     def warm_up(self) -> None:
         """Load the model and run one tiny batch (first-call allocations happen here, not in a request)."""
         self.encode(["warm up"])

@@ -394,7 +394,7 @@ def _parse_markdown(data: bytes, filename: str | None, limits: ParseLimits) -> P
                 title = title or (text if level == 1 else "")
             i += 3
             continue
-        end = _md_matching_close(tokens, i) if token.nesting == 1 else i
+        end = _md_block_end(tokens, i)
         block = _md_block(tokens, i, end)
         if block is not None:
             block.heading_path = headings.path
@@ -420,6 +420,17 @@ def _md_block(tokens: list, start: int, end: int) -> Block | None:
     if token.type == "html_block":
         return Block(_inline(_html_fragment_text(token.content)), "paragraph")
     return None
+
+
+def _md_block_end(tokens: list, start: int) -> int:
+    """Index of the last token of the block opened at ``start`` (only lists and tables are
+    consumed whole; other containers such as blockquotes are walked into)."""
+    token = tokens[start]
+    if token.type in ("bullet_list_open", "ordered_list_open", "table_open"):
+        return _md_matching_close(tokens, start)
+    if token.type == "paragraph_open":
+        return start + 2
+    return start
 
 
 def _md_matching_close(tokens: list, start: int) -> int:
