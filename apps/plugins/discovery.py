@@ -121,13 +121,22 @@ def local_candidates(plugins_dir: Path | str | None) -> list[Path]:
 
 
 def discover(*, plugins_dir: str | None, dotted_paths: list[str], entry_points: bool = True,
-             builtins: bool = True) -> tuple[list[Found], list[LoadError]]:
-    """Every plugin class that can be found, first-found wins on a name clash (reported as an error)."""
+             builtins: bool = True, skip: set[str] | frozenset[str] = frozenset(),
+             on_import=None) -> tuple[list[Found], list[LoadError]]:
+    """Every plugin class that can be found, first-found wins on a name clash (reported as an error).
+
+    `on_import(source, ref)` is called before each import, so a supervisor can tell which module hung;
+    refs in `skip` are not imported (they hung last time).
+    """
     found: list[Found] = []
     errors: list[LoadError] = []
     names: dict[str, Found] = {}
 
     def add(source: str, ref: str, loader) -> None:
+        if ref in skip:
+            return
+        if on_import is not None:
+            on_import(source, ref)
         try:
             classes = _plugin_classes(*loader())
             for cls in classes:

@@ -126,8 +126,10 @@ class IntentRouter:
         for handlers in self.handlers.values():
             handlers.sort(key=lambda s: (-s.priority, s.plugin))
         none = [e for e in none_examples if e.strip()]
-        if none and self.handlers:
+        # Anchors only matter against example-based intents; keyword-only routers never embed.
+        if none and any(examples.values()):
             examples[NONE] = none
+        self._example_free = {i for i in self.handlers if not examples.get(i)}
         self._labels: list[str] = []
         texts: list[str] = []
         for intent, items in examples.items():
@@ -136,7 +138,7 @@ class IntentRouter:
             self._labels.extend([intent] * len(items))
         self._texts = texts
         self._matrix: np.ndarray | None = None
-        self._label_index = {label: np.array([i for i, l in enumerate(self._labels) if l == label])
+        self._label_index = {label: np.array([i for i, lab in enumerate(self._labels) if lab == label])
                              for label in set(self._labels)}
 
     @property
@@ -175,8 +177,12 @@ class IntentRouter:
             matched, found = extract_slots(patterns, message)
             if matched:
                 keyword_hits.add(intent)
-                scores[intent] = min(1.0, scores.get(intent, 0.0) + self.keyword_bonus)
+                # An intent with no examples is recognised by its patterns alone.
+                bonus = 1.0 if intent in self._example_free else self.keyword_bonus
+                scores[intent] = min(1.0, scores.get(intent, 0.0) + bonus)
                 slots[intent] = found
+        if not scores:
+            return RouteDecision(None, 0.0, reason="below_threshold")
         ranked = sorted(scores.items(), key=lambda kv: -kv[1])
         best_label, best = ranked[0]
         runner_up = ranked[1][1] if len(ranked) > 1 else 0.0

@@ -45,6 +45,7 @@ class RuntimeOptions:
     entry_points: bool = True
     builtins: bool = True
     python: str = sys.executable
+    sys_path: tuple[str, ...] = ()   # extra import paths for workers (e.g. a `pip install --target` dir)
     on_spawn: Callable[[str], None] | None = field(default=None, compare=False, hash=False)
 
 
@@ -107,7 +108,8 @@ class WorkerProcess:
             stderr=None, cwd=self.tmp_dir, env=_child_env(self.tmp_dir), close_fds=True,
         )
         self.started = time.monotonic()
-        init = dict(init, memory_limit_mb=options.memory_limit_mb, denied_paths=list(options.denied_paths))
+        init = dict(init, memory_limit_mb=options.memory_limit_mb, denied_paths=list(options.denied_paths),
+                    sys_path=list(options.sys_path))
         write_frame(self.proc.stdin, init)
 
     @property
@@ -350,6 +352,7 @@ class Catalogue:
 
 
 _runtimes: "weakref.WeakSet[PluginRuntime]" = weakref.WeakSet()
+_generations = iter(range(1, 1 << 62))
 
 
 class PluginRuntime:
@@ -357,23 +360,44 @@ class PluginRuntime:
         self.options = options
         self.pools: dict[str, PluginPool] = {}
         self.lock = threading.Lock()
+        self.generation = next(_generations)
         _runtimes.add(self)
 
     def discover(self) -> Catalogue:
-        """Import every plugin in a throwaway worker and describe them (the web process imports none)."""
-        worker = WorkerProcess({"mode": "discover", "plugins_dir": self.options.plugins_dir,
-                                "dotted_paths": list(self.options.dotted_paths),
-                                "entry_points": self.options.entry_points, "builtins": self.options.builtins},
-                               self.options)
-        try:
-            frame = worker.read(time.monotonic() + self.options.start_timeout * 2)
-        except WorkerLost as exc:
-            return Catalogue({}, [{"source": "discovery", "ref": str(self.options.plugins_dir),
-                                   "error": f"plugin discovery failed: {exc.message}"}], time.time())
-        finally:
-            worker.kill()
-        plugins = {p["name"]: p for p in frame.get("plugins", [])}
-        return Catalogue(plugins, list(frame.get("errors", [])), time.time())
+        """Import every plugin in a throwaway worker and describe them (the web process imports none).
+
+        A module whose import hangs past start_timeout is reported as a load error and discovery runs
+        again without it, so one bad module never hides the others.
+        """
+        skip: list[str] = []
+        hung: list[dict[str, str]] = []
+        for _ in range(20):
+            worker = WorkerProcess({"mode": "discover", "plugins_dir": self.options.plugins_dir,
+                                    "dotted_paths": list(self.options.dotted_paths), "skip": skip,
+                                    "entry_points": self.options.entry_points, "builtins": self.options.builtins},
+                                   self.options)
+            current: dict[str, str] | None = None
+            try:
+                while True:
+                    frame = worker.read(time.monotonic() + self.options.start_timeout)
+                    if frame.get("op") == "importing":
+                        current = {"source": frame.get("source", ""), "ref": frame.get("ref", "")}
+                        continue
+                    break
+            except WorkerLost as exc:
+                if current is None:
+                    return Catalogue({}, hung + [{"source": "discovery", "ref": str(self.options.plugins_dir),
+                                                  "error": f"plugin discovery failed: {exc.message}"}], time.time())
+                what = "did not finish importing within" if exc.outcome == "timeout" else "crashed the interpreter in"
+                hung.append(current | {"error": f"import {what} {self.options.start_timeout}s"
+                                                if exc.outcome == "timeout" else f"import {what} ({exc.message})"})
+                skip.append(current["ref"])
+                continue
+            finally:
+                worker.kill()
+            plugins = {p["name"]: p for p in frame.get("plugins", [])}
+            return Catalogue(plugins, hung + list(frame.get("errors", [])), time.time())
+        return Catalogue({}, hung, time.time())
 
     def pool(self, spec: PluginSpec) -> PluginPool:
         with self.lock:

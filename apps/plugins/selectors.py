@@ -11,7 +11,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from .models import PluginInvocation, Ticket
-from .services import plugins_snapshot, plugins_sync
+from .services import ensure_plugin_admin, plugins_snapshot, plugins_sync
 
 # Enough rows for a stable p95 per plugin without loading a busy week into memory.
 STATS_MAX_ROWS = 200_000
@@ -36,6 +36,16 @@ def plugin_list() -> dict[str, Any]:
             "problems": view.problems, "config_version": view.version, "timeout_seconds": view.timeout,
         })
     return {"version": snap.version, "plugins": items, "load_errors": snap.load_errors}
+
+
+def plugin_list_for(*, user: AbstractBaseUser) -> dict[str, Any]:
+    ensure_plugin_admin(user)
+    return plugin_list()
+
+
+def invocation_stats_for(*, user: AbstractBaseUser, days: int | None = None) -> list[dict[str, Any]]:
+    ensure_plugin_admin(user)
+    return invocation_stats(days=days)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -76,3 +86,57 @@ def tickets_for(*, user: AbstractBaseUser) -> QuerySet[Ticket]:
     """A user's own tickets; staff see all."""
     qs = Ticket.objects.select_related("user", "assignee")
     return qs if user.is_staff else qs.filter(user=user)
+
+
+NEAR_DUPLICATE = 0.85
+
+
+def evaluation_router(*, include_all_installed: bool = True):
+    """The router the evaluation measures: every installed plugin's fixed intents (enabled or not) plus
+    the admin-configured intents of enabled plugins, with the production thresholds."""
+    from .services import build_router
+
+    snap = plugins_snapshot(need_catalogue=True)
+    intents = []
+    for view in snap.plugins.values():
+        if view.meta is None:
+            continue
+        for spec in view.intents():
+            configurable = any(h.get("configurable") and h["method"] == spec.method for h in view.hooks("intent"))
+            if view.active or (include_all_installed and not configurable):
+                intents.append(spec)
+    return build_router(intents)
+
+
+def router_evaluation(labelled: dict[str, list[str]]) -> dict[str, Any]:
+    """Accuracy of the intent router on labelled utterances ({intent or "none": [...]}).
+
+    Also reports how many utterances are near-duplicates (cosine > 0.85) of an example or anchor, and
+    the accuracy without them, so a held-out set that leans on copies of the examples is visible.
+    """
+    import numpy as np
+
+    from .router import evaluate
+
+    labelled = {k: v for k, v in labelled.items() if not k.startswith("_")}
+    router = evaluation_router()
+    unknown = sorted(set(labelled) - set(router.intents) - {"none"})
+    if unknown:
+        from apps.core.errors import ApplicationError
+
+        raise ApplicationError("unknown_intents", f"The data names intents no installed plugin has: {unknown}",
+                               details={"unknown": unknown, "available": router.intents})
+    report = evaluate(router, labelled)
+    texts = [t for items in labelled.values() for t in items]
+    example_matrix = router._examples_matrix()
+    vectors = router._encode(texts)
+    nearest = (np.asarray(vectors) @ example_matrix.T).max(axis=1) if len(texts) else np.zeros(0)
+    near = {t for t, s in zip(texts, nearest) if s > NEAR_DUPLICATE}
+    wrong = {m["utterance"] for m in report["mistakes"]}
+    kept = [t for t in texts if t not in near]
+    report["near_duplicates"] = sorted(near)
+    report["accuracy_without_near_duplicates"] = (sum(1 for t in kept if t not in wrong) / len(kept)) if kept else None
+    report["settings"] = {"threshold": router.threshold, "margin": router.margin, "top_k": router.top_k,
+                          "keyword_bonus": router.keyword_bonus}
+    report["intents"] = router.intents
+    return report

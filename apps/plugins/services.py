@@ -81,6 +81,7 @@ def _runtime_options() -> RuntimeOptions:
         dotted_paths=tuple(settings.PLUGINS), memory_limit_mb=settings.PLUGIN_MEMORY_LIMIT_MB,
         denied_paths=tuple(denied), start_timeout=settings.PLUGIN_START_TIMEOUT_SECONDS,
         pool_size=max(1, settings.PLUGIN_WORKERS_PER_PLUGIN), entry_points=settings.PLUGIN_ENTRY_POINTS,
+        sys_path=tuple(str(p) for p in settings.PLUGIN_PYTHONPATH),
         on_spawn=lambda name: metrics.plugin_workers_started_total.labels(name).inc(),
     )
 
@@ -212,7 +213,7 @@ def _registry_versions() -> tuple[int, int]:
 
 def _catalogue(discovery_version: int):
     runtime = _runtime()
-    key = (discovery_version, id(runtime))
+    key = (discovery_version, runtime.generation)
     with _state.lock:
         if _state.catalogue is not None and _state.catalogue_key == key:
             return _state.catalogue
@@ -350,8 +351,15 @@ def plugins_sync() -> list[str]:
     return created
 
 
+def ensure_plugin_admin(actor: AbstractBaseUser | None) -> None:
+    """Plugin settings are for staff (None: the system itself, e.g. a management command)."""
+    if actor is not None and not (actor.is_authenticated and actor.is_active and actor.is_staff):
+        raise PermissionDenied("Only staff can manage plugins.", code="staff_only")
+
+
 def plugins_reload(*, actor: AbstractBaseUser | None = None) -> Snapshot:
     """Discover modules again and restart every plugin (teardown of the old, setup of the new instances)."""
+    ensure_plugin_admin(actor)
     with transaction.atomic():
         version, discovery_version = _bump_version(rediscover=True)
         _publish(version, discovery_version, plugin=None, reason="reload")
@@ -374,12 +382,19 @@ def _clean_hosts(hosts: Any) -> list[str]:
     return sorted(set(cleaned))
 
 
-def plugin_config_update(*, name: str, actor: AbstractBaseUser | None = None, enabled: bool | None = None,
-                         config: dict[str, Any] | None = None, secrets: dict[str, str] | None = None,
-                         clear_secrets: Iterable[str] = (), allowed_groups: Iterable[Group | int] | None = None,
-                         allowed_hosts: list[str] | None = None, timeout_seconds: float | None = _UNSET) -> PluginConfig:
-    """Change a plugin's settings. Secrets given as "" keep their stored value. Raises
-    ApplicationError("invalid_plugin_config", details={"problems": [{"field", "message"}]}) on a bad config."""
+@dataclass
+class _Prepared:
+    row: PluginConfig
+    enabled: bool
+    config: dict[str, Any]
+    secrets: dict[str, str]
+    hosts: list[str] | None
+
+
+def plugin_config_validate(*, name: str, enabled: bool | None = None, config: dict[str, Any] | None = None,
+                           secrets: dict[str, str] | None = None, clear_secrets: Iterable[str] = (),
+                           allowed_hosts: list[str] | None = None, timeout_seconds: float | None = _UNSET) -> _Prepared:
+    """Check a change without saving it (the admin form shows these errors). Raises ApplicationError."""
     snap = plugins_snapshot(need_catalogue=True)
     view = snap.plugins.get(name)
     if view is None:
@@ -421,15 +436,32 @@ def plugin_config_update(*, name: str, actor: AbstractBaseUser | None = None, en
                                    f"The configuration of {name!r} is invalid: {schema.format_problems(problems)}",
                                    details={"problems": problems})
     if timeout_seconds is not _UNSET and timeout_seconds is not None:
-        if not isinstance(timeout_seconds, (int, float)) or not 0 < timeout_seconds <= 60:
+        if isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, (int, float)) \
+                or not 0 < timeout_seconds <= 60:
             raise ApplicationError("invalid_timeout", "timeout_seconds must be between 0 and 60.")
     hosts = _clean_hosts(allowed_hosts) if allowed_hosts is not None else None
+    return _Prepared(row, will_enable, new_config, stored_secrets, hosts)
+
+
+def plugin_config_update(*, name: str, actor: AbstractBaseUser | None = None, enabled: bool | None = None,
+                         config: dict[str, Any] | None = None, secrets: dict[str, str] | None = None,
+                         clear_secrets: Iterable[str] = (), allowed_groups: Iterable[Group | int] | None = None,
+                         allowed_hosts: list[str] | None = None, timeout_seconds: float | None = _UNSET) -> PluginConfig:
+    """Change a plugin's settings; takes effect on every instance without a restart (teardown of the old
+    instance, setup of the new). Secrets given as "" keep their stored value. Raises
+    ApplicationError("invalid_plugin_config", details={"problems": [{"field", "message"}]}) on a bad config.
+    `actor` None means the system (a management command); a user must be staff."""
+    ensure_plugin_admin(actor)
+    prepared = plugin_config_validate(name=name, enabled=enabled, config=config, secrets=secrets,
+                                      clear_secrets=clear_secrets, allowed_hosts=allowed_hosts,
+                                      timeout_seconds=timeout_seconds)
+    row = prepared.row
     with transaction.atomic():
-        row.enabled = will_enable
-        row.config = new_config
-        row.secrets_encrypted = secrets_encrypt(stored_secrets)
-        if hosts is not None:
-            row.allowed_hosts = hosts
+        row.enabled = prepared.enabled
+        row.config = prepared.config
+        row.secrets_encrypted = secrets_encrypt(prepared.secrets)
+        if prepared.hosts is not None:
+            row.allowed_hosts = prepared.hosts
         if timeout_seconds is not _UNSET:
             row.timeout_seconds = timeout_seconds
         row.version = (row.version or 0) + 1 if row.pk else 1
@@ -441,16 +473,6 @@ def plugin_config_update(*, name: str, actor: AbstractBaseUser | None = None, en
         _publish(version, discovery_version, plugin=name, reason="config")
     logger.info("plugin config updated", extra={"plugin": name, "enabled": row.enabled, "plugin_version": version,
                                                 "actor": getattr(actor, "username", None)})
-    return row
-
-
-def plugin_config_touch(*, row: PluginConfig, actor: AbstractBaseUser | None = None) -> PluginConfig:
-    """Record a change made directly on `row` (e.g. by an admin form): bump versions and broadcast."""
-    with transaction.atomic():
-        PluginConfig.objects.filter(pk=row.pk).update(version=row.version + 1)
-        row.version += 1
-        version, discovery_version = _bump_version()
-        _publish(version, discovery_version, plugin=row.name, reason="config")
     return row
 
 
@@ -756,6 +778,6 @@ def ticket_create(*, user: AbstractBaseUser, subject: str, description: str = ""
     return ticket
 
 
-__all__ = ["plugins_snapshot", "plugins_sync", "plugins_reload", "plugin_config_update", "plugin_config_touch",
-           "plugin_invoke", "plugins_turn_hook", "plugin_test", "route_message", "ticket_create", "runtime_reset",
+__all__ = ["plugins_snapshot", "plugins_sync", "plugins_reload", "plugin_config_update",
+           "plugin_config_validate", "plugin_invoke", "plugins_turn_hook", "plugin_test", "route_message", "ticket_create", "runtime_reset",
            "secrets_encrypt", "secrets_decrypt", "user_may_use", "build_router", "STAGES"]

@@ -378,9 +378,14 @@ def main() -> None:
 
     from .discovery import discover, load_plugin_class
 
+    for extra in reversed(init.get("sys_path") or []):
+        sys.path.insert(1, extra)
     if init.get("mode") == "discover":
         found, errors = discover(plugins_dir=init.get("plugins_dir"), dotted_paths=init.get("dotted_paths") or [],
-                                 entry_points=init.get("entry_points", True), builtins=init.get("builtins", True))
+                                 entry_points=init.get("entry_points", True), builtins=init.get("builtins", True),
+                                 skip=set(init.get("skip") or ()),
+                                 on_import=lambda source, ref: channel.send({"op": "importing", "source": source,
+                                                                             "ref": ref}))
         channel.send({"op": "catalogue", "plugins": [f.describe() for f in found],
                       "errors": [e.to_dict() for e in errors]})
         return

@@ -1,0 +1,125 @@
+"""Sandbox containment: raising, hanging, memory-hungry, snooping, wandering and spawning plugins are
+contained; the turn still answers (without them) and every failure is recorded with its outcome."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from apps.plugins import services
+from apps.plugins.models import PluginInvocation
+from apps.plugins.services import plugins_turn_hook
+
+pytestmark = pytest.mark.django_db
+
+
+def _run(user, make_turn, message):
+    ctx = make_turn(user, message)
+    plugins_turn_hook("before_retrieval", ctx)
+    return ctx
+
+
+def _last(plugin):
+    return PluginInvocation.objects.filter(plugin=plugin).latest("created_at")
+
+
+def test_raising_plugin_is_recorded_as_error_and_turn_goes_on(plugins_dir, enable, user, make_turn):
+    enable("raiser")
+    ctx = _run(user, make_turn, "please raise it now")
+    [result] = ctx.plugin_results
+    assert result.ok is False and result.error_code == "plugin_exception"
+    record = _last("raiser")
+    assert record.outcome == "error" and "kaboom from a plugin" in record.error_message
+    assert record.intent == "raise_it" and record.user_id == user.pk
+    # The worker survived the exception: the next call reuses the same warm process.
+    pids = services._state.runtime.worker_pids()
+    assert len(pids["raiser"]) == 1
+    _run(user, make_turn, "raise it again")
+    assert services._state.runtime.worker_pids() == pids
+
+
+def test_hanging_plugin_times_out_is_killed_and_replaced(plugins_dir, enable, user, make_turn):
+    enable("sleeper", timeout_seconds=0.5)
+    started = time.monotonic()
+    ctx = _run(user, make_turn, "sleep it")
+    elapsed = time.monotonic() - started
+    assert ctx.plugin_results[0].ok is False and ctx.plugin_results[0].error_code == "timeout"
+    assert elapsed < 5, elapsed  # 0.5 s budget + a cold worker start, far below the plugin's 120 s sleep
+    record = _last("sleeper")
+    assert record.outcome == "timeout" and 400 <= record.duration_ms < 5000
+    # The hung process is gone; a fresh one serves (and times out) the next call.
+    assert services._state.runtime.worker_pids().get("sleeper") == []
+    _run(user, make_turn, "sleep it")
+    assert PluginInvocation.objects.filter(plugin="sleeper", outcome="timeout").count() == 2
+
+
+@pytest.mark.parametrize("mode", ["one_shot", "gradual"])
+def test_memory_hog_is_contained(plugins_dir, enable, user, make_turn, settings, mode):
+    settings.PLUGIN_MEMORY_LIMIT_MB = 200
+    enable("hog", config={"mode": mode}, timeout_seconds=10)
+    ctx = _run(user, make_turn, "hog it")
+    assert ctx.plugin_results[0].ok is False
+    record = _last("hog")
+    assert record.outcome == "error" and record.error_code == "memory_limit_exceeded", record.error_message
+
+
+def test_plugin_never_sees_platform_secrets(plugins_dir, enable, user, make_turn, settings):
+    os.environ["KOTAEMON_TEST_CANARY"] = "canary-" + "s" * 20
+    try:
+        enable("snoop")
+        ctx = _run(user, make_turn, "snoop it")
+    finally:
+        os.environ.pop("KOTAEMON_TEST_CANARY")
+    [result] = ctx.plugin_results
+    assert result.ok, result
+    found = result.data
+    assert found["env_secret"] is None
+    assert "KOTAEMON_TEST_CANARY" not in found["env_keys"] and "DATABASE_URL" not in found["env_keys"]
+    assert "DJANGO_SETTINGS_MODULE" not in found["env_keys"]
+    assert found["django_loaded"] is False
+    assert "settings_secret" not in found and found["settings_error"] in ("ImproperlyConfigured", "ModuleNotFoundError")
+    assert settings.SECRET_KEY not in result.content
+
+
+def test_reading_the_parent_environment_is_denied(plugins_dir, enable, user, make_turn):
+    enable("parent_snoop")
+    ctx = _run(user, make_turn, "parent snoop")
+    assert ctx.plugin_results[0].ok is False
+    record = _last("parent_snoop")
+    assert record.outcome == "denied" and record.error_code == "operation_not_allowed"
+
+
+def test_starting_processes_is_denied(plugins_dir, enable, user, make_turn):
+    enable("spawner")
+    _run(user, make_turn, "spawn it")
+    record = _last("spawner")
+    assert record.outcome == "denied" and "subprocess.Popen" in record.error_message
+
+
+def test_http_client_refuses_hosts_outside_the_allow_list(plugins_dir, enable, user, make_turn):
+    enable("wanderer", config={"allowed_url": "http://127.0.0.1:9/", "target": "http://169.254.169.254/latest/meta-data"})
+    ctx = _run(user, make_turn, "wander")
+    assert ctx.plugin_results[0].ok is False
+    record = _last("wanderer")
+    assert record.outcome == "denied" and record.error_code == "host_not_allowed"
+    assert "169.254.169.254" in record.error_message
+
+
+def test_raw_sockets_to_other_hosts_are_denied_even_when_the_plugin_swallows_the_error(plugins_dir, enable, user,
+                                                                                       make_turn):
+    from tests.helpers import free_port
+
+    enable("wanderer", config={"allowed_url": "http://127.0.0.1:9/", "target": f"localhost:{free_port()}", "raw": True})
+    ctx = _run(user, make_turn, "wander")
+    assert ctx.plugin_results[0].ok is False
+    assert _last("wanderer").outcome == "denied"
+
+
+def test_disabled_plugin_and_no_match_leave_the_turn_untouched(plugins_dir, enable, user, make_turn):
+    enable("raiser", enabled=False)
+    ctx = _run(user, make_turn, "raise it")
+    assert ctx.plugin_results == [] and not PluginInvocation.objects.exists()
+    enable("raiser")
+    ctx = _run(user, make_turn, "nothing to see here")
+    assert ctx.plugin_results == [] and ctx.query == "nothing to see here"
