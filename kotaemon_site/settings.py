@@ -312,6 +312,7 @@ PLUGIN_MEMORY_LIMIT_MB = env.int("PLUGIN_MEMORY_LIMIT_MB", default=512)
 PLUGIN_WORKERS_PER_PLUGIN = env.int("PLUGIN_WORKERS_PER_PLUGIN", default=2)  # warm sandbox processes per plugin
 PLUGIN_START_TIMEOUT_SECONDS = env.float("PLUGIN_START_TIMEOUT_SECONDS", default=15.0)
 PLUGIN_ENTRY_POINTS = env.bool("PLUGIN_ENTRY_POINTS", default=True)  # the `kotaemon_site.plugins` group
+PLUGIN_PYTHONPATH = env.list("PLUGIN_PYTHONPATH", default=[])  # extra import dirs for sandbox workers only
 PLUGIN_VERSION_CHECK_SECONDS = env.float("PLUGIN_VERSION_CHECK_SECONDS", default=3.0)  # heals missed events
 PLUGIN_STORAGE_TTL_SECONDS = env.int("PLUGIN_STORAGE_TTL_SECONDS", default=30 * 24 * 3600)
 PLUGIN_STATS_WINDOW_DAYS = env.int("PLUGIN_STATS_WINDOW_DAYS", default=7)
