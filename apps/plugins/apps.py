@@ -16,3 +16,12 @@ class PluginsConfig(AppConfig):
 
         register_event_handlers()
         register_turn_hook(plugins_turn_hook)
+        try:
+            from apps.core import cluster
+        except ImportError:  # the cluster runtime is optional; the version check in services still heals
+            return
+        from . import registry
+
+        cluster.register_reconciler("plugins", registry.reconcile)
+        cluster.register_warmup("plugins", registry.warm_up)
+        cluster.register_info("plugin_config_version", registry.config_version)

@@ -11,6 +11,7 @@ SANDBOX_PLUGINS = Path(__file__).resolve().parent / "sandbox_plugins"
 
 @pytest.fixture
 def plugins_dir(tmp_path, settings):
+    from apps.core import events
     from apps.plugins.services import runtime_reset
 
     target = tmp_path / "plugins"
@@ -22,6 +23,8 @@ def plugins_dir(tmp_path, settings):
     settings.PLUGIN_TIMEOUT_SECONDS = 3.0
     settings.PLUGIN_WORKERS_PER_PLUGIN = 1
     settings.PLUGIN_VERSION_CHECK_SECONDS = 0.0
+    # Each test's database starts again at version 0: forget versions a previous test applied.
+    events._reset_for_tests()
     runtime_reset()
     yield target
     runtime_reset()
