@@ -94,8 +94,10 @@ class LlamaCppGenerator(Generator):
                 raise LLMUnavailable("The local language model failed.", reason="error") from exc
             prompt_tokens = usage.get("prompt_tokens")
             if prompt_tokens is None:
-                prompt_tokens = len(llm.tokenize(llm.apply_chat_template(messages).encode("utf-8"))) \
-                    if hasattr(llm, "apply_chat_template") else None
+                # Streaming reports no usage: count the messages' tokens (+4 each for the chat template's
+                # role markers), which is within a few tokens of what the model read.
+                prompt_tokens = sum(len(llm.tokenize(m["content"].encode("utf-8"), add_bos=False)) + 4
+                                    for m in messages)
             completion_tokens = usage.get("completion_tokens")
             if completion_tokens is None:
                 completion_tokens = len(llm.tokenize("".join(pieces).encode("utf-8"), add_bos=False))
