@@ -12,7 +12,7 @@ class MonitoringConfig(AppConfig):
 
         from django.conf import settings
 
-        from . import admin_pages, audit, celery_signals
+        from . import admin_pages, audit, celery_signals, collectors
         from .metrics import instance_info
 
         instance_info.labels(settings.INSTANCE_ID).set(1)
@@ -22,3 +22,4 @@ class MonitoringConfig(AppConfig):
         # Other apps' models are looked up here, by label, after every app is loaded.
         audit.connect_audit_signals()
         admin_pages.install()
+        collectors.install()

@@ -254,8 +254,8 @@ def _conversation_figures(board: Dashboard, day_list: list[dt.date]) -> None:
             board.prompt_tokens[i] = row["prompt"] or 0
             board.completion_tokens[i] = row["completion"] or 0
 
-    # Unanswered: the assistant found no relevant source and no plugin answered.
-    unanswered = assistant.filter(citations=[], plugin_results=[])
+    # Unanswered: the answer cites nothing (no relevant chunk, no plugin result: both become citations).
+    unanswered = assistant.filter(citations=[])
     for row in unanswered.annotate(day=TruncDate("created_at")).values("day").annotate(n=Count("pk")).order_by():
         if row["day"] in index:
             board.unanswered_per_day[index[row["day"]]] = row["n"]

@@ -155,6 +155,45 @@ def test_instance_is_labelled(client, settings):
     assert sample(scrape(client), "kotaemon_instance_info", instance_id=settings.INSTANCE_ID) == 1
 
 
+def test_chat_retrieval_outcomes_are_counted(client, user):
+    from apps.conversations.services import chat_turn
+    from apps.conversations.session_store import session_store_reset
+
+    session_store_reset()
+    before = scrape(client)
+    chat_turn(user=user, session_id=None, message="Is there anything on the moons of Neptune?")
+    after = scrape(client)
+    assert sample(after, "kotaemon_chat_retrievals_total", result="empty") == \
+        sample(before, "kotaemon_chat_retrievals_total", result="empty") + 1
+    assert sample(after, "kotaemon_llm_calls_total", generator="extractive", outcome="ok") == \
+        sample(before, "kotaemon_llm_calls_total", generator="extractive", outcome="ok") + 1
+    session_store_reset()
+
+
+def test_index_state_and_heartbeat_are_exported(client, user, settings):
+    import time as _time
+
+    from apps.core import registry
+    from apps.knowledge.models import IndexVersion, KnowledgeBase
+    from apps.monitoring.collectors import reset_cache
+
+    kb = KnowledgeBase.objects.create(slug="policies", name="Policies")
+    IndexVersion.objects.create(knowledge_base=kb, version=3, status="active", chunk_count=42)
+    KnowledgeBase.objects.create(slug="empty-kb", name="Nothing yet")
+    reset_cache()
+    registry.heartbeat({"id": settings.INSTANCE_ID, "kind": "web"})
+    try:
+        text = scrape(client)
+    finally:
+        registry.deregister(settings.INSTANCE_ID)
+    assert sample(text, "kotaemon_index_active_version", kb="policies") == 3
+    assert sample(text, "kotaemon_index_size_chunks", kb="policies") == 42
+    assert 'kotaemon_index_active_version{kb="empty-kb"} 0.0' in text
+    assert abs(sample(text, "kotaemon_instance_heartbeat_timestamp") - _time.time()) < 30
+    reset_cache()
+    assert sample(scrape(client), "kotaemon_instance_heartbeat_timestamp") == 0  # deregistered: no heartbeat
+
+
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 def test_real_worker_reports_queue_wait_outcomes_and_request_id(redis_url, tmp_path):
