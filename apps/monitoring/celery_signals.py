@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 PUBLISHED_AT = "kotaemon_published_at"
 REQUEST_ID = "kotaemon_request_id"
 SESSION_ID = "kotaemon_session_id"
+ACTOR = "kotaemon_actor"
 
 _running: dict[str, tuple[float, list]] = {}
 _lock = threading.Lock()
@@ -48,6 +49,15 @@ def _on_before_publish(sender=None, headers=None, **_kwargs) -> None:
         headers.setdefault(REQUEST_ID, request_id_var.get())
     if session_id_var.get() != "-":
         headers.setdefault(SESSION_ID, session_id_var.get())
+    # Who asked for the work: the audit log names them on what the task changes ("alice via task:...").
+    try:
+        from .audit import current_actor
+
+        actor = current_actor()
+        if actor.source in ("admin", "api", "web", "command") and actor.label != "anonymous":
+            headers.setdefault(ACTOR, actor.label)
+    except Exception:  # never block publishing on the audit context
+        pass
 
 
 def _on_prerun(sender=None, task_id=None, task=None, **_kwargs) -> None:
@@ -67,7 +77,9 @@ def _on_prerun(sender=None, task_id=None, task=None, **_kwargs) -> None:
     if session_id:
         tokens.append((session_id_var, session_id_var.set(str(session_id))))
     if actor_var.get() is None:
-        tokens.append((actor_var, actor_var.set(f"task:{name}")))
+        requested_by = getattr(request, ACTOR, None) if request is not None else None
+        label = f"{requested_by} via task:{name}" if requested_by else f"task:{name}"
+        tokens.append((actor_var, actor_var.set(label)))
     with _lock:
         _running[task_id] = (time.perf_counter(), tokens)
 

@@ -3,6 +3,7 @@ secret values never stored, rows read-only in the admin, filterable, exportable 
 from __future__ import annotations
 
 import csv
+import json
 import io
 import subprocess
 
@@ -243,3 +244,25 @@ def test_management_command_is_named_as_the_actor(user):
     [event] = events("core.ApiKey", action="create")
     assert (event.actor_label, event.source) == ("command:create_api_key", "command")
     assert event.changes["name"] == {"after": "cron"}
+
+
+def test_plugin_config_changes_are_audited_without_secrets(user):
+    from django.apps import apps
+
+    PluginConfig = apps.get_model("plugins", "PluginConfig")
+    with audit_actor("command:configure_plugins"):
+        cfg = PluginConfig.objects.create(name="order_query", config={
+            "base_url": "https://orders.example.com", "api_key": "sk-orders-0123456789abcdef", "retries": 2},
+            secrets_encrypted="gAAAAABencryptedpayload0123456789")
+        cfg.enabled = True
+        cfg.config = dict(cfg.config, retries=3)
+        cfg.save()
+    create, update = events("plugins.PluginConfig")
+    assert create.action == "create" and create.actor_label == "command:configure_plugins"
+    assert create.changes["config"]["after"] == {"base_url": "https://orders.example.com", "api_key": "***",
+                                                 "retries": 2}
+    assert create.changes["secrets_encrypted"] == {"after": "***"}
+    assert update.changes["enabled"] == {"before": False, "after": True}
+    assert update.changes["config"]["before"]["retries"] == 2 and update.changes["config"]["after"]["retries"] == 3
+    dump = json.dumps([create.changes, update.changes]) + create.summary + update.summary
+    assert "sk-orders" not in dump and "encryptedpayload" not in dump

@@ -77,6 +77,41 @@ def test_task_logs_and_audit_rows_carry_the_task_context(user):
     assert event.request_id.startswith("task-")
 
 
+def test_the_requester_is_carried_into_the_task_audit_rows(rf, user, other_user):
+    """Publishing inside a request stamps the actor; the worker-side prerun names them on the changes."""
+    from apps.core.logging import current_request_var
+    from apps.monitoring import celery_signals
+    from apps.monitoring.models import AuditEvent
+
+    @shared_task(name="tests.monitoring.touch")
+    def touch(user_id: int) -> None:
+        from django.contrib.auth import get_user_model
+
+        target = get_user_model().objects.get(pk=user_id)
+        target.last_name = "Touched"
+        target.save()
+
+    request = rf.post("/admin/auth/user/")
+    request.user = user
+    headers: dict = {}
+    token = current_request_var.set(request)
+    try:
+        celery_signals._on_before_publish(sender="tests.monitoring.touch", headers=headers)
+    finally:
+        current_request_var.reset(token)
+    assert headers[celery_signals.ACTOR] == "alice" and headers[celery_signals.PUBLISHED_AT] > 0
+    # What a worker does with that message: the headers become the task's request attributes.
+    touch.push_request(id="t-1", **headers)
+    try:
+        celery_signals._on_prerun(sender=touch, task_id="t-1", task=touch)
+        touch.run(other_user.pk)
+        celery_signals._on_postrun(sender=touch, task_id="t-1", task=touch, state="SUCCESS")
+    finally:
+        touch.pop_request()
+    event = AuditEvent.objects.get(model_label="auth.User", action="update", object_id=str(other_user.pk))
+    assert (event.actor_label, event.source) == ("alice via task:tests.monitoring.touch", "task")
+
+
 def headers():
     return [(b"origin", b"http://127.0.0.1"), (b"host", b"127.0.0.1")]
 
