@@ -92,14 +92,18 @@ class ExtractiveGenerator(Generator):
 
     def generate(self, *, question: str, query: str, history: list[dict], sources: list[Source],
                  on_token: TokenCallback | None = None) -> Generation:
-        text, snippets = self.answer(question=question, query=query, sources=sources)
+        previous = next((t.get("content") or "" for t in reversed(history) if t.get("role") == "assistant"), "")
+        text, snippets = self.answer(question=question, query=query, sources=sources,
+                                     said_before=re.sub(r"\s*\[\d+\]", "", previous))
         if on_token is not None:
             # Word-sized pieces keep the streaming contract identical to the LLM generators.
             for piece in re.findall(r"\S+\s*", text):
                 on_token(piece)
         return Generation(text=text, generator=self.name, prompt_tokens=0, completion_tokens=0, snippets=snippets)
 
-    def answer(self, *, question: str, query: str, sources: list[Source]) -> tuple[str, dict[int, str]]:
+    def answer(self, *, question: str, query: str, sources: list[Source],
+               said_before: str = "") -> tuple[str, dict[int, str]]:
+        """`said_before` is the previous answer: repeating its sentences to a follow-up says nothing new."""
         # The message's own words weigh more than words carried over from earlier turns.
         own = terms(question)
         context = [t for t in terms(query) if t not in set(own)]
@@ -115,7 +119,9 @@ class ExtractiveGenerator(Generator):
         for rank, source in enumerate(chunk_sources):
             for pos, sentence in enumerate(split_sentences(source.text)):
                 if len(sentence) < 12 or len(sentence.split()) < 3:
-                    continue  # headings and fragments
+                    continue  # fragments
+                if not re.search(r"[.!?:;)\]\"”]$", sentence) and len(sentence.split()) < 8:
+                    continue  # a heading line: the citation shows the heading anyway
                 candidates.append((rank, source.n, pos, sentence, set(terms(sentence))))
 
         picked: list[tuple[int, int, str]] = []  # (n, position, sentence)
@@ -142,6 +148,8 @@ class ExtractiveGenerator(Generator):
                 coverage = sum(weights_q[t] * idf[t] for t in matched) / total
                 if matched and any(answer.search(sentence) for answer in wanted_types):
                     coverage = min(1.0, coverage + ANSWER_TYPE_BONUS)
+                if said_before and sentence.rstrip(".!?") in said_before:
+                    coverage *= 0.5
                 prior = 1.0 / (1.0 + 0.25 * rank)  # the retriever's order breaks near-ties
                 scored.append((coverage * (0.75 + 0.25 * prior), coverage, n, pos, sentence))
             scored.sort(key=lambda s: -s[0])

@@ -156,17 +156,31 @@
     }));
   }
 
+  // A thumb icon as inline SVG: emoji fonts are often missing on servers and kiosks.
+  function thumb(down) {
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", "0 0 24 24");
+    svg.setAttribute("class", "thumb" + (down ? " down" : ""));
+    svg.setAttribute("aria-hidden", "true");
+    const path = document.createElementNS(ns, "path");
+    path.setAttribute("d", "M2 10h4v11H2zM8 21h9.3a2 2 0 0 0 2-1.6l1.6-7A2 2 0 0 0 19 10h-5.2l.8-4.1A2 2 0 0 0 12.7 3.5L8 9z");
+    svg.append(path);
+    return svg;
+  }
+
   function renderFooter(messageId, rating, usage) {
     const footer = el("div", { class: "footer" });
-    const buttons = [["up", "👍", "Helpful"], ["down", "👎", "Not helpful"]].map(([value, icon, label]) =>
+    const buttons = [["up", "Helpful"], ["down", "Not helpful"]].map(([value, label]) =>
       el("button", { type: "button", class: "fb" + (rating === value ? " chosen" : ""), "data-rating": value,
-        title: label, "aria-label": label, text: icon,
+        title: label, "aria-label": label, text: label,
         onclick: async (e) => {
           try {
             await api("POST", `/api/v1/messages/${messageId}/feedback/`, { rating: value });
             footer.querySelectorAll(".fb").forEach((b) => b.classList.toggle("chosen", b.dataset.rating === value));
           } catch (err) { e.target.title = err.message; }
         } }));
+    buttons.forEach((b) => b.prepend(thumb(b.dataset.rating === "down")));
     footer.append(...buttons);
     if (usage && usage.generator) {
       const parts = [usage.generator];
