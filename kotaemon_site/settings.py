@@ -377,6 +377,8 @@ CLUSTER_INSTANCE_TTL_SECONDS = env.int("CLUSTER_INSTANCE_TTL_SECONDS", default=1
 CLUSTER_RECONCILE_SECONDS = env.float("CLUSTER_RECONCILE_SECONDS", default=3.0)
 CLUSTER_JOURNAL_SECONDS = env.int("CLUSTER_JOURNAL_SECONDS", default=24 * 3600)
 CLUSTER_ADVERTISE_PORT = env.int("CLUSTER_ADVERTISE_PORT", default=0)  # 0: from the server's --port
+# X-Instance-ID response header naming the instance that answered (hide it at the edge if it matters).
+CLUSTER_INSTANCE_HEADER = env.bool("CLUSTER_INSTANCE_HEADER", default=True)
 # Per-process cache of API-key lookups; api_key_revoked drops entries on every instance. 0 disables.
 API_KEY_CACHE_SECONDS = env.float("API_KEY_CACHE_SECONDS", default=5.0)
 if REDIS_URL and CHANNEL_LAYERS["default"]["BACKEND"] == "channels_redis.core.RedisChannelLayer":
@@ -384,3 +386,5 @@ if REDIS_URL and CHANNEL_LAYERS["default"]["BACKEND"] == "channels_redis.core.Re
     # timeout: every idle receive() raised TimeoutError, and a message popped at that instant was lost.
     CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
         {"address": REDIS_URL, "socket_timeout": REDIS_TIMEOUT + 10, "socket_connect_timeout": REDIS_TIMEOUT}]
+# Several clusters (or test runs) may share one Redis: each gives its workers and producers its own queue.
+CELERY_TASK_DEFAULT_QUEUE = env("CELERY_TASK_DEFAULT_QUEUE", default="celery")

@@ -245,7 +245,7 @@ class ClusterRuntime:
                 info[name] = f"error: {exc.__class__.__name__}"
         return {
             "id": self.instance_id, "kind": self.kind, "host": self.host, "port": self.port, "pid": self.pid,
-            "started": self.started, "ready": self.ready, "subscribed": self.subscribed,
+            "started": self.started, "ready": self.ready, "subscribed": self.subscribed, "channel": self._channel,
             "last_event": events.last_event(), "events": events.stats(), "heals": self.heals, **info,
         }
 
@@ -493,6 +493,16 @@ class ClusterLifespan:
         runtime = current()
         if runtime is not None and runtime.port is None and scope.get("server"):
             runtime.port = scope["server"][1]
+        if scope["type"] == "http" and settings.CLUSTER_INSTANCE_HEADER:
+            # Which instance answered: lets operators (and the cluster test) see affinity at work.
+            header = (b"x-instance-id", settings.INSTANCE_ID.encode("latin-1", "replace"))
+
+            async def send_with_instance(message):
+                if message["type"] == "http.response.start":
+                    message = dict(message, headers=[*message.get("headers", []), header])
+                await send(message)
+
+            return await self.app(scope, receive, send_with_instance)
         return await self.app(scope, receive, send)
 
     async def _lifespan(self, receive, send) -> None:

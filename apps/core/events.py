@@ -39,7 +39,8 @@ EVENT_TYPES = ("knowledge_updated", "plugin_config_updated", "api_key_revoked", 
 # payload has none of them has one key ("") for all its events, i.e. one global version.
 KEY_FIELDS: dict[str, tuple[str, ...]] = {
     "knowledge_updated": ("kb", "kb_id", "knowledge_base", "knowledge_base_id"),
-    "plugin_config_updated": ("plugin", "plugin_name", "name"),
+    # One global key: the plugin registry's version counts every change of any plugin.
+    "plugin_config_updated": (),
     "api_key_revoked": ("key_id", "prefix"),
     "session_updated": ("session_id", "session", "conversation_id"),
 }

@@ -19,6 +19,9 @@ from tests.cluster.support import both_namespaces, isolated_namespace, redis_nam
 def clean_bus(isolated_namespace):
     saved = {kind: list(handlers) for kind, handlers in events._handlers.items()}
     events._reset_for_tests()
+    # Only the handlers a test registers (and core's own): other apps' handlers have their own tests.
+    events._handlers.clear()
+    events.register_handler("api_key_revoked", auth_cache.on_api_key_revoked)
     auth_cache.clear()
     yield
     events._handlers.clear()
@@ -85,6 +88,15 @@ def test_stale_and_out_of_order_versions_are_ignored_per_key(calls):
     assert [(e["payload"]["knowledge_base"], e["version"]) for e in calls] == [(1, 5), (2, 1), (1, 6)]
     assert events.held_version("knowledge_updated", "1") == 6
     assert events.held_versions("knowledge_updated") == {"1": 6, "2": 1}
+
+
+def test_plugin_versions_are_one_global_counter():
+    def plugin(name, version):
+        return events.make_event("plugin_config_updated", {"plugin": name}, version=version)
+
+    assert events.dispatch_outcome(plugin("orders", 5)) == "applied"
+    assert events.dispatch_outcome(plugin("tickets", 4)) == "stale"  # older registry version, another plugin
+    assert events.dispatch_outcome(plugin(None, 6)) == "applied"
 
 
 def test_unversioned_events_are_deduplicated_by_id_only():
@@ -184,7 +196,7 @@ def test_concurrent_versions_of_one_key_never_apply_out_of_order():
     for t in threads:
         t.join()
     assert applied == sorted(applied) and len(set(applied)) == len(applied)
-    assert applied[-1] == 200 and events.held_version("plugin_config_updated", "p") == 200
+    assert applied[-1] == 200 and events.held_version("plugin_config_updated") == 200
 
 
 @pytest.mark.django_db(transaction=True)

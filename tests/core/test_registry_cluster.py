@@ -10,7 +10,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from apps.core import cluster, events, registry
+from apps.core import auth_cache, cluster, events, registry
 from tests.cluster.support import both_namespaces, isolated_namespace, local_namespace, redis_namespace  # noqa: F401
 
 
@@ -27,6 +27,9 @@ def wait_until(predicate, timeout: float = 5.0, every: float = 0.02):
 @pytest.fixture(autouse=True)
 def clean_state():
     saved_handlers = {kind: list(handlers) for kind, handlers in events._handlers.items()}
+    # Only the handlers a test registers (and core's own): other apps' handlers have their own tests.
+    events._handlers.clear()
+    events.register_handler("api_key_revoked", auth_cache.on_api_key_revoked)
     saved_warmups, saved_reconcilers = dict(cluster._warmups), dict(cluster._reconcilers)
     events._reset_for_tests()
     cluster._inline_warm.clear()
