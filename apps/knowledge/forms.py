@@ -34,6 +34,9 @@ class UploadForm(forms.Form):
 
 
 class DocumentAdminForm(forms.ModelForm):
+    source_url = forms.URLField(max_length=1000, required=False, assume_scheme="https",
+                                help_text="Instead of a file: the page or file to fetch and ingest.")
+
     class Meta:
         model = Document
         fields = ["knowledge_base", "title", "file", "source_url"]

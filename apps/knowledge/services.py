@@ -8,6 +8,7 @@ writes a NEW index version from stored vectors, activates it in one transaction 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -540,9 +541,11 @@ def _ingest_batch(ids: list[int], model, force: bool, raise_transient: bool) -> 
             prepared.append(item)
     Document.objects.filter(pk__in=[p.document.pk for p in prepared], status__in=["pending", "ready", "failed"]
                             ).update(status=Document.Status.PROCESSING)
+    # The chunker measures a block, then the chunks cut from it: often the same text twice.
+    count_tokens = functools.lru_cache(maxsize=16384)(model.count_tokens)
     for item in prepared:
         if item.error is None:
-            _parse_and_chunk(item, model)
+            _parse_and_chunk(item, count_tokens)
 
     specs = [spec for item in prepared for spec in item.specs]
     vectors, encoded_hashes = vectors_for([s.text for s in specs], [s.content_hash for s in specs], model=model)
@@ -575,11 +578,11 @@ def _prepare(document: Document, model, force: bool, raise_transient: bool) -> _
     return _Prepared(document, document.version, sha, len(data), fingerprint, data=data)
 
 
-def _parse_and_chunk(item: _Prepared, model) -> None:
+def _parse_and_chunk(item: _Prepared, count_tokens: Callable[[str], int]) -> None:
     kb = item.document.knowledge_base
     try:
         item.parsed = parse(item.data, filename=_source_filename(item.document), limits=parse_limits())
-        item.specs = chunk_document(item.parsed, count_tokens=model.count_tokens, chunk_tokens=kb.chunk_tokens,
+        item.specs = chunk_document(item.parsed, count_tokens=count_tokens, chunk_tokens=kb.chunk_tokens,
                                     overlap_tokens=kb.chunk_overlap)
     except IngestError as exc:
         item.parsed, item.error = None, (exc.code, exc.message)
