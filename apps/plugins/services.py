@@ -196,14 +196,24 @@ def _runtime() -> PluginRuntime:
         return _state.runtime
 
 
+def _teardown_rpc(snapshot: "Snapshot | None"):
+    """RPC handlers for teardowns during shutdown: the plugin's own scopes, no user."""
+    def rpc_for(name: str):
+        view = snapshot.plugins.get(name) if snapshot is not None else None
+        return _rpc_handler(name, scopes=view.scopes if view is not None else ())
+
+    return rpc_for
+
+
 def runtime_reset() -> None:
     """Shut every worker down (plugins get their teardown) and forget all cached state."""
     with _state.lock:
         runtime, _state.runtime = _state.runtime, None
+        snapshot = _state.snapshot
         _state.catalogue = _state.catalogue_key = _state.snapshot = None
         _state.checked_at = 0.0
     if runtime is not None:
-        runtime.shutdown(rpc_for=lambda name: _rpc_handler(name, scopes=(SCOPE_STORAGE,)))
+        runtime.shutdown(rpc_for=_teardown_rpc(snapshot))
 
 
 def _registry_versions() -> tuple[int, int]:
@@ -296,15 +306,15 @@ def plugins_snapshot(*, force: bool = False, need_catalogue: bool = False) -> Sn
             return snap
         if snap is not None and snap.discovery_version != discovery_version:
             # New or changed modules: every worker must re-import, so retire them all (teardown runs).
-            runtime.shutdown(rpc_for=lambda name: _rpc_handler(name, scopes=(SCOPE_STORAGE,)))
+            runtime.shutdown(rpc_for=_teardown_rpc(snap))
         new = _build_snapshot(version, discovery_version, need_catalogue or (snap is not None and snap.has_catalogue))
         _state.snapshot = new
     metrics.plugin_config_version.set(version)
     specs = {p.name: p.spec() for p in new.active()}
-    views = new.plugins
+    # A retired plugin tears down with the scopes it had; a reconfigured one with its new ones.
+    teardown_rpc, new_rpc = _teardown_rpc(snap), _teardown_rpc(new)
     runtime.apply(specs, timeout=settings.PLUGIN_TIMEOUT_SECONDS,
-                  rpc_for=lambda spec: _rpc_handler(spec.name, scopes=views[spec.name].scopes
-                                                    if spec.name in views else (SCOPE_STORAGE,)))
+                  rpc_for=lambda spec: (new_rpc if spec.name in new.plugins else teardown_rpc)(spec.name))
     return new
 
 

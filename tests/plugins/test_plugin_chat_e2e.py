@@ -34,17 +34,23 @@ Every employee must wear a visible badge inside the office building.
 
 @pytest.fixture
 def kb(user, settings, tmp_path):
+    from apps.knowledge.index_registry import registry
     from apps.knowledge.models import KnowledgeBase
     from apps.knowledge.services import document_import, documents_ingest, index_rebuild
 
+    # Fresh index/media roots, and the process's index registry re-reads active versions every search.
     settings.INDEX_ROOT = tmp_path / "indexes"
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.KNOWLEDGE_VERSION_CHECK_SECONDS = 0
+    registry.clear()
     kb = KnowledgeBase.objects.create(slug=f"kb-{uuid.uuid4().hex[:8]}", name="Support", owner=user)
     ids = [document_import(knowledge_base=kb, user=user, name=name, data=text.encode(),
                            title=name.split(".")[0].title()).document.pk
            for name, text in {"shipping.md": SHIPPING_MD, "security.md": SECURITY_MD}.items()]
     assert all(r.status == "ready" for r in documents_ingest(document_ids=ids, rebuild=False))
     index_rebuild(knowledge_base_id=kb.pk)
-    return kb
+    yield kb
+    registry.clear()
 
 
 @pytest.fixture
