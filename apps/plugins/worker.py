@@ -228,6 +228,14 @@ class Tickets:
         return self._channel.rpc("tickets.create", subject=subject, description=description, priority=priority)
 
 
+class _NoTickets:
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+
+    def create(self, **_kwargs: Any) -> dict[str, Any]:
+        raise self._policy.deny("scope_missing", "this plugin does not declare the 'tickets:create' scope")
+
+
 def _error_payload(exc: BaseException) -> dict[str, str]:
     from .base import PluginError
 
@@ -288,7 +296,7 @@ class Worker:
             config=self.config, history=list(ctx_in.get("history") or []), sources=sources,
             plugin_results=list(ctx_in.get("plugin_results") or []), answer=ctx_in.get("answer"),
             storage=Storage(self.channel, "plugin"), user_storage=Storage(self.channel, "user"), http=http,
-            tickets=Tickets(self.channel) if SCOPE_TICKETS in self.scopes else None,
+            tickets=Tickets(self.channel) if SCOPE_TICKETS in self.scopes else _NoTickets(self.policy),
             conversation_id=ctx_in.get("conversation_id"),
         )
         original_query = ctx.query

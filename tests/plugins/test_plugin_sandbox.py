@@ -123,3 +123,15 @@ def test_disabled_plugin_and_no_match_leave_the_turn_untouched(plugins_dir, enab
     enable("raiser")
     ctx = _run(user, make_turn, "nothing to see here")
     assert ctx.plugin_results == [] and ctx.query == "nothing to see here"
+
+
+@pytest.mark.parametrize("use", ["storage", "tickets", "http"])
+def test_capabilities_without_their_scope_are_denied(plugins_dir, enable, user, make_turn, use):
+    from apps.plugins.models import Ticket
+
+    enable("overreacher", config={"use": use})
+    ctx = _run(user, make_turn, "overreach")
+    assert ctx.plugin_results[0].ok is False
+    record = _last("overreacher")
+    assert (record.outcome, record.error_code) == ("denied", "scope_missing"), record.error_message
+    assert not Ticket.objects.exists()

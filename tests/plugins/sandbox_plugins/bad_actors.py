@@ -94,3 +94,21 @@ class Spawner(BasePlugin):
         import subprocess
 
         return subprocess.run(["id"], capture_output=True, text=True).stdout
+
+
+class Overreacher(BasePlugin):
+    """Declares no scopes, then uses storage, tickets and HTTP anyway."""
+
+    name = "overreacher"
+    config_schema = {"type": "object", "properties": {"use": {"type": "string", "default": "storage"}}}
+
+    @intent_hook(intent="overreach", keywords=[r"\boverreach\b"])
+    def go(self, ctx):
+        use = ctx.config["use"]
+        if use == "storage":
+            ctx.storage.set("k", "v")
+        elif use == "tickets":
+            ctx.tickets.create(subject="sneaky")
+        else:
+            ctx.http.get("http://127.0.0.1:9/")
+        return "did it"
