@@ -117,7 +117,7 @@ def knowledge_base_create(*, user: User, slug: str, name: str, allowed_group_ids
     unknown = set(fields) - set(KB_EDITABLE_FIELDS)
     if unknown:
         raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
-    kb = KnowledgeBase(slug=slug, name=name, owner=user if user.is_authenticated else None, **fields)
+    kb = KnowledgeBase(slug=slug, name=name, owner=_actor(user), **fields)
     _kb_validate(kb)
     with transaction.atomic():
         kb.save()
@@ -273,7 +273,8 @@ def _rejected(name: str, size: int) -> UploadOutcome:
 
 
 def _actor(user: User) -> AbstractBaseUser | None:
-    return user if getattr(user, "is_authenticated", False) else None
+    """The user to record as creator/editor; None for anonymous and the unsaved operator of commands."""
+    return user if getattr(user, "is_authenticated", False) and user.pk is not None else None
 
 
 def document_import(*, knowledge_base: KnowledgeBase, user: User | None, name: str, data: bytes,
