@@ -1,7 +1,7 @@
 """Example plugin: tells employees how much leave they have left.
 
 Drop a module like this into the plugins directory (PLUGINS_DIR, default plugins_local/), run
-`manage.py plugins reload`, then enable and configure it in the admin (Plugins > Plugin configs).
+`manage.py plugins reload`, then enable and configure it in the admin (Plugins > Plugins).
 See docs/plugins.md for the walk-through.
 
 With `hr_api_url` set it asks the HR system (GET {hr_api_url}/employees/{email}/leave, answering

@@ -34,6 +34,8 @@ class OrderService:
             return (200, order) if order else (404, {"error": "not found"})
         if re.fullmatch(r"/users/([^/]+)/refunds", path):
             return 200, {"refunds": REFUNDS}
+        if m := re.fullmatch(r"/employees/([^/]+)/leave", path):
+            return 200, {"annual_remaining": 12, "sick_remaining": 4, "employee": m.group(1)}
         if m := re.fullmatch(r"/api/status/([^/]+)", path):
             return 200, {"data": {"status": "approved", "user": m.group(1)}, "items": [{"name": "first"}]}
         return 404, {"error": "no route"}

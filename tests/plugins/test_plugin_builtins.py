@@ -134,3 +134,24 @@ def test_http_api_is_configured_entirely_from_settings(plugins_dir, enable, user
     assert "Secret: secret" in page and "set; leave blank to keep" in page
     assert secret not in page
     assert secret not in caplog.text
+
+
+def test_example_plugin_from_plugins_local(plugins_dir, settings, enable, user, orders):
+    """The documented example (plugins_local/leave_balance.py): demo allowance, then a real HR API."""
+    from django.core.cache import cache
+
+    from apps.plugins.services import _cache_key
+    from tests.helpers import ROOT
+
+    settings.PLUGINS_DIR = ROOT / "plugins_local"
+    enable("leave_balance", config={"annual_days": 20})
+    cache.set(_cache_key("leave_balance", "user", user.pk, "annual_taken"), 5)
+    demo = _call(user, "leave_balance", "balance", "leave_balance", message="got any PTO left?")
+    assert demo.result["content"] == "alice has 15 days of annual leave and 10 sick days left."
+    assert cache.get(_cache_key("leave_balance", "plugin", None, "setups")) == 1
+
+    enable("leave_balance", config={"hr_api_url": orders.url}, secrets={"hr_api_token": "hr-token"})
+    live = _call(user, "leave_balance", "balance", "leave_balance", message="got any PTO left?")
+    assert live.result["data"] == {"annual_remaining": 12, "sick_remaining": 4}
+    assert orders.requests[-1]["path"] == "/employees/alice%40example.com/leave"
+    assert orders.requests[-1]["headers"]["Authorization"] == "Bearer hr-token"
