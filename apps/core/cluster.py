@@ -181,7 +181,25 @@ class ClusterRuntime:
         return list(_warmups) if self.kind == "web" else []
 
     # lifecycle -----------------------------------------------------------------------------------
+    @staticmethod
+    def _preimport() -> None:
+        """Import on this thread what the runtime's threads will import. Two threads importing one package
+        at once can be handed a partially initialised module (redis imports redis.asyncio, which imports
+        redis: "module 'redis' has no attribute 'Redis'" in the listener)."""
+        import importlib
+
+        names = ["redis", "apps.knowledge.index_registry", "apps.plugins.registry"]
+        backend = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")
+        if backend:
+            names.append(backend.rsplit(".", 1)[0])
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                pass
+
     def start(self) -> None:
+        self._preimport()
         self._executor.submit(self._warmup)
         if settings.CLUSTER_LISTENER and self._layer_is_shared():
             self._spawn("cluster-listener", self._listen_thread)
@@ -404,16 +422,26 @@ class ClusterRuntime:
                 logger.debug("cluster group refresh failed", exc_info=True)
 
 
+# A journal entry younger than this is left for the next round: its broadcast is normally still on the
+# way (the journal is written just before it), and replaying it now would only race the broadcast.
+JOURNAL_GRACE_SECONDS = 0.5
+
+
 def replay_journal() -> int:
     """Apply journal entries this process has not applied (newer version than held, or an unseen id)."""
     healed = 0
+    horizon = time.time() - JOURNAL_GRACE_SECONDS
     for entry in registry.journal_entries():
+        if isinstance(entry.get("ts"), (int, float)) and entry["ts"] > horizon:
+            continue
         try:
             entry = events.validate_event(entry)
         except events.InvalidEvent:
             continue
         held = events.held_version(entry["type"], events.event_key(entry))
         if entry["version"] is not None and held is not None and entry["version"] <= held:
+            continue
+        if events.seen(entry["id"]):  # handled already (unversioned events stay in the journal)
             continue
         if events.dispatch_outcome(entry) == "applied":
             healed += 1

@@ -169,6 +169,12 @@ def held_version(event_type: str, key: str = "") -> int | None:
         return _held.get((event_type, str(key)))
 
 
+def seen(event_id: str) -> bool:
+    """Whether this process has already handled (applied or ignored) the event with this id."""
+    with _state_lock:
+        return event_id in _seen_ids
+
+
 def note_version(event_type: str, key: str, version: int) -> None:
     """Record that this process holds `version` of (type, key) without an event, e.g. after loading the
     active index from the database at start-up or while healing: a late event for it is then stale."""

@@ -148,9 +148,11 @@ class Cluster:
 
     def start_instance(self, name: str, port: int | None = None) -> Proc:
         port = port or free_port()
+        # DB_CONN_MAX_AGE=0 as in deploy/k8s: under ASGI each request runs in a new thread, so a persistent
+        # connection is never reused and piles up until garbage collection (Django's docs advise 0).
+        env = dict(self.env(f"{name}-{self.prefix}"), DB_CONN_MAX_AGE="0")
         popen, log = self._popen(name, [str(VENV_BIN / "uvicorn"), "kotaemon_site.asgi:application", "--host",
-                                        "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                                 self.env(f"{name}-{self.prefix}"))
+                                        "127.0.0.1", "--port", str(port), "--log-level", "warning"], env)
         proc = Proc(name, popen, log, port)
         self.instances[name] = proc
         return proc
@@ -271,3 +273,65 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+# --- the admin console, as an editor's browser uses it --------------------------------------------
+class AdminSession:
+    """Logs in through /admin/login/ and submits admin forms and actions like a browser (CSRF included)."""
+
+    def __init__(self, base_url: str, username: str, password: str):
+        self.http = httpx.Client(base_url=base_url, timeout=60, follow_redirects=False)
+        self.http.get("/admin/login/")
+        response = self.http.post("/admin/login/", data={
+            "username": username, "password": password, "next": "/admin/",
+            "csrfmiddlewaretoken": self.http.cookies["csrftoken"]})
+        assert response.status_code == 302, f"admin login failed: {response.status_code}"
+
+    def use(self, base_url: str) -> "AdminSession":
+        """The same browser session against another instance (sessions live in the shared cache/database)."""
+        self.http.base_url = base_url
+        return self
+
+    @staticmethod
+    def form_fields(html: str) -> dict[str, list[str]]:
+        from bs4 import BeautifulSoup
+
+        soup = BeautifulSoup(html, "html.parser")
+        form = soup.find("form", id=re.compile(r"_form$")) or soup.find("form", attrs={"method": re.compile("post", re.I)})
+        fields: dict[str, list[str]] = {}
+        for tag in form.find_all(["input", "select", "textarea"]):
+            name = tag.get("name")
+            if not name:
+                continue
+            kind = (tag.get("type") or "text").lower()
+            if tag.name == "input":
+                if kind in ("file", "submit", "button", "image", "reset"):
+                    continue
+                if kind in ("checkbox", "radio") and not tag.has_attr("checked"):
+                    continue
+                fields.setdefault(name, []).append(tag.get("value", "on" if kind == "checkbox" else ""))
+            elif tag.name == "select":
+                chosen = [o.get("value", o.text) for o in tag.find_all("option") if o.has_attr("selected")]
+                fields.setdefault(name, []).extend(chosen)
+            else:
+                fields.setdefault(name, []).append(tag.text)
+        return fields
+
+    def change(self, path: str, *, files: dict | None = None, **overrides) -> httpx.Response:
+        """Open a change form, keep every value it shows, override some, upload files, save."""
+        page = self.http.get(path)
+        assert page.status_code == 200, page.status_code
+        fields = self.form_fields(page.text)
+        for key, value in overrides.items():
+            fields[key] = value if isinstance(value, list) else [value]
+        fields["csrfmiddlewaretoken"] = [self.http.cookies["csrftoken"]]
+        fields["_save"] = ["Save"]
+        response = self.http.post(path, data=fields, files=files or {})
+        assert response.status_code == 302, f"admin save failed ({response.status_code}):\n{response.text[-3000:]}"
+        return response
+
+    def action(self, changelist: str, action: str, ids: list[int]) -> httpx.Response:
+        response = self.http.post(changelist, data={"action": action, "_selected_action": [str(i) for i in ids],
+                                                    "csrfmiddlewaretoken": self.http.cookies["csrftoken"]})
+        assert response.status_code == 302, f"admin action {action} failed ({response.status_code})"
+        return response

@@ -2,9 +2,22 @@
 from __future__ import annotations
 
 import copy
+import os
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+
+
+def side_redis_url(url: str) -> str:
+    """The same Redis server, another database (KOTAEMON_CLUSTER_TEST_REDIS_DB, default 13).
+
+    Every test's autouse cache.clear() is a FLUSHDB of the cache's database (django-redis), which would
+    wipe a running cluster's registry, journal, channel groups, sessions and Celery queue between two
+    test functions, or under another developer's concurrent run. Keys are still prefixed per test."""
+    parts = urlsplit(url)
+    db = os.environ.get("KOTAEMON_CLUSTER_TEST_REDIS_DB", "13")
+    return urlunsplit(parts._replace(path=f"/{db}"))
 
 
 def namespace_settings(settings, redis_url: str | None) -> str:
@@ -12,6 +25,7 @@ def namespace_settings(settings, redis_url: str | None) -> str:
     Redis database, and their servers must not hear this test's events (nor this test theirs)."""
     prefix = f"kt{uuid.uuid4().hex[:12]}"
     settings.CACHE_KEY_PREFIX = prefix
+    redis_url = side_redis_url(redis_url) if redis_url else redis_url
     if redis_url:
         settings.REDIS_URL = redis_url
         settings.CHANNEL_LAYERS = {"default": {
@@ -39,7 +53,7 @@ def redis_namespace(settings, redis_url):
     """Registry, journal and channel layer on the real Redis, under a prefix only this test uses."""
     prefix = namespace_settings(settings, redis_url)
     yield prefix
-    delete_namespace(redis_url, prefix)
+    delete_namespace(settings.REDIS_URL, prefix)
 
 
 @pytest.fixture
@@ -62,7 +76,7 @@ def isolated_namespace(settings):
     prefix = namespace_settings(settings, url or None)
     yield prefix
     if url:
-        delete_namespace(url, prefix)
+        delete_namespace(settings.REDIS_URL, prefix)
     registry._reset_local_for_tests()
 
 
@@ -76,7 +90,7 @@ def both_namespaces(request, settings):
         url = request.getfixturevalue("redis_url")
         prefix = namespace_settings(settings, url)
         yield prefix
-        delete_namespace(url, prefix)
+        delete_namespace(settings.REDIS_URL, prefix)
     else:
         yield namespace_settings(settings, None)
     registry._reset_local_for_tests()

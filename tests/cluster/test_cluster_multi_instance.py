@@ -28,7 +28,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster.harness import Cluster, FakeLLM, metric, seen_dialogue, wait_until
+from tests.cluster.support import side_redis_url
+from tests.cluster.harness import AdminSession, Cluster, FakeLLM, metric, seen_dialogue, wait_until
 from tests.helpers import ROOT, VENV_BIN
 
 # django_db: pytest-django creates the test database only for sessions with marked tests. The tests
@@ -81,11 +82,17 @@ def cluster(request, django_db_setup, django_db_blocker, redis_url):
 
     from apps.core.services import api_key_create
 
+    from django.conf import settings
+
+    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+        # Several server processes and a worker writing at once need a server database: SQLite answers
+        # "database is locked" under this load. The embedded default is one process on one machine.
+        pytest.skip("the cluster test runs on PostgreSQL: set DATABASE_URL (CI does)")
     llm = FakeLLM()
     # Not pytest's tmp_path: concurrent runs rotate those away, and the logs are what explains a failure.
     workdir = Path(tempfile.mkdtemp(prefix="kotaemon-cluster-"))
     print(f"\n[cluster] process logs in {workdir}")
-    c = Cluster(redis_url=redis_url, workdir=workdir,
+    c = Cluster(redis_url=side_redis_url(redis_url), workdir=workdir,
                 extra_env={"GENERATOR": "openai", "LLM_BASE_URL": llm.base_url, "LLM_MODEL": "fake",
                            "API_KEY_CACHE_SECONDS": "300", "KNOWLEDGE_REBUILD_DELAY_SECONDS": "0.2"})
     c.llm = llm
@@ -124,10 +131,16 @@ def _create_knowledge(c: Cluster) -> None:
     uploaded = c.editor.post("web2", f"/api/v1/knowledge-bases/{c.kb_id}/documents/", files=files)
     assert uploaded.status_code == 201, uploaded.text
     c.policy_id = next(o["document_id"] for o in uploaded.json()["results"] if o["name"] == "returns-policy.md")
+    c.admin = AdminSession(c.instances["web1"].url, "cl-editor", "pw-editor-123")
     # The worker ingests and builds; every instance must then answer from the ALPHA edition.
     for name in WEB:
         wait_until(lambda: (r := c.alice.chat(name, RETURN_QUESTION)).status_code == 200 and editions(r) == {"ALPHA"},
                    timeout=120, every=0.5, message=f"{name} answers from the first index version")
+    # The first version's event, kept for replaying it late in the (e) scenario.
+    journal = c.journal()
+    c.v1_event = next((e for e in journal if e["type"] == "knowledge_updated"), None)
+    assert c.v1_event is not None, (journal, [k for k in c.redis().scan_iter(match=f"{c.prefix}:cluster*")])
+    assert c.v1_event["payload"]["knowledge_base"] == c.kb_id
 
 
 def ensure_three(c: Cluster) -> None:
@@ -163,3 +176,312 @@ def test_every_instance_and_the_worker_heartbeat(cluster):
     assert [line.split()[0] for line in lines[1:]] == sorted(cluster.instance_id(n) for n in WEB) + [
         cluster.instance_id("worker")]
     print(f"\n[cluster] manage.py cluster_status\n{out.stdout}")
+
+
+# --- (d) API keys: revocation reaches every instance -------------------------------------------
+def _key_works_everywhere(c: Cluster, raw: str) -> dict[str, int]:
+    return {n: httpx.get(f"{c.instances[n].url}/api/v1/me/", headers={"Authorization": f"Bearer {raw}"},
+                         timeout=30).status_code for n in WEB}
+
+
+def test_a_revoked_api_key_is_refused_by_every_instance(cluster):
+    """Instances cache key lookups for 300 s here (API_KEY_CACHE_SECONDS): only the event can explain a
+    refusal within seconds."""
+    c = cluster
+    ensure_three(c)
+    issued = c.alice.post("web1", "/api/v1/api-keys/", json={"name": "rotating"})
+    assert issued.status_code == 201, issued.text
+    raw, key_id = issued.json()["key"], issued.json()["id"]
+    assert _key_works_everywhere(c, raw) == {n: 200 for n in WEB}  # now cached on every instance
+    assert c.alice.post("web2", f"/api/v1/api-keys/{key_id}/revoke/").json()["status"] == "revoked"
+    revoked_at, checks = time.monotonic(), []
+
+    def refused_everywhere() -> bool:
+        checks.append(time.monotonic() - revoked_at)
+        return _key_works_everywhere(c, raw) == {n: 401 for n in WEB}
+
+    wait_until(refused_everywhere, timeout=5, every=0.02, message="every instance refuses the revoked key")
+    print(f"\n[cluster] revoked key refused by all 3 instances at check #{len(checks)}, which started "
+          f"{1000 * checks[-1]:.0f} ms after the revoke returned (the event is published before the response)")
+    assert c.alice.get("web3", "/api/v1/me/").status_code == 200  # the other key is untouched
+
+
+def test_a_lost_event_heals_from_the_journal(cluster):
+    """web3 is frozen and out of the broadcast group while a key is revoked (as after an expired group
+    membership, a full channel or a partition): the event never reaches it. Once it runs again, the
+    journal replay drops its cached lookup."""
+    import os
+    import signal
+
+    c = cluster
+    ensure_three(c)
+    raw = c.alice.post("web1", "/api/v1/api-keys/", json={"name": "partitioned"}).json()
+    assert _key_works_everywhere(c, raw["key"]) == {n: 200 for n in WEB}
+    channel = c.record("web3")["channel"]
+    proc = c.instances["web3"].popen
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert c.redis().zrem(f"{c.prefix}:asgi:group:kotaemon.cluster", channel) == 1
+        assert c.alice.post("web1", f"/api/v1/api-keys/{raw['id']}/revoke/").status_code == 200
+        time.sleep(0.3)  # the broadcast went to web1 and web2 only
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    heals_before = (c.record("web3") or {}).get("heals", 0)
+    resumed = time.monotonic()
+    wait_until(lambda: _key_works_everywhere(c, raw["key"])["web3"] == 401, timeout=10, every=0.1,
+               message="web3 heals from the journal")
+    print(f"\n[cluster] web3 missed the api_key_revoked event and refused the key {time.monotonic() - resumed:.2f} s "
+          f"after resuming (journal replay every 1 s)")
+    assert wait_until(lambda: (c.record("web3") or {}).get("heals", 0) > heals_before, timeout=5)
+    # It re-joined the group on its own: the next event reaches it directly.
+    assert wait_until(lambda: c.redis().zscore(f"{c.prefix}:asgi:group:kotaemon.cluster", channel), timeout=5)
+
+
+# --- (d) plugins: disabled in the admin, invoked by no instance ------------------------------------
+def test_a_plugin_disabled_in_the_admin_is_invoked_by_no_instance(cluster):
+    from tests.plugins.order_service import order_service
+
+    c = cluster
+    ensure_three(c)
+    question = "where is my order A1001?"
+    with order_service() as orders:
+        enabled = c.editor.http.patch(f"{c.instances['web1'].url}/api/v1/plugins/order_query/",
+                                      headers=c.editor.headers,
+                                      json={"enabled": True, "config": {"base_url": orders.url}})
+        assert enabled.status_code == 200, enabled.text
+
+        def invoked(name: str) -> bool:
+            response = c.alice.chat(name, question)
+            assert response.status_code == 200, response.text
+            return any(r.get("plugin") == "order_query" and r.get("ok") for r in response.json()["plugin_results"])
+
+        for name in WEB:  # the enable reached every instance
+            wait_until(lambda: invoked(name), timeout=60, every=0.3, message=f"{name} invokes order_query")
+        page = c.admin.use(c.instances["web2"].url).http.get("/admin/plugins/pluginconfig/")
+        pk = int(re.search(r'href="/admin/plugins/pluginconfig/(\d+)/change/[^"]*">order_query<', page.text).group(1))
+        version_before = c.record("web1")["plugin_config_version"]
+        disabled_at = time.monotonic()
+        c.admin.action("/admin/plugins/pluginconfig/", "disable", [pk])
+        versions = wait_until(lambda: (rs := {n: (c.record(n) or {}).get("plugin_config_version") for n in WEB})
+                              and all(v is not None and v > version_before for v in rs.values()) and rs,
+                              timeout=10, every=0.05, message="every instance holds the new plugin config")
+        print(f"\n[cluster] plugin disabled in the admin; all 3 instances on config version {versions} within "
+              f"{1000 * (time.monotonic() - disabled_at):.0f} ms (heartbeat resolution 500 ms)")
+        calls_before = len(orders.requests)
+        for name in WEB * 2:
+            assert not invoked(name), f"{name} still invoked the disabled plugin"
+        assert len(orders.requests) == calls_before
+
+
+# --- (a) one conversation across instances ------------------------------------------------------
+def take_turn(c: Cluster, target: str, session_id: str | None, history: list[tuple[str, str]], text: str,
+              **kw) -> tuple[str, httpx.Response]:
+    """One chat turn; checks the language model saw exactly the conversation so far (the last 3 exchanges,
+    MAX_HISTORY_TURNS), whichever instance served the earlier turns."""
+    response = c.alice.chat(target, text, session_id=session_id, **kw)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    seen = seen_dialogue(body["answer"])
+    expected = history[-3:]
+    assert [m["role"] for m in seen] == ["user", "assistant"] * len(expected), seen
+    assert [m["content"] for m in seen if m["role"] == "user"] == [u for u, _ in expected]
+    for said, (_, answer) in zip([m["content"] for m in seen if m["role"] == "assistant"], expected):
+        assert answer.startswith(said[:40]), (said[:80], answer[:80])
+    history.append((text, body["answer"]))
+    return body["session_id"], response
+
+
+def assert_stored(c: Cluster, session_id: str, history: list[tuple[str, str]]) -> None:
+    """Every instance reads the whole conversation, in order, from the database."""
+    for target in WEB:
+        if not c.instances[target].alive():
+            continue
+        page = c.alice.get(target, f"/api/v1/conversations/{session_id}/messages/")
+        assert page.status_code == 200, page.text
+        stored = [(m["role"], m["content"]) for m in page.json()["results"]]
+        assert stored == [pair for u, a in history for pair in (("user", u), ("assistant", a))]
+
+
+WORDS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth"]
+
+
+def test_a_conversation_alternating_between_instances_keeps_its_context(cluster):
+    c = cluster
+    ensure_three(c)
+    session, history = None, []
+    for turn, target in enumerate(WEB * 2):  # web1 web2 web3 web1 web2 web3
+        session, response = take_turn(c, target, session, history,
+                                      f"The {WORDS[turn]} question: can opened items be returned too?")
+        assert response.headers["x-instance-id"] == c.instance_id(target)
+    assert len(history) == 6
+    assert_stored(c, session, history)
+
+
+# --- (c) an editor changes a document while every instance is answering -----------------------
+def test_document_edit_swaps_every_instance_without_failures_or_mixed_versions(cluster):
+    c = cluster
+    ensure_three(c)
+    results: list[tuple[float, float, str, object, frozenset | None]] = []
+    stop = threading.Event()
+
+    def load(offset: int) -> None:
+        http = httpx.Client(timeout=60)
+        for i in itertools.count(offset):
+            if stop.is_set():
+                return
+            target = WEB[i % len(WEB)]
+            started = time.time()
+            try:
+                response = http.post(f"{c.instances[target].url}/api/v1/chat/", headers=c.alice.headers,
+                                     json={"message": RETURN_QUESTION, "knowledge_bases": ["policies"]})
+                outcome, seen = response.status_code, frozenset(editions(response)) if response.status_code == 200 else None
+            except httpx.HTTPError as exc:
+                outcome, seen = repr(exc), None
+            results.append((started, time.time(), target, outcome, seen))
+
+    threads = [threading.Thread(target=load, args=(k,), daemon=True) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.5)  # traffic before the edit
+        edited = time.time()
+        c.admin.use(c.instances["web3"].url).change(
+            f"/admin/knowledge/document/{c.policy_id}/change/",
+            files={"file": ("returns-policy.md", POLICY_V2.encode(), "text/markdown")})
+
+        def all_new() -> bool:
+            done = {}
+            for started, _, target, outcome, seen in results:
+                if started > edited and seen == {"BRAVO"}:
+                    done[target] = done.get(target, 0) + 1
+            return all(done.get(t, 0) >= 3 for t in WEB)
+
+        wait_until(all_new, timeout=120, every=0.2, message="every instance answers from the edited document")
+        all_new_at = time.time()
+        time.sleep(1.0)  # and keeps doing so
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+
+    failures = [r for r in results if r[3] != 200]
+    assert not failures, f"{len(failures)} of {len(results)} requests failed during the swap: {failures[:5]}"
+    mixed = [r for r in results if r[4] not in ({"ALPHA"}, {"BRAVO"})]
+    assert not mixed, f"answers citing both or neither version: {mixed[:5]}"
+    for target in WEB:  # once an instance answered from the new version, it never went back
+        mine = [r for r in results if r[2] == target]
+        first_new_done = min(done for _, done, _, _, seen in mine if seen == {"BRAVO"})
+        assert not [r for r in mine if r[0] > first_new_done and r[4] == {"ALPHA"}], f"{target} flip-flopped"
+
+    event = next(e for e in c.journal() if e["type"] == "knowledge_updated")
+    assert event["version"] == 2 and event["payload"]["knowledge_base"] == c.kb_id
+    lines = [f"\n[cluster] document edit -> answers from the new version: {len(results)} requests to 3 instances "
+             f"during the swap, 0 failed, 0 mixed",
+             f"[cluster]   edit saved -> knowledge_updated v2 published (ingest + rebuild on the worker): "
+             f"{event['ts'] - edited:.2f} s",
+             f"[cluster]   edit saved -> all 3 instances answering from v2 (3 answers each): {all_new_at - edited:.2f} s"]
+    for target in WEB:
+        mine = [r for r in results if r[2] == target]
+        last_old = max((s for s, _, _, _, seen in mine if seen == {"ALPHA"}), default=edited)
+        first_new = min(d for _, d, _, _, seen in mine if seen == {"BRAVO"})
+        text = metrics_of(c, target)
+        lag_sum = metric(text, "kotaemon_cluster_event_lag_seconds_sum", type="knowledge_updated")
+        lag_count = metric(text, "kotaemon_cluster_event_lag_seconds_count", type="knowledge_updated")
+        lines.append(f"[cluster]   {target}: event published -> first v2 answer completed {first_new - event['ts']:+.3f} s "
+                     f"(last v1 answer started {last_old - event['ts']:+.3f} s); event lag (metric) "
+                     f"{1000 * lag_sum / max(lag_count, 1):.1f} ms mean over {lag_count:.0f}")
+    print("\n".join(lines))
+    records = {n: c.record(n) for n in WEB}
+    assert all(r["indexes"][str(c.kb_id)] == 2 for r in records.values()), records
+
+
+# --- (e) duplicated, delayed, out-of-order and malformed events change nothing ---------------------
+def test_duplicated_delayed_out_of_order_events_change_nothing(cluster):
+    c = cluster
+    ensure_three(c)
+    kb = str(c.kb_id)
+    v2 = next(e for e in c.journal() if e["type"] == "knowledge_updated")
+    plugin_event = next(e for e in c.journal() if e["type"] == "plugin_config_updated")
+    assert v2["version"] == 2 and c.v1_event["version"] == 1
+    fresh = lambda e, **kw: dict(e, id=uuid.uuid4().hex, ts=time.time(), **kw)  # noqa: E731
+
+    def counts(name: str) -> dict:
+        text = metrics_of(c, name)
+        return {**{(t, o): metric(text, "kotaemon_cluster_events_total", type=t, outcome=o)
+                   for t in ("knowledge_updated", "plugin_config_updated", "api_key_revoked")
+                   for o in ("applied", "duplicate", "stale")},
+                ("unknown", "invalid"): metric(text, "kotaemon_cluster_events_total", type="unknown", outcome="invalid")}
+
+    before = {n: counts(n) for n in WEB}
+    sentinel = {"type": "api_key_revoked", "id": uuid.uuid4().hex, "version": None, "origin": "test",
+                "ts": time.time(), "payload": {"key_id": 987654321}}
+    c.broadcast(
+        v2,                                             # duplicate: delivered twice
+        c.v1_event,                                     # delayed and out of order: v1 after v2 (same id: duplicate)
+        fresh(c.v1_event),                              # a distinct but older activation: stale
+        fresh(v2),                                      # the same version again under another id: stale
+        plugin_event,                                   # duplicate
+        fresh(plugin_event, version=plugin_event["version"] - 1),  # out of order: stale
+        {"type": "knowledge_updated", "id": "broken"},  # malformed: ignored
+        sentinel,                                       # a normal event: the listener is still working
+    )
+    for name in WEB:  # events are applied in order, so once the sentinel is applied all the others were seen
+        wait_until(lambda: counts(name)[("api_key_revoked", "applied")] == before[name][("api_key_revoked", "applied")] + 1,
+                   timeout=10, every=0.1, message=f"{name} processed the batch")
+        after = counts(name)
+        delta = {k: after[k] - before[name][k] for k in after if after[k] != before[name][k]}
+        assert delta == {("knowledge_updated", "duplicate"): 2, ("knowledge_updated", "stale"): 2,
+                         ("plugin_config_updated", "duplicate"): 1, ("plugin_config_updated", "stale"): 1,
+                         ("unknown", "invalid"): 1, ("api_key_revoked", "applied"): 1}, (name, delta)
+    for name in WEB:
+        assert wait_until(lambda: (c.record(name) or {}).get("indexes", {}).get(kb), timeout=5) == 2
+        response = c.alice.chat(name, RETURN_QUESTION)
+        assert response.status_code == 200 and editions(response) == {"BRAVO"}
+
+
+# --- (b) kill -9 mid-conversation ----------------------------------------------------------------
+def test_kill_9_of_the_serving_instance_loses_no_message(cluster):
+    c = cluster
+    ensure_three(c)
+    session, history = None, []
+    session, _ = take_turn(c, "web1", session, history, "The first question: how are refunds paid?")
+    session, last = take_turn(c, "web2", session, history, "The second question: and how long do they take?")
+    victim = next(n for n in WEB if c.instance_id(n) == last.headers["x-instance-id"])
+    assert victim == "web2"
+    c.kill9(victim)  # no shutdown, no deregistration: it just vanishes
+    session, after = take_turn(c, "web3", session, history, "The third question: can I return opened items?")
+    assert after.headers["x-instance-id"] == c.instance_id("web3")
+    session, _ = take_turn(c, "web1", session, history, "The fourth question: who pays for the return?")
+    assert_stored(c, session, history)
+    # The killed instance drops out of the registry when its record expires (TTL 3 s here).
+    wait_until(lambda: c.record(victim) is None, timeout=10, message="the killed instance leaves the registry")
+    ensure_three(c)  # a replacement joins, loads the indexes and becomes ready
+    assert c.record(victim)["pid"] == c.instances[victim].popen.pid
+
+
+# --- (a) and (b) through the load balancer ---------------------------------------------------------
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (CI installs Debian's nginx)")
+def test_through_nginx_affinity_and_failover(cluster):
+    c = cluster
+    ensure_three(c)
+    lb = c.nginx if c.nginx and c.nginx.alive() else c.start_nginx(WEB)
+    session = f"lb-{uuid.uuid4().hex[:16]}"
+    sticky = {"X-Session-ID": session}
+    history: list[tuple[str, str]] = []
+    served = []
+    for turn in range(3):
+        _, response = take_turn(c, lb.url, session, history, f"The {WORDS[turn]} question: what is the refund window?",
+                                headers=sticky)
+        served.append(response.headers["x-instance-id"])
+    assert len(set(served)) == 1, f"affinity: one session, one instance ({served})"
+    victim = next(n for n in WEB if c.instance_id(n) == served[-1])
+    c.kill9(victim)
+    for turn in range(3, 5):  # nginx skips the dead instance; the conversation goes on elsewhere
+        _, response = take_turn(c, lb.url, session, history, f"The {WORDS[turn]} question: and for opened items?",
+                                headers=sticky)
+        served.append(response.headers["x-instance-id"])
+    assert c.instance_id(victim) not in served[3:] and len(set(served[3:])) == 1
+    assert_stored(c, session, history)
+    # Without a session id, requests spread over the instances.
+    spread = {c.alice.chat(lb.url, RETURN_QUESTION).headers["x-instance-id"] for _ in range(9)}
+    assert len(spread) >= 2, spread

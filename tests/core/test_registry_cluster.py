@@ -96,6 +96,24 @@ def test_journal_forgets_old_entries(both_namespaces, settings):
     assert registry.journal_entries() == []  # pruned, not just hidden
 
 
+def test_replay_applies_missed_entries_once(both_namespaces):
+    seen = []
+    events.register_handler("api_key_revoked", seen.append)
+    events.register_handler("knowledge_updated", seen.append)
+    revoked = events.make_event("api_key_revoked", {"key_id": 41})
+    built = events.make_event("knowledge_updated", {"knowledge_base": 3, "version": 7}, version=7)
+    just_now = events.make_event("knowledge_updated", {"knowledge_base": 4, "version": 1}, version=1)
+    for event, age in ((revoked, 5), (built, 5), (just_now, 0)):
+        event["ts"] -= age
+        registry.journal_record(event)
+    duplicates = events.stats()["duplicate"]
+    assert cluster.replay_journal() == 2  # the fresh entry's broadcast is still on its way: left for later
+    assert {e["id"] for e in seen} == {revoked["id"], built["id"]}
+    assert cluster.replay_journal() == 0  # nothing is dispatched again, not even as a counted duplicate
+    assert events.stats()["duplicate"] == duplicates and len(seen) == 2
+    assert events.held_version("knowledge_updated", "3") == 7
+
+
 # --- runtime ----------------------------------------------------------------------------------
 def test_argv_port_parsing():
     assert cluster._argv_port(["uvicorn", "kotaemon_site.asgi:application", "--port", "8123"]) == 8123
@@ -106,7 +124,7 @@ def test_argv_port_parsing():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_runtime_receives_heartbeats_and_heals_on_real_redis(redis_namespace, settings, redis_url):
+def test_runtime_receives_heartbeats_and_heals_on_real_redis(redis_namespace, settings):
     """One runtime in this process against the real Redis; another instance is played by a separate
     channel-layer client and by direct journal writes."""
     from channels_redis.core import RedisChannelLayer
@@ -122,7 +140,7 @@ def test_runtime_receives_heartbeats_and_heals_on_real_redis(redis_namespace, se
     assert rows[0]["pid"] == runtime.pid and rows[0]["kind"] == "web"
 
     # A broadcast from another instance arrives through the listener.
-    other = RedisChannelLayer(hosts=[redis_url], prefix=f"{redis_namespace}:asgi")
+    other = RedisChannelLayer(hosts=[settings.REDIS_URL], prefix=f"{redis_namespace}:asgi")
     event = events.make_event("plugin_config_updated", {"plugin": "orders"}, version=4)
     event["origin"] = "other-instance"
     asyncio.run(other.group_send(events.CLUSTER_GROUP, {"type": "cluster.event", "event": event}))
