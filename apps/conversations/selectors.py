@@ -68,12 +68,23 @@ def message_get_for_feedback(*, user: AbstractBaseUser, message_id: int) -> Mess
     return message
 
 
+def conversation_key(conversation: Conversation) -> str:
+    """Identifies one conversation beyond its pk: a session id reused after a delete, or a database
+    restored from a backup (pks handed out again), must not pick up another conversation's state."""
+    return f"{conversation.pk}:{conversation.created_at.timestamp():.6f}"
+
+
+def session_state_matches(data: dict[str, Any] | None, conversation: Conversation) -> bool:
+    return bool(data) and data.get("conversation_key") == conversation_key(conversation)
+
+
 def session_state_from_database(*, conversation: Conversation) -> dict[str, Any]:
     recent = list(conversation.messages.order_by("-id").values("role", "content", "query")[:STATE_TURNS])
     recent.reverse()
     last_query = next((m["query"] or m["content"] for m in reversed(recent) if m["role"] == "user"), "")
     return {
         "conversation_id": conversation.pk,
+        "conversation_key": conversation_key(conversation),
         "owner_id": conversation.owner_id,
         "turns": [{"role": m["role"], "content": m["content"][:STATE_TURN_CHARS]} for m in recent],
         "last_query": last_query,
@@ -85,14 +96,14 @@ def session_state_get(*, conversation: Conversation) -> SessionState:
     (expired, flushed Redis, another region) so no context is ever lost."""
     store = get_session_store()
     state = store.get(conversation.session_id)
-    if state is not None and state.data.get("conversation_id") == conversation.pk:
+    if state is not None and session_state_matches(state.data, conversation):
         return state
     built = session_state_from_database(conversation=conversation)
     metrics.session_store_lookups_total.labels("database", "hit").inc()
 
     def keep_or_build(current: dict | None) -> dict | None:
         # A concurrent turn may have rebuilt it already; keep theirs (it may hold a newer turn).
-        if current and current.get("conversation_id") == conversation.pk:
+        if session_state_matches(current, conversation):
             return None
         return built
 

@@ -68,12 +68,17 @@ def mask_text(text: str) -> str:
     return text
 
 
+# Fields that hold identifiers the application wrote itself, never user text: masking them would
+# only corrupt them (a timestamp looks like a phone number).
+IDENTIFIER_FIELDS = frozenset({"conversation_key", "conversation_id", "owner_id", "role", "session_id"})
+
+
 def mask_value(value: Any, mask: Callable[[str], str] = mask_text) -> Any:
-    """Mask every string inside a JSON-like value (dict keys are identifiers and stay as they are)."""
+    """Mask every string inside a JSON-like value, except dict keys and IDENTIFIER_FIELDS."""
     if isinstance(value, str):
         return mask(value)
     if isinstance(value, dict):
-        return {k: mask_value(v, mask) for k, v in value.items()}
+        return {k: (v if k in IDENTIFIER_FIELDS else mask_value(v, mask)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [mask_value(v, mask) for v in value]
     return value

@@ -23,7 +23,7 @@ from .hooks import PluginResult, TurnContext, run_turn_hooks
 from .models import Conversation, Feedback, Message
 from .prompt import cited_numbers
 from .selectors import (STATE_TURN_CHARS, STATE_TURNS, conversation_find, conversation_get, message_get_for_feedback,
-                        session_id_validate, session_state_get)
+                        session_id_validate, session_state_get, session_state_matches)
 from .session_store import get_session_store
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def _append_turns(conversation: Conversation, new_turns: list[dict[str, str]], q
     def append(current: dict | None) -> dict:
         from .selectors import session_state_from_database
 
-        if not current or current.get("conversation_id") != conversation.pk:
+        if not session_state_matches(current, conversation):
             # The messages were committed before this update, so the rebuild already holds them.
             return session_state_from_database(conversation=conversation)
         turns = (current.get("turns") or []) + [

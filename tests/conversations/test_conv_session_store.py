@@ -279,3 +279,23 @@ def test_unknown_backend_is_a_clear_configuration_error():
 
     with pytest.raises(ImproperlyConfigured, match="SESSION_STORE_BACKEND"):
         build_store("memcached")
+
+
+@pytest.mark.django_db
+def test_state_of_another_conversation_under_the_same_id_is_not_used(user):
+    """A session id reused after a delete (or pks handed out again after a restore) rebuilds from the database."""
+    from apps.conversations.models import Conversation, Message
+    from apps.conversations.selectors import session_state_get
+    from apps.conversations.session_store import get_session_store, session_store_reset
+
+    session_store_reset()
+    conversation = Conversation.objects.create(session_id="s-reused01", owner=user)
+    Message.objects.create(conversation=conversation, role="user", content="call me at +44 20 7946 0958")
+    get_session_store().set("s-reused01", {"conversation_id": conversation.pk, "conversation_key": "old",
+                                           "turns": [{"role": "user", "content": "someone else's turn"}]})
+    state = session_state_get(conversation=conversation).data
+    assert [t["content"] for t in state["turns"]] == ["call me at [phone]"]
+    # The identifier survives masking, so the next read is a hit, not another rebuild.
+    assert session_state_get(conversation=conversation).version == get_session_store().get("s-reused01").version
+    assert get_session_store().get("s-reused01").data["conversation_key"] == state["conversation_key"]
+    session_store_reset()
