@@ -103,14 +103,22 @@ class WorkerProcess:
         self.tmp_dir = tempfile.mkdtemp(prefix="kotaemon-plugin-")
         self.version: int | None = None
         self.buffer = bytearray()
-        self.proc = subprocess.Popen(
-            [options.python, "-I", "-c", BOOT, str(ROOT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=None, cwd=self.tmp_dir, env=_child_env(self.tmp_dir), close_fds=True,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                [options.python, "-I", "-c", BOOT, str(ROOT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=None, cwd=self.tmp_dir, env=_child_env(self.tmp_dir), close_fds=True,
+            )
+        except OSError as exc:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            raise WorkerLost("error", "worker_start_failed", f"could not start a plugin worker: {exc}") from None
         self.started = time.monotonic()
         init = dict(init, memory_limit_mb=options.memory_limit_mb, denied_paths=list(options.denied_paths),
                     sys_path=list(options.sys_path))
-        write_frame(self.proc.stdin, init)
+        try:
+            write_frame(self.proc.stdin, init)
+        except (OSError, ValueError) as exc:
+            self.kill()
+            raise WorkerLost("error", "worker_start_failed", f"the plugin worker died at start: {exc}") from None
 
     @property
     def pid(self) -> int:
@@ -282,6 +290,29 @@ class PluginPool:
             self.cond.notify()
         if not keep:
             threading.Thread(target=worker.close if healthy else worker.kill, daemon=True).start()
+            if not healthy:
+                # Replace a killed or crashed worker now, so the next call does not pay a cold start.
+                threading.Thread(target=self._replenish, daemon=True).start()
+
+    def _replenish(self) -> None:
+        with self.cond:
+            if self.closed or self.idle or self.count >= self.options.pool_size:
+                return
+            self.count += 1
+        try:
+            worker = self._spawn()
+        except Exception:  # noqa: BLE001 - the next call reports start-up failures itself
+            with self.cond:
+                self.count -= 1
+                self.cond.notify()
+            return
+        with self.cond:
+            if not self.closed:
+                self.idle.append(worker)
+                self.cond.notify()
+                return
+            self.count -= 1
+        worker.kill()
 
     def call(self, spec: PluginSpec, message: dict[str, Any], timeout: float, rpc: RpcHandler | None) -> CallOutcome:
         started = time.monotonic()
@@ -372,10 +403,14 @@ class PluginRuntime:
         skip: list[str] = []
         hung: list[dict[str, str]] = []
         for _ in range(20):
-            worker = WorkerProcess({"mode": "discover", "plugins_dir": self.options.plugins_dir,
-                                    "dotted_paths": list(self.options.dotted_paths), "skip": skip,
-                                    "entry_points": self.options.entry_points, "builtins": self.options.builtins},
-                                   self.options)
+            try:
+                worker = WorkerProcess({"mode": "discover", "plugins_dir": self.options.plugins_dir,
+                                        "dotted_paths": list(self.options.dotted_paths), "skip": skip,
+                                        "entry_points": self.options.entry_points,
+                                        "builtins": self.options.builtins}, self.options)
+            except WorkerLost as exc:
+                return Catalogue({}, hung + [{"source": "discovery", "ref": str(self.options.plugins_dir),
+                                              "error": exc.message}], time.time())
             current: dict[str, str] | None = None
             try:
                 while True:

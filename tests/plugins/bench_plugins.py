@@ -96,11 +96,15 @@ def main() -> None:
             out["order_query_warm_ms"] = {"p50": ms(statistics.median(calls)), "p95": ms(pct(calls, 95))}
 
         sleepy = PluginSpec("sleepy", "dir", str(plugins / "bench_echo.py"), 1)
-        runtime.call(sleepy, dict(msg, method="go"), timeout=0.01)  # warm the worker up
+        runtime.call(sleepy, dict(msg, method="go"), timeout=0.01)  # start a worker (it is killed and replaced)
+        time.sleep(1.0)  # the replacement starts in the background
         t = time.perf_counter()
         hung = runtime.call(sleepy, dict(msg, method="go"), timeout=0.5)
         out["timeout_0.5s_returns_after_ms"] = ms(time.perf_counter() - t)
         assert hung.outcome == "timeout", hung
+        time.sleep(1.0)
+        pool = runtime.pools["sleepy"]
+        out["sleepy_workers_started (1 + a replacement per timeout)"] = pool.spawned
         runtime.shutdown()
 
     from apps.knowledge.rag.embedder import configure_threads, get_embedder

@@ -20,6 +20,15 @@ def _run(user, make_turn, message):
     return ctx
 
 
+def _eventually(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _last(plugin):
     return PluginInvocation.objects.filter(plugin=plugin).latest("created_at")
 
@@ -48,10 +57,14 @@ def test_hanging_plugin_times_out_is_killed_and_replaced(plugins_dir, enable, us
     assert elapsed < 5, elapsed  # 0.5 s budget + a cold worker start, far below the plugin's 120 s sleep
     record = _last("sleeper")
     assert record.outcome == "timeout" and 400 <= record.duration_ms < 5000
-    # The hung process is gone; a fresh one serves (and times out) the next call.
-    assert services._state.runtime.worker_pids().get("sleeper") == []
+    # The hung process was killed and a warm replacement started at once; it serves (and times out) the next call.
+    pool = services._state.runtime.pools["sleeper"]
+    assert _eventually(lambda: pool.spawned == 2 and len(pool.idle) == 1)
+    replacement = pool.idle[0].pid
     _run(user, make_turn, "sleep it")
     assert PluginInvocation.objects.filter(plugin="sleeper", outcome="timeout").count() == 2
+    assert _eventually(lambda: pool.spawned == 3 and len(pool.idle) == 1 and pool.idle[0].pid != replacement)
+    assert _eventually(lambda: not os.path.exists(f"/proc/{replacement}"))  # the hung worker was killed and reaped
 
 
 @pytest.mark.parametrize("mode", ["one_shot", "gradual"])
@@ -135,3 +148,12 @@ def test_capabilities_without_their_scope_are_denied(plugins_dir, enable, user, 
     record = _last("overreacher")
     assert (record.outcome, record.error_code) == ("denied", "scope_missing"), record.error_message
     assert not Ticket.objects.exists()
+
+
+def test_crashing_worker_is_recorded_and_replaced(plugins_dir, enable, user, make_turn):
+    enable("crasher")
+    for _ in range(2):
+        ctx = _run(user, make_turn, "crash it")
+        assert ctx.plugin_results[0].ok is False
+    records = list(PluginInvocation.objects.filter(plugin="crasher").values_list("outcome", "error_code"))
+    assert records == [("error", "worker_crashed")] * 2

@@ -112,3 +112,11 @@ class Overreacher(BasePlugin):
         else:
             ctx.http.get("http://127.0.0.1:9/")
         return "did it"
+
+
+class Crasher(BasePlugin):
+    name = "crasher"
+
+    @intent_hook(intent="crash_it", keywords=[r"\bcrash it\b"])
+    def go(self, ctx):
+        os._exit(3)
