@@ -113,7 +113,7 @@ class WorkerProcess:
             raise WorkerLost("error", "worker_start_failed", f"could not start a plugin worker: {exc}") from None
         self.started = time.monotonic()
         init = dict(init, memory_limit_mb=options.memory_limit_mb, denied_paths=list(options.denied_paths),
-                    sys_path=list(options.sys_path))
+                    sys_path=list(options.sys_path), plugins_dir=options.plugins_dir)
         try:
             write_frame(self.proc.stdin, init)
         except (OSError, ValueError) as exc:

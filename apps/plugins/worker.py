@@ -81,8 +81,10 @@ _BLOCKED_EVENTS = {
 class Policy:
     """What the current operation may touch. Swapped per operation by the worker loop."""
 
-    def __init__(self, denied_paths: list[str], tmp_dir: str) -> None:
+    def __init__(self, denied_paths: list[str], tmp_dir: str, allowed_paths: list[str] = ()) -> None:
         self.denied_paths = [os.path.realpath(p) for p in denied_paths if p]
+        # Plugin code may live under a denied tree (e.g. PLUGINS_DIR inside DATA_DIR): it stays readable.
+        self.allowed_paths = [os.path.realpath(p) for p in allowed_paths if p]
         self.tmp_dir = os.path.realpath(tmp_dir)
         self.allowed_hosts: list[str] = []
         self.allowed_ips: set[str] = set()
@@ -106,6 +108,8 @@ class Policy:
             part = real.split("/")[2]
             if part.isdigit() and int(part) != os.getpid():
                 return "reading other processes"
+        if any(real == a or real.startswith(a + os.sep) for a in self.allowed_paths):
+            return None
         for denied in self.denied_paths:
             if real == denied or real.startswith(denied + os.sep):
                 return "reading platform data"
@@ -250,7 +254,8 @@ class Worker:
     def __init__(self, channel: _Channel, init: dict[str, Any]) -> None:
         self.channel = channel
         self.init = init
-        self.policy = Policy(init.get("denied_paths", []), os.getcwd())
+        self.policy = Policy(init.get("denied_paths", []), os.getcwd(),
+                             [init.get("plugins_dir") or "", *(init.get("sys_path") or [])])
         self.cls = None
         self.instance = None
         self.version: int | None = None

@@ -157,3 +157,20 @@ def test_crashing_worker_is_recorded_and_replaced(plugins_dir, enable, user, mak
         assert ctx.plugin_results[0].ok is False
     records = list(PluginInvocation.objects.filter(plugin="crasher").values_list("outcome", "error_code"))
     assert records == [("error", "worker_crashed")] * 2
+
+
+def test_platform_data_is_unreadable_even_when_plugins_live_beside_it(plugins_dir, enable, user, make_turn,
+                                                                      settings):
+    # PLUGINS_DIR sits inside DATA_DIR here: plugin code still imports, the platform's files do not open.
+    settings.DATA_DIR = plugins_dir.parent
+    secret_file = plugins_dir.parent / "db-backup.sql"
+    secret_file.write_text("password hashes")
+    enable("reader", config={"path": str(secret_file)})
+    ctx = _run(user, make_turn, "read it")
+    assert ctx.plugin_results[0].ok is False
+    record = _last("reader")
+    assert (record.outcome, record.error_code) == ("denied", "operation_not_allowed")
+    assert "reading platform data" in record.error_message
+    enable("reader", config={"path": str(plugins_dir / "recorder.py")})
+    ctx = _run(user, make_turn, "read it")
+    assert ctx.plugin_results[0].ok and "class Recorder" in ctx.plugin_results[0].content

@@ -120,3 +120,13 @@ class Crasher(BasePlugin):
     @intent_hook(intent="crash_it", keywords=[r"\bcrash it\b"])
     def go(self, ctx):
         os._exit(3)
+
+
+class Reader(BasePlugin):
+    name = "reader"
+    config_schema = {"type": "object", "properties": {"path": {"type": "string", "default": "/etc/hostname"}}}
+
+    @intent_hook(intent="read_it", keywords=[r"\bread it\b"])
+    def go(self, ctx):
+        with open(ctx.config["path"]) as fh:
+            return fh.read()
