@@ -16,6 +16,10 @@ class PluginConfigUpdateSerializer(serializers.Serializer):
 
 
 class TicketSerializer(serializers.ModelSerializer):
+    # Plain strings in the schema: a choice enum named "status" would collide with other apps' enums.
+    status = serializers.CharField(read_only=True, help_text="open | in_progress | resolved | closed")
+    priority = serializers.CharField(read_only=True, help_text="low | normal | high | urgent")
+
     class Meta:
         model = Ticket
         fields = ["id", "number", "subject", "status", "priority", "conversation_id", "created_at", "updated_at"]
