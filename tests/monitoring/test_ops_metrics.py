@@ -128,9 +128,13 @@ def ws_app():
 
 @pytest.mark.django_db(transaction=True)
 async def test_websocket_connections_frames_and_latency(user, client):
-    from asgiref.sync import sync_to_async
+    from apps.monitoring.metrics import render
 
-    get = sync_to_async(scrape)
+    async def get(_client) -> str:
+        # The exposition /metrics serves, rendered here: a test-client request from the async test would
+        # run in an executor thread whose database connection outlives the test and blocks its flush.
+        return render().decode()
+
     before = await get(client)
     comm = WebsocketCommunicator(ws_app(), "/ws/echo/", headers=headers())
     comm.scope["user"] = user
@@ -250,14 +254,18 @@ def test_real_worker_reports_queue_wait_outcomes_and_request_id(redis_url, tmp_p
          "--without-heartbeat", "--without-gossip", "--without-mingle"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
+    value, text = None, ""
     try:
-        assert result.get(timeout=90)["value"] == "queued"
+        value = result.get(timeout=90, propagate=False)
         waited = time.time() - published
         wait_for_port(port, timeout=30, proc=worker)
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except Exception as exc:
+        value = exc
     finally:
         worker.terminate()
         output = worker.communicate(timeout=30)[0].decode(errors="replace")
+    assert isinstance(value, dict) and value["value"] == "queued", (value, output[-3000:])
     assert sample(text, "kotaemon_celery_tasks_total", task="core.ping", outcome="success") == 1, output
     assert sample(text, "kotaemon_celery_queue_wait_seconds_count", task="core.ping") == 1
     wait_sum = sample(text, "kotaemon_celery_queue_wait_seconds_sum", task="core.ping")
