@@ -264,7 +264,8 @@ class ClusterRuntime:
         return {
             "id": self.instance_id, "kind": self.kind, "host": self.host, "port": self.port, "pid": self.pid,
             "started": self.started, "ready": self.ready, "subscribed": self.subscribed, "channel": self._channel,
-            "last_event": events.last_event(), "events": events.stats(), "heals": self.heals, **info,
+            "last_event": events.last_event(), "last_events": events.last_events(), "events": events.stats(),
+            "heals": self.heals, **info,
         }
 
     # events thread jobs --------------------------------------------------------------------------

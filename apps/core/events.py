@@ -63,6 +63,7 @@ _state_lock = threading.Lock()
 # handlers concurrently (v6 then a slower v5 would otherwise undo it), while unrelated events don't wait.
 _STRIPES = [threading.RLock() for _ in range(64)]
 _last_event: dict[str, Any] | None = None
+_last_by_type: dict[str, dict[str, Any]] = {}
 _counts: dict[str, int] = {"applied": 0, "duplicate": 0, "stale": 0, "failed": 0, "invalid": 0, "published": 0}
 
 OUTCOMES = tuple(_counts)
@@ -238,6 +239,7 @@ def dispatch_outcome(event: dict[str, Any], *, remote: bool = False) -> str:
                     _note_version_locked(event_type, key, version)
                 _last_event = {"id": event["id"], "type": event_type, "version": version, "key": key,
                                "origin": event["origin"], "ts": event["ts"], "received": time.time()}
+                _last_by_type[event_type] = _last_event
     _count(event_type, "failed" if failed else "applied")
     return "failed" if failed else "applied"
 
@@ -251,6 +253,12 @@ def dispatch(event: dict[str, Any]) -> bool:
 def last_event() -> dict[str, Any] | None:
     with _state_lock:
         return dict(_last_event) if _last_event else None
+
+
+def last_events() -> dict[str, dict[str, Any]]:
+    """The last event applied here, per type (a chat's session events don't hide the last index update)."""
+    with _state_lock:
+        return {kind: dict(event) for kind, event in _last_by_type.items()}
 
 
 def stats() -> dict[str, int]:
@@ -269,6 +277,7 @@ def _reset_for_tests() -> None:
     with _state_lock:
         _seen_ids.clear()
         _held.clear()
+        _last_by_type.clear()
         _last_event = None
 
 

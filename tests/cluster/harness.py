@@ -128,14 +128,15 @@ class Cluster:
 
     def env(self, instance_id: str) -> dict[str, str]:
         data = self.workdir / "data"
-        return server_env(
+        values = dict(
             REDIS_URL=self.redis_url, CELERY_BROKER_URL=self.redis_url, CELERY_RESULT_BACKEND=self.redis_url,
             CELERY_TASK_ALWAYS_EAGER="0", CELERY_TASK_DEFAULT_QUEUE=self.queue, CACHE_KEY_PREFIX=self.prefix,
             INSTANCE_ID=instance_id, KOTAEMON_DATA_DIR=str(data), INDEX_ROOT=str(data / "indexes"),
             MEDIA_ROOT=str(data / "media"), LOG_LEVEL="INFO", TORCH_NUM_THREADS="1", OMP_NUM_THREADS="1",
             CLUSTER_HEARTBEAT_SECONDS="0.5", CLUSTER_INSTANCE_TTL_SECONDS="3", CLUSTER_RECONCILE_SECONDS="1",
-            CHAT_RATE_LIMIT="100000/min", API_RATE_LIMIT="100000/min", **self.extra_env,
+            CHAT_RATE_LIMIT="100000/min", API_RATE_LIMIT="100000/min",
         )
+        return server_env(**{**values, **self.extra_env})
 
     def _popen(self, name: str, args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
         log = self.workdir / f"{name}.log"

@@ -86,6 +86,7 @@ def test_stale_and_out_of_order_versions_are_ignored_per_key(calls):
     assert events.dispatch_outcome(knowledge(2, 1)) == "applied"  # another knowledge base: its own versions
     assert events.dispatch_outcome(knowledge(1, 6)) == "applied"
     assert [(e["payload"]["knowledge_base"], e["version"]) for e in calls] == [(1, 5), (2, 1), (1, 6)]
+    assert events.last_event()["version"] == 6 and events.last_events()["knowledge_updated"]["key"] == "1"
     assert events.held_version("knowledge_updated", "1") == 6
     assert events.held_versions("knowledge_updated") == {"1": 6, "2": 1}
 

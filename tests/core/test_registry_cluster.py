@@ -161,7 +161,8 @@ def test_runtime_receives_heartbeats_and_heals_on_real_redis(redis_namespace, se
     wait_until(lambda: len(received) == 2)
     assert received[1]["id"] == lost["id"] and runtime.heals >= 1
     assert wait_until(lambda: [r for r in registry.instances_list()
-                               if r["id"] == settings.INSTANCE_ID and (r["last_event"] or {}).get("version") == 5])
+                               if r["id"] == settings.INSTANCE_ID and (r["last_event"] or {}).get("version") == 5
+                               and r["last_events"]["plugin_config_updated"]["id"] == lost["id"]])
 
     cluster.stop()
     assert [r for r in registry.instances_list() if r["id"] == settings.INSTANCE_ID] == []
