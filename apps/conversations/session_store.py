@@ -9,7 +9,7 @@ What is written is the same for both backends: JSON with personal data masked
 (sensitive.mask_text), zlib-compressed above SESSION_STATE_COMPRESS_BYTES, and trimmed from the
 oldest turns to fit SESSION_STATE_MAX_BYTES (a large state is shortened, never rejected).
 
-Versions only grow, also across expiry (a new version is at least the server's clock in ms), so a
+Versions only grow, also across expiry (a new version is at least the server's clock in microseconds), so a
 compare-and-set against a stale cached copy can never succeed by accident (no ABA).
 """
 from __future__ import annotations
@@ -117,8 +117,8 @@ def default_codec() -> Codec:
     return Codec(compress_bytes=settings.SESSION_STATE_COMPRESS_BYTES, max_bytes=settings.SESSION_STATE_MAX_BYTES)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+def _now_us() -> int:
+    return time.time_ns() // 1000
 
 
 # --- interface ----------------------------------------------------------------------------
@@ -207,7 +207,7 @@ class MemorySessionStore(SessionStore):
         blob, stored = self.codec.encode(data)
         with self._lock:
             live = self._live(session_id)
-            version = max((live[0] if live else 0) + 1, _now_ms())
+            version = max((live[0] if live else 0) + 1, _now_us())
             self._put(session_id, version, blob)
         return SessionState(version, stored)
 
@@ -224,7 +224,7 @@ class MemorySessionStore(SessionStore):
             if new is None:
                 return SessionState(live[0], current) if live else None
             blob, stored = self.codec.encode(new)
-            version = max((live[0] if live else 0) + 1, _now_ms())
+            version = max((live[0] if live else 0) + 1, _now_us())
             self._put(session_id, version, blob)
         return SessionState(version, stored)
 
@@ -244,8 +244,8 @@ if ARGV[1] ~= '*' and cur ~= ARGV[1] then
   return {0, cur, redis.call('HGET', KEYS[1], 'd')}
 end
 local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local nv = math.max(tonumber(cur) + 1, now_ms)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local nv = math.max(tonumber(cur) + 1, now_us)
 local nvs = string.format('%.0f', nv)
 redis.call('HSET', KEYS[1], 'v', nvs, 'd', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])

@@ -57,9 +57,17 @@ def build_knowledge_base(owner, *, slug: str | None = None, docs: dict[str, str]
     return kb
 
 
-def reset_conversation_runtime(settings_overrides=None) -> None:
+def reset_conversation_runtime() -> None:
     from apps.conversations.generators import generators_reset
     from apps.conversations.session_store import session_store_reset
 
     session_store_reset()
     generators_reset()
+
+
+def private_cache():
+    """A private cache for rate-limit counters: the shared test Redis is cleared by every other test
+    run on the machine, which would reset a counter between two requests of one test."""
+    from django.core.cache.backends.locmem import LocMemCache
+
+    return LocMemCache(f"throttle-{uuid.uuid4().hex}", {})

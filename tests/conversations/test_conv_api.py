@@ -5,7 +5,7 @@ import pytest
 
 from apps.conversations.models import Conversation, Feedback
 from apps.core.services import api_key_create
-from tests.conversations.conv_support import build_knowledge_base, reset_conversation_runtime
+from tests.conversations.conv_support import build_knowledge_base, private_cache, reset_conversation_runtime
 
 pytestmark = pytest.mark.django_db
 
@@ -139,7 +139,10 @@ def chat_rate(monkeypatch):
 
     def set_rate(rate: str) -> None:
         monkeypatch.setattr(SimpleRateThrottle, "THROTTLE_RATES", {"user": "1000/min", "chat": rate})
+        # A private counter store: the shared test Redis is cleared by every other test run on this machine.
+        monkeypatch.setattr(SimpleRateThrottle, "cache", private_cache())
     return set_rate
+
 
 
 def test_chat_rate_limit_per_user(auth_client, chat_rate, kb):

@@ -128,7 +128,10 @@ async def test_anonymous_is_refused():
 async def test_websocket_messages_share_the_chat_rate_limit(user, kb, monkeypatch):
     from rest_framework.throttling import SimpleRateThrottle
 
+    from tests.conversations.conv_support import private_cache
+
     monkeypatch.setattr(SimpleRateThrottle, "THROTTLE_RATES", {"user": "1000/min", "chat": "1/min"})
+    monkeypatch.setattr(SimpleRateThrottle, "cache", private_cache())
     comm, connected, _ = await connect(user)
     assert connected
     await comm.send_to(text_data=json.dumps({"type": "message", "message": "refund"}))
