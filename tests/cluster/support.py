@@ -52,8 +52,9 @@ def delete_namespace(redis_url: str, prefix: str) -> None:
 def redis_namespace(settings, redis_url):
     """Registry, journal and channel layer on the real Redis, under a prefix only this test uses."""
     prefix = namespace_settings(settings, redis_url)
+    used = settings.REDIS_URL
     yield prefix
-    delete_namespace(settings.REDIS_URL, prefix)
+    delete_namespace(used, prefix)
 
 
 @pytest.fixture
@@ -74,9 +75,10 @@ def isolated_namespace(settings):
     url = settings.REDIS_URL
     registry._reset_local_for_tests()
     prefix = namespace_settings(settings, url or None)
+    used = settings.REDIS_URL  # captured now: a test may point settings at another (or a dead) Redis
     yield prefix
-    if url:
-        delete_namespace(settings.REDIS_URL, prefix)
+    if used:
+        delete_namespace(used, prefix)
     registry._reset_local_for_tests()
 
 
@@ -89,8 +91,9 @@ def both_namespaces(request, settings):
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
         prefix = namespace_settings(settings, url)
+        used = settings.REDIS_URL
         yield prefix
-        delete_namespace(settings.REDIS_URL, prefix)
+        delete_namespace(used, prefix)
     else:
         yield namespace_settings(settings, None)
     registry._reset_local_for_tests()
