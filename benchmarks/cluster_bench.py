@@ -115,7 +115,13 @@ def main() -> None:
         import django
 
         django.setup()
-        cluster = run(args, workdir, prefix)
+        from tests.cluster.harness import Cluster
+
+        # Created here so that the finally below stops its processes whatever run() does.
+        cluster = Cluster(redis_url=args.redis_url, workdir=workdir, prefix=prefix, extra_env={
+            "GENERATOR": "extractive", "RETRIEVAL_CACHE_SECONDS": "0", "LOG_LEVEL": "WARNING",
+            "CLUSTER_HEARTBEAT_SECONDS": "0.2", "CLUSTER_RECONCILE_SECONDS": "3", "CLUSTER_INSTANCE_TTL_SECONDS": "15"})
+        run(args, cluster)
     finally:
         if cluster is not None:
             cluster.stop()
@@ -125,21 +131,18 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run(args, workdir: Path, prefix: str):
+def run(args, cluster) -> None:
     import httpx
     from django.contrib.auth import get_user_model
 
     from apps.core import events
     from apps.core.services import api_key_create
-    from tests.cluster.harness import AdminSession, Cluster, wait_until
+    from tests.cluster.harness import AdminSession, wait_until
 
     user = get_user_model().objects.create_user("bench-user", password="bench-user-pw")
     key = api_key_create(user=user).raw_key
     editor = get_user_model().objects.get(username="bench-editor")
     editor_key = api_key_create(user=editor).raw_key
-    cluster = Cluster(redis_url=args.redis_url, workdir=workdir, prefix=prefix, extra_env={
-        "GENERATOR": "extractive", "RETRIEVAL_CACHE_SECONDS": "0", "LOG_LEVEL": "WARNING",
-        "CLUSTER_HEARTBEAT_SECONDS": "0.2", "CLUSTER_RECONCILE_SECONDS": "3", "CLUSTER_INSTANCE_TTL_SECONDS": "15"})
     web = ["web1", "web2", "web3"]
     for name in web:
         cluster.start_instance(name)
@@ -253,7 +256,6 @@ def run(args, workdir: Path, prefix: str):
           f"save -> knowledge_updated (ingest + 2 s coalescing delay + rebuild) {summary(rebuilds, 1)} s, "
           f"event -> last instance answering {summary(propagations, 1)} s", flush=True)
     print(json.dumps(results, indent=2, default=float))
-    return cluster
 
 
 def drive(url: str, headers: dict, clients: int, duration: float, during=None) -> dict:
