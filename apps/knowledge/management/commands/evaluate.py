@@ -4,7 +4,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from apps.core.runtime import configure_process
+from ._process import prepare_process
 
 from ._output import progress, table
 
@@ -27,7 +27,7 @@ class Command(BaseCommand):
     def handle(self, *args, dataset, mode, split, kb, chunk_tokens, chunk_overlap, no_progress, **options):
         from apps.knowledge import evaluation
 
-        configure_process(kind="worker")
+        prepare_process("worker")
         root = Path(dataset)
         if not root.is_dir():
             raise CommandError(f"No dataset folder {dataset!r}.")

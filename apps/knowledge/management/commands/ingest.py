@@ -4,7 +4,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from apps.core.runtime import configure_process
+from ._process import prepare_process
 
 from ._operator import operator_user
 from ._output import progress, table
@@ -26,7 +26,7 @@ class Command(BaseCommand):
         from apps.knowledge import services
         from apps.knowledge.models import KnowledgeBase
 
-        configure_process(kind="worker")
+        prepare_process("worker")
         knowledge_base = KnowledgeBase.objects.filter(slug=kb).first()
         if knowledge_base is None:
             if not create:

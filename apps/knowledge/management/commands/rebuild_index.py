@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from apps.core.runtime import configure_process
+from ._process import prepare_process
 
 from ._output import progress, table
 
@@ -22,7 +22,7 @@ class Command(BaseCommand):
         from apps.knowledge.models import KnowledgeBase
         from apps.knowledge.services import index_rebuild
 
-        configure_process(kind="worker")
+        prepare_process("worker")
         if all:
             kbs = list(KnowledgeBase.objects.order_by("slug"))
         else:

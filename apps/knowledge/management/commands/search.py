@@ -5,7 +5,7 @@ import textwrap
 from django.core.management.base import BaseCommand, CommandError
 
 from apps.core.errors import ApplicationError
-from apps.core.runtime import configure_process
+from ._process import prepare_process
 
 from ._operator import operator_user
 from ._output import table
@@ -24,7 +24,7 @@ class Command(BaseCommand):
     def handle(self, *args, query, kb, mode, top_k, user, **options):
         from apps.knowledge.selectors import chunks_retrieve
 
-        configure_process(kind="web")
+        prepare_process("web")
         try:
             results = chunks_retrieve(user=operator_user(user), query=query, knowledge_bases=kb, top_k=top_k, mode=mode)
         except ApplicationError as exc:
