@@ -112,14 +112,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / f"test-{_TEST_DB_SUFFIX}.sqlite3")}
 else:
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{_TEST_DB_SUFFIX}"}
-    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
+    # 0 by default: under ASGI every request runs in its own thread, so persistent connections pile
+    # up per thread instead of being reused (Django docs, "Persistent connections" + ASGI).
+    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=0)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Cache, sessions, channel layer ----------------------------------------------------
 REDIS_URL = env("REDIS_URL", default="")
 REDIS_TIMEOUT = env.float("REDIS_TIMEOUT", default=2.0)
-CACHE_KEY_PREFIX = env("CACHE_KEY_PREFIX", default="ks")
+# Test runs get their own prefix so overlapping runs never touch each other's keys.
+CACHE_KEY_PREFIX = env("CACHE_KEY_PREFIX", default=f"kstest{_TEST_DB_SUFFIX}" if TESTING else "ks")
 if REDIS_URL:
     CACHES = {
         "default": {
@@ -201,6 +204,13 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SCHEMA_PATH_PREFIX": r"/api/v1",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Several models have a "status" field; name each enum so clients get stable type names.
+    "ENUM_NAME_OVERRIDES": {
+        "DocumentStatusEnum": "apps.knowledge.models.Document.Status",
+        "IndexVersionStatusEnum": "apps.knowledge.models.IndexVersion.Status",
+        "TicketStatusEnum": "apps.plugins.models.Ticket.STATUSES",
+        "UploadOutcomeStatusEnum": ["created", "duplicate", "rejected"],
+    },
 }
 
 # --- Security --------------------------------------------------------------------------
@@ -366,6 +376,9 @@ LOGGING["loggers"].update({
                         "level": env("ACCESS_LOG_LEVEL", default="WARNING" if TESTING else "INFO")},
 })
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Celery workers serve their metrics (task outcomes, queue wait) here when set; see docs/monitoring.md.
+WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=0)
+WORKER_METRICS_ADDR = env("WORKER_METRICS_ADDR", default="0.0.0.0")
 
 # --- Cluster (apps/core: event bus, instance registry; docs/cluster.md) -----------------
 CLUSTER_RUNTIME = env.bool("CLUSTER_RUNTIME", default=True)  # ASGI lifespan starts listener + heartbeat

@@ -21,9 +21,9 @@ def redis_url() -> str:
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    from django.core.cache import cache
+    from tests.helpers import clear_cache
 
-    cache.clear()
+    clear_cache()
     yield
 
 

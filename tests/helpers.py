@@ -32,6 +32,17 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listening on {port} after {timeout}s")
 
 
+def clear_cache() -> None:
+    """Empty this run's cache. On Redis only this run's keys go (its prefix): a FLUSHDB would also wipe
+    servers, workers and other test runs sharing the database."""
+    from django.core.cache import cache
+
+    if hasattr(cache, "delete_pattern"):
+        cache.delete_pattern("*")
+    else:
+        cache.clear()
+
+
 def server_env(**extra: str) -> dict[str, str]:
     """Environment for a subprocess serving the same database the test sees."""
     from django.conf import settings
@@ -44,7 +55,7 @@ def server_env(**extra: str) -> dict[str, str]:
     else:
         env["DATABASE_URL"] = f"sqlite:///{db['NAME']}"
     env.update({"KOTAEMON_TESTING": "1", "SECRET_KEY": "test-" + "x" * 60, "ALLOWED_HOSTS": "127.0.0.1,localhost",
-                "SECURE_SSL_REDIRECT": "0", "PYTHONUNBUFFERED": "1"})
+                "SECURE_SSL_REDIRECT": "0", "PYTHONUNBUFFERED": "1", "CACHE_KEY_PREFIX": settings.CACHE_KEY_PREFIX})
     env.update(extra)
     return env
 

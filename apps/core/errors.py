@@ -59,6 +59,31 @@ _DRF_CODES: dict[type, str] = {
 }
 
 
+def unavailable_dependency(exc: BaseException) -> str | None:
+    """Name the backing service an exception says is down ("redis", "database"), or None.
+
+    A dead dependency is an outage, not a bug: clients get 503 `service_unavailable` and may retry.
+    """
+    from django.db import InterfaceError, OperationalError
+
+    try:
+        from django_redis.exceptions import ConnectionInterrupted
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:  # pragma: no cover - both ship with the platform
+        return None
+    if isinstance(exc, (ConnectionInterrupted, RedisConnectionError, RedisTimeoutError)):
+        return "redis"
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return "database"
+    return None
+
+
+def unavailable_body(dependency: str) -> dict[str, Any]:
+    return error_body("service_unavailable", "A backing service is unavailable; please retry shortly.",
+                      {"dependency": dependency})
+
+
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
@@ -109,6 +134,10 @@ def api_exception_handler(exc: Exception, context: dict):
         if getattr(exc, "auth_header", None):
             headers["WWW-Authenticate"] = exc.auth_header
         body, status = error_body(_drf_code(exc), _message_for(exc), details), exc.status_code
+    elif dependency := unavailable_dependency(exc):
+        logger.error("Dependency unavailable in API view: %s", dependency, exc_info=exc)
+        body, status = unavailable_body(dependency), 503
+        headers["Retry-After"] = "5"
     else:
         logger.exception("Unhandled error in API view", extra={"view": str(context.get("view"))})
         body, status = error_body("server_error", "An unexpected error occurred; it has been logged."), 500

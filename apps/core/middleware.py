@@ -7,7 +7,7 @@ import uuid
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from .errors import error_body
+from .errors import error_body, unavailable_body, unavailable_dependency
 from .logging import current_request_var, request_id_var, session_id_var
 
 logger = logging.getLogger(__name__)
@@ -81,5 +81,10 @@ class ApiErrorMiddleware:
     def process_exception(self, request: HttpRequest, exception: Exception):
         if not request.path.startswith("/api/"):
             return None
+        if dependency := unavailable_dependency(exception):
+            logger.error("Dependency unavailable: %s", dependency, exc_info=exception)
+            response = JsonResponse(unavailable_body(dependency), status=503)
+            response["Retry-After"] = "5"
+            return response
         logger.exception("Unhandled error in %s %s", request.method, request.path)
         return JsonResponse(error_body("server_error", "An unexpected error occurred; it has been logged."), status=500)

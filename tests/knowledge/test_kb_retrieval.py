@@ -117,18 +117,19 @@ def test_identical_queries_are_cached_until_a_new_version_is_active(world, user,
 
 def test_cache_lives_in_redis_in_production(world, user, settings, redis_url, encode_counter):
     import redis
-    from django.core.cache import cache
+
+    from tests.helpers import clear_cache
 
     settings.CACHES = {"default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": redis_url,
                                    "KEY_PREFIX": "kbtest"}}
-    cache.clear()
+    clear_cache()
     chunks_retrieve(user=user, query="visitors park", knowledge_bases=["private"])
     keys = redis.Redis.from_url(redis_url).keys("kbtest:*knowledge:retrieve:*")
     assert len(keys) == 1
     encoded = encode_counter["texts"]
     chunks_retrieve(user=user, query="visitors park", knowledge_bases=["private"])
     assert encode_counter["texts"] == encoded
-    cache.clear()
+    clear_cache()
 
 
 def test_deleted_documents_disappear_before_the_index_is_rebuilt(world, user):

@@ -47,7 +47,10 @@ def _start_redis(port: int) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_readyz_names_failing_checks_when_redis_stops():
+def test_readyz_names_failing_checks_when_redis_stops(user):
+    from apps.core.services import api_key_create
+
+    auth = {"Authorization": f"Bearer {api_key_create(user=user).raw_key}"}
     port = free_port()
     redis_proc = _start_redis(port)
     url = f"redis://127.0.0.1:{port}/0"
@@ -56,6 +59,7 @@ def test_readyz_names_failing_checks_when_redis_stops():
             ok = httpx.get(f"http://{addr}/readyz", timeout=15)
             assert ok.status_code == 200, ok.text
             assert ok.json()["checks"]["cache"]["detail"] == "RedisCache"
+            assert httpx.get(f"http://{addr}/api/v1/me/", headers=auth, timeout=15).status_code == 200
             redis_proc.terminate()
             redis_proc.wait(timeout=10)
             down = httpx.get(f"http://{addr}/readyz", timeout=15)
@@ -63,6 +67,11 @@ def test_readyz_names_failing_checks_when_redis_stops():
             assert set(down.json()["failing"]) == {"cache", "channel_layer"}
             assert down.json()["checks"]["database"]["ok"] is True
             assert httpx.get(f"http://{addr}/healthz", timeout=5).status_code == 200
+            # An API request that needs Redis (rate limits live there) is an outage, not a bug: 503.
+            api = httpx.get(f"http://{addr}/api/v1/me/", headers=auth, timeout=15)
+            assert api.status_code == 503, api.text
+            assert api.json()["error"]["code"] == "service_unavailable"
+            assert api.json()["error"]["details"] == {"dependency": "redis"}
     finally:
         redis_proc.kill()
 
