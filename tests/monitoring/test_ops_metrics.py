@@ -240,11 +240,16 @@ def test_real_worker_reports_queue_wait_outcomes_and_request_id(redis_url, tmp_p
     real Redis queue, and the worker's log lines for it carry that request id."""
     from celery import Celery
 
+    from urllib.parse import urlsplit, urlunsplit
+
     port = free_port()
     queue = f"test-metrics-{port}"
-    env = server_env(REDIS_URL=redis_url, CELERY_BROKER_URL=redis_url, CELERY_RESULT_BACKEND=redis_url,
+    # A database of its own for the broker: tests running beside this one clear the cache database,
+    # and with it any message queued there.
+    broker = urlunsplit(urlsplit(redis_url)._replace(path="/13"))
+    env = server_env(REDIS_URL=redis_url, CELERY_BROKER_URL=broker, CELERY_RESULT_BACKEND=broker,
                      WORKER_METRICS_PORT=str(port), WORKER_METRICS_ADDR="127.0.0.1", LOG_LEVEL="INFO")
-    client = Celery(broker=redis_url, backend=redis_url)
+    client = Celery(broker=broker, backend=broker)
     # Published before the worker starts: it waits in the queue for at least the worker's start-up.
     published = time.time()
     result = client.send_task("core.ping", args=["queued"], queue=queue,
@@ -265,7 +270,8 @@ def test_real_worker_reports_queue_wait_outcomes_and_request_id(redis_url, tmp_p
     finally:
         worker.terminate()
         output = worker.communicate(timeout=30)[0].decode(errors="replace")
-    assert isinstance(value, dict) and value["value"] == "queued", (value, output[-3000:])
+    (tmp_path / "worker.log").write_text(output)
+    assert isinstance(value, dict) and value["value"] == "queued", (value, str(tmp_path / "worker.log"))
     assert sample(text, "kotaemon_celery_tasks_total", task="core.ping", outcome="success") == 1, output
     assert sample(text, "kotaemon_celery_queue_wait_seconds_count", task="core.ping") == 1
     wait_sum = sample(text, "kotaemon_celery_queue_wait_seconds_sum", task="core.ping")
