@@ -23,6 +23,7 @@ def embedding_model():
 def kb_env(settings, tmp_path, embedding_model):
     """Index and media roots in a fresh temporary folder, tasks run inline, and the per-process index
     registry re-reads the active versions on every search (so a test sees its own activations)."""
+    from apps.core import events
     from apps.knowledge.index_registry import registry
     from kotaemon_site.celery import app
 
@@ -36,6 +37,8 @@ def kb_env(settings, tmp_path, embedding_model):
     eager = app.conf.task_always_eager
     app.conf.task_always_eager = True
     registry.clear()
+    # Ids are reused across tests (rolled-back transactions): forget event versions seen for them.
+    events._reset_for_tests()
     yield
     registry.clear()
     app.conf.task_always_eager = eager

@@ -69,7 +69,7 @@ def test_explicit_knowledge_bases_by_slug_or_id(world, user):
     ({"top_k": "5"}, "invalid_top_k"),
     ({"knowledge_bases": "open"}, "invalid_knowledge_bases"),
 ])
-def test_bad_parameters_get_stable_codes(world, user, kwargs, code):
+def test_bad_parameters_get_stable_codes(user, kwargs, code):
     params = {"query": "parking", "top_k": 5, "mode": "hybrid"} | kwargs
     with pytest.raises(ApplicationError) as info:
         chunks_retrieve(user=user, **params)

@@ -14,8 +14,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(out)
 
 
-def progress(total: int, description: str, *, disable: bool = False):
+def progress(total: int, description: str, *, unit: str = "doc", disable: bool = False):
     from tqdm import tqdm
 
     # tqdm writes to stderr so the summary on stdout stays clean for pipes and tests.
-    return tqdm(total=total, desc=description, unit="doc", disable=disable, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=description, unit=unit, disable=disable, dynamic_ncols=True, leave=False)

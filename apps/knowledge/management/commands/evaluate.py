@@ -49,7 +49,7 @@ class Command(BaseCommand):
         ]))
         rows = []
         for name in mode or ["dense", "bm25", "hybrid"]:
-            bar = progress(len(queries), f"queries ({name})", disable=no_progress)
+            bar = progress(len(queries), f"queries ({name})", unit="query", disable=no_progress)
             result = evaluation.beir_evaluate(knowledge_base=knowledge_base, queries=queries, qrels=qrels, mode=name,
                                               on_progress=bar.update)
             bar.close()

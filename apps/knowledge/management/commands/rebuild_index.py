@@ -31,7 +31,7 @@ class Command(BaseCommand):
             if unknown:
                 raise CommandError(f"No knowledge base {', '.join(sorted(unknown))}.")
         rows = []
-        bar = progress(len(kbs), "rebuilding", disable=no_progress)
+        bar = progress(len(kbs), "rebuilding", unit="kb", disable=no_progress)
         for knowledge_base in kbs:
             result = index_rebuild(knowledge_base_id=knowledge_base.pk, force=not if_changed)
             rows.append([knowledge_base.slug, result.status, f"v{result.version}" if result.version else "-",
