@@ -25,7 +25,7 @@ class KnowledgeBase(models.Model):
     )
     allowed_groups = models.ManyToManyField(Group, blank=True, related_name="knowledge_bases",
                                             help_text="Members of these groups may search this knowledge base.")
-    is_public = models.BooleanField(default=False, help_text="Every signed-in user may search it.")
+    is_public = models.BooleanField(default=False, help_text="Everyone who can use the assistant may search it.")
 
     # Chunking: sized in the embedding model's tokens (all-MiniLM-L6-v2 reads at most 254).
     chunk_tokens = models.PositiveSmallIntegerField(default=200, validators=[MinValueValidator(32),

@@ -24,7 +24,7 @@ class Migration(migrations.Migration):
                 ('slug', models.SlugField(max_length=64, unique=True)),
                 ('name', models.CharField(max_length=200)),
                 ('description', models.TextField(blank=True)),
-                ('is_public', models.BooleanField(default=False, help_text='Every signed-in user may search it.')),
+                ('is_public', models.BooleanField(default=False, help_text='Everyone who can use the assistant may search it.')),
                 ('chunk_tokens', models.PositiveSmallIntegerField(default=200, validators=[django.core.validators.MinValueValidator(32), django.core.validators.MaxValueValidator(254)])),
                 ('chunk_overlap', models.PositiveSmallIntegerField(default=40, validators=[django.core.validators.MaxValueValidator(128)])),
                 ('fusion', models.CharField(choices=[('rrf', 'Reciprocal rank fusion'), ('weighted', 'Weighted (min-max normalised scores)')], default='rrf', max_length=16)),
