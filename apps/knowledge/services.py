@@ -110,6 +110,16 @@ def _kb_validate(kb: KnowledgeBase) -> None:
                                details={"fields": {"chunk_overlap": ["must be smaller than chunk_tokens"]}})
 
 
+def _groups_validate(group_ids: Sequence[int] | None) -> None:
+    from django.contrib.auth.models import Group
+
+    if group_ids:
+        unknown = set(group_ids) - set(Group.objects.filter(pk__in=group_ids).values_list("pk", flat=True))
+        if unknown:
+            raise ApplicationError("unknown_group", "Some allowed groups do not exist.",
+                                   details={"group_ids": sorted(unknown)})
+
+
 def knowledge_base_create(*, user: User, slug: str, name: str, allowed_group_ids: Sequence[int] = (),
                           **fields: Any) -> KnowledgeBase:
     if not selectors.knowledge_base_can_create(user=user):
@@ -119,6 +129,7 @@ def knowledge_base_create(*, user: User, slug: str, name: str, allowed_group_ids
         raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
     kb = KnowledgeBase(slug=slug, name=name, owner=_actor(user), **fields)
     _kb_validate(kb)
+    _groups_validate(allowed_group_ids)
     with transaction.atomic():
         kb.save()
         if allowed_group_ids:
@@ -138,6 +149,7 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
     for name, value in fields.items():
         setattr(kb, name, value)
     _kb_validate(kb)
+    _groups_validate(allowed_group_ids)
     with transaction.atomic():
         kb.save()
         if allowed_group_ids is not None:
@@ -272,7 +284,7 @@ def _rejected(name: str, size: int) -> UploadOutcome:
                          error_message=f"{size} bytes; the limit is {limit} bytes.")
 
 
-def _actor(user: User) -> AbstractBaseUser | None:
+def _actor(user: User | None) -> AbstractBaseUser | None:
     """The user to record as creator/editor; None for anonymous and the unsaved operator of commands."""
     return user if getattr(user, "is_authenticated", False) and user.pk is not None else None
 
@@ -287,7 +299,7 @@ def document_import(*, knowledge_base: KnowledgeBase, user: User | None, name: s
     if len(data) > settings.KNOWLEDGE_MAX_UPLOAD_BYTES:
         return _rejected(name, len(data))
     sha = hashlib.sha256(data).hexdigest()
-    actor = _actor(user) if user is not None else None
+    actor = _actor(user)
     with transaction.atomic():
         document = (knowledge_base.documents.select_for_update()
                     .filter(source_name=name[:500], deleted_at__isnull=True).order_by("id").first())
@@ -373,9 +385,10 @@ def document_delete(*, document: Document, user: User) -> None:
 
 
 def document_purge(*, document_id: int) -> bool:
-    """Remove a (soft-)deleted document, its chunks and file, then rebuild its index. Idempotent."""
+    """Remove a document deleted by an editor, its chunks and file, then rebuild its index. Idempotent;
+    a live document is never purged (only `document_delete` marks one for purging)."""
     with transaction.atomic():
-        document = Document.objects.select_for_update().filter(pk=document_id).first()
+        document = Document.objects.select_for_update().filter(pk=document_id, deleted_at__isnull=False).first()
         if document is None:
             return False
         kb_id, file_name = document.knowledge_base_id, document.file.name if document.file else ""

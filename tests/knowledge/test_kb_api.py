@@ -47,6 +47,9 @@ def test_knowledge_base_crud_and_permissions(auth_client, user, other_user, staf
     assert duplicate.status_code == 400 and _error(duplicate) == "knowledge_base_exists"
     bad = auth_client.post("/api/v1/knowledge-bases/", {"slug": "x y", "name": "n"}, format="json")
     assert bad.status_code == 400 and _error(bad) == "validation_error"
+    no_group = auth_client.post("/api/v1/knowledge-bases/", {"slug": "hr", "name": "HR", "allowed_group_ids": [999]},
+                                format="json")
+    assert no_group.status_code == 400 and _error(no_group) == "unknown_group"
 
     api_client = client_for(other_user)
     private_id = handbook.pk

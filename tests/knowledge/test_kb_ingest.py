@@ -157,6 +157,9 @@ def test_delete_task_is_idempotent_and_removes_the_document_from_the_index(make_
     assert active.version == 2 and active.document_count == 1
     assert tasks.delete_document.apply(args=[document.pk]).get() is False
     assert IndexVersion.objects.get(status="active").version == 2
+    live = Document.objects.get(source_name="expenses.md")
+    assert tasks.delete_document.apply(args=[live.pk]).get() is False  # never purges a live document
+    assert Document.objects.filter(pk=live.pk).exists()
 
 
 def test_missing_file_and_unreachable_url_are_reported(make_kb, settings, tmp_path):
