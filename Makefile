@@ -33,7 +33,7 @@ test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 worker: install
-	$(VENV)/bin/celery -A kotaemon_site worker -l info --concurrency=2
+	$(VENV)/bin/celery -q -A kotaemon_site worker -l info --concurrency=2
 
 beat: install
 	$(VENV)/bin/celery -A kotaemon_site beat -l info

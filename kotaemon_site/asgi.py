@@ -16,6 +16,7 @@ from apps.core.ws_auth import ApiKeyOrSessionAuthMiddlewareStack  # noqa: E402
 from kotaemon_site.routing import websocket_urlpatterns  # noqa: E402
 from apps.core.runtime import configure_process  # noqa: E402
 from apps.core.cluster import ClusterLifespan  # noqa: E402
+from apps.monitoring.websocket import WebsocketMetricsMiddleware  # noqa: E402
 
 configure_process(kind="web")
 
@@ -24,6 +25,8 @@ configure_process(kind="web")
 application = ClusterLifespan(ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(ApiKeyOrSessionAuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": WebsocketMetricsMiddleware(
+            AllowedHostsOriginValidator(ApiKeyOrSessionAuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+        ),
     }
 ))

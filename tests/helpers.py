@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,13 +65,18 @@ def server_env(**extra: str) -> dict[str, str]:
 def asgi_server(env: dict[str, str] | None = None, port: int | None = None):
     """A real uvicorn process serving kotaemon_site.asgi on 127.0.0.1:port."""
     port = port or free_port()
+    # Output goes to a file, not a pipe nobody reads (a full pipe would block the server).
+    log = tempfile.NamedTemporaryFile(prefix=f"asgi-{port}-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [str(VENV_BIN / "uvicorn"), "kotaemon_site.asgi:application", "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "warning"],
-        cwd=ROOT, env=env or server_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=ROOT, env=env or server_env(), stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        wait_for_port(port, timeout=60, proc=proc)
+        try:
+            wait_for_port(port, timeout=60, proc=proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"{exc}; server output:\n{Path(log.name).read_text(errors='replace')[-4000:]}") from exc
         yield f"127.0.0.1:{port}", proc
     finally:
         proc.terminate()
@@ -78,3 +84,5 @@ def asgi_server(env: dict[str, str] | None = None, port: int | None = None):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
+        os.unlink(log.name)

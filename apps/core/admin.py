@@ -2,7 +2,7 @@ from django.contrib import admin, messages
 from django.utils import timezone
 
 from .models import ApiKey
-from .services import api_key_create, api_key_revoked_publish
+from .services import api_key_create, api_key_revoke, api_key_revoked_publish
 
 
 @admin.register(ApiKey)
@@ -29,10 +29,11 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request, queryset):
-        key_ids = list(queryset.filter(revoked_at__isnull=True).values_list("pk", flat=True))
-        count = ApiKey.objects.filter(pk__in=key_ids, revoked_at__isnull=True).update(revoked_at=timezone.now())
-        api_key_revoked_publish(key_ids=key_ids)
-        messages.success(request, f"Revoked {count} key(s).")
+        # Through the service, one key at a time: each revocation is saved (so audited) and announced.
+        pending = list(queryset.filter(revoked_at__isnull=True).values_list("pk", flat=True))
+        for key_id in pending:
+            api_key_revoke(user=request.user, key_id=key_id)
+        messages.success(request, f"Revoked {len(pending)} key(s).")
 
     # A deleted key must stop working everywhere too, not only when instances' caches expire.
     def delete_model(self, request, obj):
