@@ -10,6 +10,11 @@ Dense index choice: exact ``IndexFlatIP`` below ``hnsw_threshold`` vectors (sub-
 few milliseconds per query at that size, recall 1.0), ``IndexHNSWFlat`` (M=32, efConstruction=80,
 efSearch=64, inner product) above it. Both are wrapped in ``IndexIDMap2`` so results carry chunk ids
 and vectors can be fetched back by id (for MMR).
+
+Measured HNSW recall against exact search, on 12,739 real all-MiniLM-L6-v2 chunk embeddings of
+SciFact with its 1,109 queries: recall@10 = 0.940 / 0.974 / 0.991 / 0.998 at efSearch 16 / 32 /
+64 / 128; recall@100 = 0.925 / 0.978 / 0.991 at efSearch 100 (FAISS uses max(efSearch, k)) / 128 /
+200. Fetching 100 fusion candidates from a large index therefore benefits from ``ef_search=128``.
 """
 from __future__ import annotations
 
