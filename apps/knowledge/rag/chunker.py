@@ -61,6 +61,22 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def contextual_text(chunk: ChunkSpec, title: str, *, max_title_chars: int = 200) -> str:
+    """Optional text to embed / BM25-index instead of ``chunk.text``: the document title on its own
+    line first (unless the chunk already starts with it), so later chunks keep the document's topic.
+
+    On SciFact (200/40 chunks, choice made on the train split) this raised train nDCG@10 from 0.683
+    to 0.692 (dense) and 0.720 to 0.733 (RRF); on test dense moved 0.676 -> 0.669 and RRF
+    0.720 -> 0.723. If used, the embedding cache key must cover the title as well as the text
+    (hash this function's output, not ``chunk.text``). The title adds tokens: keep
+    ``chunk_tokens`` + title tokens within the model limit.
+    """
+    title = " ".join(title.split())[:max_title_chars]
+    if not title or chunk.text.startswith(title):
+        return chunk.text
+    return f"{title}\n\n{chunk.text}"
+
+
 def chunk_document(
     doc: ParsedDocument,
     *,

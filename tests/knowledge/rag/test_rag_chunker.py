@@ -7,7 +7,7 @@ import string
 
 import pytest
 
-from apps.knowledge.rag.chunker import ChunkSpec, chunk_document
+from apps.knowledge.rag.chunker import ChunkSpec, chunk_document, contextual_text
 from apps.knowledge.rag.parsers import Block, ParsedDocument
 
 
@@ -226,3 +226,14 @@ def test_inconsistent_sizes_are_rejected(kwargs):
     doc = ParsedDocument("text", "t", [Block("x", "paragraph")])
     with pytest.raises(ValueError):
         chunk_document(doc, count_tokens=count_words, **kwargs)
+
+
+def test_contextual_text_prefixes_the_title_once():
+    doc = ParsedDocument(
+        "text", "Leave policy", [Block("Leave policy", "heading", 1, heading_path=("Leave policy",)),
+                                 Block(" ".join(["days"] * 30), "paragraph", heading_path=("Leave policy",))]
+    )
+    first, second = chunk_document(doc, count_tokens=count_words, chunk_tokens=20, overlap_tokens=0)
+    assert contextual_text(first, "Leave policy") == first.text
+    assert contextual_text(second, "  Leave\npolicy ") == "Leave policy\n\n" + second.text
+    assert contextual_text(second, "") == second.text

@@ -136,6 +136,7 @@ def test_configure_threads_caps_torch_and_faiss(monkeypatch):
     import torch
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "7")
     monkeypatch.setenv("TORCH_NUM_THREADS", "1")
     try:
@@ -143,6 +144,7 @@ def test_configure_threads_caps_torch_and_faiss(monkeypatch):
         assert torch.get_num_threads() == 1
         assert faiss.omp_get_max_threads() == 1
         assert os.environ["OMP_NUM_THREADS"] == "1"
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
         assert os.environ["MKL_NUM_THREADS"] == "7", "an operator's explicit setting wins"
         assert "TOKENIZERS_PARALLELISM" in os.environ
     finally:
