@@ -27,6 +27,22 @@ def _fresh_cache():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _isolated_process_state(settings, tmp_path):
+    """Ids are reused across tests (rolled-back transactions), so per-process state keyed by them (event
+    versions seen, loaded index versions) must not leak from one test into the next; each test also gets
+    its own index and media folders."""
+    from apps.core import events
+    from apps.knowledge.index_registry import registry
+
+    settings.INDEX_ROOT = tmp_path / "indexes"
+    settings.MEDIA_ROOT = tmp_path / "media"
+    registry.clear()
+    events._reset_for_tests()
+    yield
+    registry.clear()
+
+
 @pytest.fixture
 def user(django_user_model):
     return django_user_model.objects.create_user(username="alice", password="pw-alice-123", email="alice@example.com")

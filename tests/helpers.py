@@ -56,7 +56,8 @@ def server_env(**extra: str) -> dict[str, str]:
     else:
         env["DATABASE_URL"] = f"sqlite:///{db['NAME']}"
     env.update({"KOTAEMON_TESTING": "1", "SECRET_KEY": "test-" + "x" * 60, "ALLOWED_HOSTS": "127.0.0.1,localhost",
-                "SECURE_SSL_REDIRECT": "0", "PYTHONUNBUFFERED": "1", "CACHE_KEY_PREFIX": settings.CACHE_KEY_PREFIX})
+                "SECURE_SSL_REDIRECT": "0", "PYTHONUNBUFFERED": "1", "CACHE_KEY_PREFIX": settings.CACHE_KEY_PREFIX,
+                "INDEX_ROOT": str(settings.INDEX_ROOT), "MEDIA_ROOT": str(settings.MEDIA_ROOT)})
     env.update(extra)
     return env
 
@@ -72,6 +73,7 @@ def asgi_server(env: dict[str, str] | None = None, port: int | None = None):
          "--log-level", "warning"],
         cwd=ROOT, env=env or server_env(), stdout=log, stderr=subprocess.STDOUT,
     )
+    proc.log_path = Path(log.name)
     try:
         try:
             wait_for_port(port, timeout=60, proc=proc)

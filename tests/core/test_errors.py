@@ -77,16 +77,9 @@ def test_throttled_carries_retry_after(client):
     assert error["details"]["retry_after_seconds"] == 7 and response["Retry-After"] == "7"
 
 
-def test_rate_limit_per_user_gives_429(auth_client, settings):
-    from rest_framework.settings import api_settings
+def test_rate_limit_per_user_gives_429(auth_client, monkeypatch):
+    from rest_framework.throttling import SimpleRateThrottle
 
-    rates = dict(api_settings.DEFAULT_THROTTLE_RATES, user="3/min")
-    settings.REST_FRAMEWORK = dict(settings.REST_FRAMEWORK, DEFAULT_THROTTLE_RATES=rates)
-    from apps.core.throttling import UserOrKeyRateThrottle
-
-    UserOrKeyRateThrottle.THROTTLE_RATES = rates
-    try:
-        codes = [auth_client.get("/api/v1/me/").status_code for _ in range(4)]
-    finally:
-        UserOrKeyRateThrottle.THROTTLE_RATES = api_settings.DEFAULT_THROTTLE_RATES
+    monkeypatch.setattr(SimpleRateThrottle, "THROTTLE_RATES", {"user": "3/min", "chat": "30/min"})
+    codes = [auth_client.get("/api/v1/me/").status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429]

@@ -139,7 +139,8 @@ def test_real_server_output_is_json_with_ids_and_without_secrets(user):
         missing = httpx.get(f"{base}/api/v1/nothing-here/?password={SECRETS[0]}", timeout=30)
         assert missing.status_code == 404
         proc.terminate()
-        output = proc.communicate(timeout=30)[0].decode(errors="replace")
+        proc.wait(timeout=30)
+        output = proc.log_path.read_text(errors="replace")
     lines = [json.loads(line) for line in output.splitlines() if line.strip()]
     assert lines, "the server wrote nothing"
     for line in lines:
