@@ -13,8 +13,15 @@ if str(_REPO_ROOT) not in sys.path:
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    """Overrides the project-wide autouse fixture that clears Django's cache: these tests must run
-    without Django settings (``-p no:django``) and touch no cache."""
+    """Overrides the project-wide autouse fixture of the same name (it clears Django's cache): these
+    tests run without Django (``-p no:django``) and touch no cache."""
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_process_state():
+    """Overrides the project-wide autouse fixture of the same name (it needs pytest-django's
+    ``settings``): the RAG core keeps no Django-side process state."""
     yield
 
 
