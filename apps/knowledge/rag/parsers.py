@@ -522,7 +522,8 @@ def _parse_html(data: bytes, filename: str | None, limits: ParseLimits) -> Parse
     soup = BeautifulSoup(data, "lxml")
     title = _inline(soup.title.get_text()) if soup.title else ""
     for tag in soup.find_all(list(_HTML_DROP)):
-        tag.decompose()
+        if not _is_content_header(tag):
+            tag.decompose()
     for tag in soup.find_all(hidden=True):
         tag.decompose()
     for br in soup.find_all("br"):
@@ -534,6 +535,11 @@ def _parse_html(data: bytes, filename: str | None, limits: ParseLimits) -> Parse
     if not title:
         title = next((b.text for b in walker.blocks if b.kind == "heading" and b.level == 1), "")
     return ParsedDocument(type="html", title=title, blocks=walker.blocks)
+
+
+def _is_content_header(tag) -> bool:
+    """``<header>`` inside ``<article>``/``<main>`` holds the article's own title, not site chrome."""
+    return tag.name == "header" and tag.find_parent(["article", "main"]) is not None
 
 
 def _html_roots(soup) -> list:

@@ -300,6 +300,14 @@ def test_html_drops_chrome_and_keeps_main_content_structure():
     assert blocks["Email support."].heading_path == ("Refunds", "Contact")
 
 
+def test_html_article_header_is_content_but_page_header_is_chrome():
+    page = b"""<html><body><header><h1>Site name</h1></header>
+    <article><header><h1>Article title</h1><p>By Ann</p></header><p>Article body.</p></article></body></html>"""
+    doc = parse(page)
+    assert [b.text for b in doc.blocks] == ["Article title", "By Ann", "Article body."]
+    assert doc.title == "Article title"
+
+
 def test_html_without_title_uses_first_h1_and_falls_back_to_body_without_main():
     doc = parse(b"<html><body><h1>Welcome</h1><p>Body text.</p><footer>F</footer></body></html>")
     assert doc.title == "Welcome"
