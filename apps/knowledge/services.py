@@ -604,13 +604,18 @@ def _parse_and_chunk(item: _Prepared, count_tokens: Callable[[str], int]) -> Non
 
 
 def _write(item: _Prepared, vectors, model_id: str, encoded: int) -> IngestOutcome:
-    """Replace the document's chunks, unless it was deleted or re-uploaded while we worked."""
-    document = Document.objects.select_for_update().filter(pk=item.document.pk).first()
+    """Replace the document's chunks, unless it was deleted or re-uploaded while we worked.
+
+    The check is a conditional UPDATE, the transaction's first write: it locks the row (and SQLite's
+    database) before anything is read, so a concurrent upload or delete either lands before (and this
+    write is skipped) or waits until commit."""
     kb_id = item.document.knowledge_base_id
     name = str(item.document)
-    if document is None or document.deleted_at is not None or document.version != item.seen_version:
-        return IngestOutcome(item.document.pk, kb_id, "skipped", name=name)
     now = timezone.now()
+    current = Document.objects.filter(pk=item.document.pk, deleted_at__isnull=True, version=item.seen_version)
+    if not current.update(ingested_at=now):
+        return IngestOutcome(item.document.pk, kb_id, "skipped", name=name)
+    document = Document.objects.get(pk=item.document.pk)
     superseded = Chunk.objects.filter(document=document, superseded_at__isnull=True).update(superseded_at=now)
     document.sha256, document.ingested_at = item.sha256, now
     document.size_bytes = item.size or document.size_bytes
@@ -690,9 +695,10 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
 
     started = time.perf_counter()
     with transaction.atomic():
-        kb = KnowledgeBase.objects.select_for_update().get(pk=kb.pk)
-        kb.last_index_version += 1
-        KnowledgeBase.objects.filter(pk=kb.pk).update(last_index_version=kb.last_index_version)
+        # The increment is the first statement: it takes the row lock (PostgreSQL) or the write lock
+        # (SQLite) before anything is read, so concurrent rebuilds queue here and get distinct numbers.
+        KnowledgeBase.objects.filter(pk=kb.pk).update(last_index_version=F("last_index_version") + 1)
+        kb = KnowledgeBase.objects.get(pk=kb.pk)
         version = IndexVersion.objects.create(knowledge_base=kb, version=kb.last_index_version,
                                               source_revision=kb.content_revision, embedding_model=model.model_id)
     try:
@@ -754,12 +760,19 @@ def _index_inputs(kb_id: int, model):
     return ids, texts, vectors, len({row[5] for row in rows}), encoded
 
 
+def _lock_knowledge_base(knowledge_base_id: int) -> None:
+    """Serialise writers of one knowledge base until commit. A no-op UPDATE rather than SELECT ... FOR
+    UPDATE, because SQLite ignores FOR UPDATE and fails at once ("database is locked") when a transaction
+    that began by reading tries to write while another one writes; beginning with a write makes it wait."""
+    KnowledgeBase.objects.filter(pk=knowledge_base_id).update(last_index_version=F("last_index_version"))
+
+
 def _index_activate(version: IndexVersion) -> bool:
     """Make `version` the active one in one transaction; False if a newer version is already active."""
     with transaction.atomic():
-        kb = KnowledgeBase.objects.select_for_update().get(pk=version.knowledge_base_id)
-        current = (IndexVersion.objects.select_for_update()
-                   .filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first())
+        _lock_knowledge_base(version.knowledge_base_id)
+        kb = KnowledgeBase.objects.get(pk=version.knowledge_base_id)
+        current = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
         now = timezone.now()
         if current is not None and current.version > version.version:
             version.status, version.retired_at = IndexVersion.Status.RETIRED, now

@@ -246,3 +246,32 @@ def test_a_search_during_a_rebuild_sees_one_complete_version(make_kb, load_docs,
         assert len(versions) == 1
         if versions == {1}:
             assert titles <= {"Parking", "Leave"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_rebuilds_get_distinct_versions_and_the_newest_wins(make_kb, load_docs):
+    import threading
+
+    kb = make_kb()
+    load_docs(kb, {"parking.md": PARKING})
+    results, errors = [], []
+
+    def rebuild():
+        from django.db import connection
+
+        try:
+            results.append(services.index_rebuild(knowledge_base_id=kb.pk, force=True))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=rebuild) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert sorted(r.version for r in results) == [2, 3, 4]
+    assert list(IndexVersion.objects.filter(status="active").values_list("version", flat=True)) == [4]
+    assert set(IndexVersion.objects.exclude(version=4).values_list("status", flat=True)) == {"retired"}
