@@ -37,7 +37,7 @@ from .metrics import documents_ingested_total, index_build_seconds, index_builds
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
 from .rag.chunker import ChunkSpec, chunk_document
 from .rag.errors import IngestError
-from .rag.index import MANIFEST_NAME, delete_version, remove_stale_tmp, version_dirname, write_index_version
+from .rag.index import MANIFEST_NAME, delete_version, remove_stale_tmp, write_index_version
 from .rag.parsers import ParseLimits, ParsedDocument, parse
 
 logger = logging.getLogger(__name__)
