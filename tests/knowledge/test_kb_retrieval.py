@@ -275,3 +275,24 @@ def test_concurrent_rebuilds_get_distinct_versions_and_the_newest_wins(make_kb, 
     assert sorted(r.version for r in results) == [2, 3, 4]
     assert list(IndexVersion.objects.filter(status="active").values_list("version", flat=True)) == [4]
     assert set(IndexVersion.objects.exclude(version=4).values_list("status", flat=True)) == {"retired"}
+
+
+def test_reranker_by_local_path_reorders_and_reports_its_scores(world, user, settings):
+    """No cross-encoder is bundled; the bundled MiniLM directory loads as one (with an untrained scoring
+    head), which exercises the real rerank path: scores per result, final order by rerank score."""
+    from apps.knowledge.rag.embedder import default_model_path
+    from apps.knowledge.selectors import _RERANKER
+
+    settings.RERANKER_MODEL_PATH = default_model_path()
+    try:
+        results = chunks_retrieve(user=user, query="where do visitors park", top_k=3)
+        assert results and all("rerank" in r.scores and r.score == r.scores["rerank"] for r in results)
+        assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
+        world["open"].use_reranker = False
+        world["open"].save()
+        world["private"].use_reranker = False
+        world["private"].save()
+        plain = chunks_retrieve(user=user, query="where do visitors park", top_k=3)
+        assert all("rerank" not in r.scores for r in plain)
+    finally:
+        _RERANKER.clear()
