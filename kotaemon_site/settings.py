@@ -18,6 +18,10 @@ from django.core.exceptions import ImproperlyConfigured
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
 
+# Before torch or FAISS is imported anywhere: OpenMP threads that spin while idle made short query
+# encodes ~10x slower on 2 shared cores (docs/benchmarks.md). The process kind sets thread counts later.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # The demo (make demo) and the test runner are the only places where insecure defaults are allowed.
 DEMO = env.bool("KOTAEMON_DEMO", default=False)
 TESTING = env.bool("KOTAEMON_TESTING", default="pytest" in sys.modules)
@@ -108,6 +112,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the demo's web process read while an eager task writes.
     DATABASES["default"].setdefault("OPTIONS", {})["init_command"] = "PRAGMA journal_mode=WAL;"
     DATABASES["default"]["OPTIONS"]["timeout"] = 20
+    # Take the write lock at BEGIN: a transaction that reads then writes otherwise fails at once with
+    # "database is locked" when another connection writes (eager tasks + web requests in the demo).
+    DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
     # A file, not memory, so server processes started by tests see the test database.
     DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / f"test-{_TEST_DB_SUFFIX}.sqlite3")}
 else:
@@ -176,6 +183,10 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+if TESTING:
+    # The production hasher costs ~0.3 s per user on 2 cores and tests create many users. Test servers
+    # (KOTAEMON_TESTING=1) use the same list, so they accept the users the tests created.
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"

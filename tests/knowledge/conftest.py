@@ -27,8 +27,6 @@ def kb_env(settings, tmp_path, embedding_model):
     from apps.knowledge.index_registry import registry
     from kotaemon_site.celery import app
 
-    # Users are created in most tests; the production hasher costs ~0.3 s per user on 2 shared cores.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     settings.INDEX_ROOT = tmp_path / "indexes"
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.KNOWLEDGE_VERSION_CHECK_SECONDS = 0
