@@ -305,7 +305,8 @@ def document_import(*, knowledge_base: KnowledgeBase, user: User | None, name: s
                     .filter(source_name=name[:500], deleted_at__isnull=True).order_by("id").first())
         if document is not None and document.sha256 == sha and document.file:
             if title and document.title != title:
-                Document.objects.filter(pk=document.pk).update(title=title[:300])
+                document.title = title[:300]
+                document.save(update_fields=["title"])  # a save, not an update(): the audit log sees it
             return UploadOutcome(name, "unchanged", document)
         status = "updated" if document is not None else "created"
         old_file = document.file.name if document is not None and document.file else ""
@@ -378,10 +379,13 @@ def document_delete(*, document: Document, user: User) -> None:
     if document.deleted_at is not None:
         return
     with transaction.atomic():
-        Document.objects.filter(pk=document.pk, deleted_at__isnull=True).update(
-            deleted_at=timezone.now(), updated_by=_actor(user))
+        live = Document.objects.select_for_update().filter(pk=document.pk, deleted_at__isnull=True).first()
+        if live is None:
+            return
+        live.deleted_at, live.updated_by = timezone.now(), _actor(user)
+        live.save(update_fields=["deleted_at", "updated_by"])  # a save, not an update(): the audit log sees it
         transaction.on_commit(lambda: _tasks().delete_document.delay(document.pk))
-    document.deleted_at = timezone.now()
+    document.deleted_at = live.deleted_at
 
 
 def document_purge(*, document_id: int) -> bool:

@@ -266,3 +266,22 @@ def test_plugin_config_changes_are_audited_without_secrets(user):
     assert update.changes["config"]["before"]["retries"] == 2 and update.changes["config"]["after"]["retries"] == 3
     dump = json.dumps([create.changes, update.changes]) + create.summary + update.summary
     assert "sk-orders" not in dump and "encryptedpayload" not in dump
+
+
+def test_document_delete_and_retitle_through_the_service_are_audited(user, settings, tmp_path):
+    """Soft delete and a new title are saves (not bulk updates), so the audit log records them."""
+    from apps.knowledge.models import Document, KnowledgeBase
+    from apps.knowledge.services import document_delete, document_import
+
+    kb = KnowledgeBase.objects.create(slug="ops", name="Ops", owner=user)
+    outcome = document_import(knowledge_base=kb, user=user, name="runbook.md", data=b"# Runbook\n\nRestart it.")
+    document = outcome.document
+    document_import(knowledge_base=kb, user=user, name="runbook.md", data=b"# Runbook\n\nRestart it.",
+                    title="Operations runbook")
+    with audit_actor("command:cleanup_docs"):
+        document_delete(document=Document.objects.get(pk=document.pk), user=user)
+    changed = [sorted(e.changes) for e in events("knowledge.Document", object_id=str(document.pk), action="update")]
+    assert ["title"] in changed
+    deletion = [e for e in events("knowledge.Document", object_id=str(document.pk), action="update")
+                if "deleted_at" in e.changes]
+    assert len(deletion) == 1 and deletion[0].actor_label == "command:cleanup_docs"
