@@ -10,7 +10,6 @@ import time
 from django.contrib import admin
 from django.http import JsonResponse
 from django.template.response import TemplateResponse
-from django.urls import path, reverse
 
 from .registry import instances_list
 
@@ -38,22 +37,7 @@ def cluster_status_view(request):
 
 
 def install(site: admin.AdminSite = admin.site) -> None:
-    if getattr(site, "_cluster_page_installed", False):
-        return
-    site._cluster_page_installed = True
-    original_urls, original_app_list = site.get_urls, site.get_app_list
+    from .admin_site import admin_page_install
 
-    def get_urls():
-        return [path("cluster/", site.admin_view(cluster_status_view), name="cluster-status")] + original_urls()
-
-    def get_app_list(request, app_label=None):
-        apps = original_app_list(request, app_label)
-        if app_label in (None, "cluster") and request.user.is_active and request.user.is_staff:
-            url = reverse(f"{site.name}:cluster-status")
-            apps.append({"name": "Cluster", "app_label": "cluster", "app_url": url, "has_module_perms": True,
-                         "models": [{"name": "Instances", "object_name": "Instance", "admin_url": url,
-                                     "add_url": None, "view_only": True, "perms": {"view": True}}]})
-        return apps
-
-    site.get_urls = get_urls
-    site.get_app_list = get_app_list
+    admin_page_install(route="cluster/", view=cluster_status_view, url_name="cluster-status", section_label="cluster",
+                       app_name="Cluster", entry_name="Instances", site=site)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.template.response import TemplateResponse
-from django.urls import path, reverse
 
 from apps.core.errors import ApplicationError
 
@@ -61,23 +60,7 @@ def dashboard_view(request):
 
 
 def install(site: admin.AdminSite = admin.site) -> None:
-    if getattr(site, "_dashboard_page_installed", False):
-        return
-    site._dashboard_page_installed = True
-    original_urls, original_app_list = site.get_urls, site.get_app_list
+    from apps.core.admin_site import admin_page_install
 
-    def get_urls():
-        return [path("dashboard/", site.admin_view(dashboard_view), name="operations-dashboard")] + original_urls()
-
-    def get_app_list(request, app_label=None):
-        app_list = original_app_list(request, app_label)
-        if app_label in (None, "operations") and request.user.is_active and request.user.is_staff:
-            url = reverse(f"{site.name}:operations-dashboard")
-            app_list.insert(0, {"name": "Operations", "app_label": "operations", "app_url": url,
-                                "has_module_perms": True,
-                                "models": [{"name": "Dashboard", "object_name": "Dashboard", "admin_url": url,
-                                            "add_url": None, "view_only": True, "perms": {"view": True}}]})
-        return app_list
-
-    site.get_urls = get_urls
-    site.get_app_list = get_app_list
+    admin_page_install(route="dashboard/", view=dashboard_view, url_name="operations-dashboard",
+                       section_label="operations", app_name="Operations", entry_name="Dashboard", first=True, site=site)
