@@ -58,6 +58,11 @@ def _run_turn(user, session_id: str, message: Any, knowledge_bases: Any, on_toke
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
+    # No channel layer per connection: nothing is ever sent to one socket through the layer (cluster
+    # events go through apps.core.cluster), and with channels-redis every idle socket would otherwise
+    # hold a blocking Redis receive that must be cancelled on disconnect (connection churn, stuck teardown).
+    channel_layer_alias = None
+
     async def connect(self):
         from apps.monitoring.metrics import websocket_connections_total
 

@@ -9,6 +9,11 @@ MAX_FRAME_BYTES = 64 * 1024
 
 
 class EchoConsumer(AsyncWebsocketConsumer):
+    # No channel layer per connection: nothing is ever sent to one socket through the layer (cluster
+    # events go through apps.core.cluster), and with channels-redis every idle socket would otherwise
+    # hold a blocking Redis receive that must be cancelled on disconnect (connection churn, stuck teardown).
+    channel_layer_alias = None
+
     async def connect(self):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
