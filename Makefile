@@ -7,7 +7,7 @@ DEMO_ENV := KOTAEMON_DEMO=1
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-llm demo test worker beat clean
+.PHONY: install install-llm system-deps demo test worker beat clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ demo: install
 	$(DEMO_ENV) $(PY) manage.py demo_setup
 	$(DEMO_ENV) $(VENV)/bin/uvicorn kotaemon_site.asgi:application --host $(HOST) --port $(PORT)
 
-test: install
+# Browser tests drive Debian's chromium (no browser download): installed once if missing.
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { echo "Installing Debian's chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: install system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 worker: install
