@@ -5,21 +5,9 @@ import pytest
 
 from apps.conversations.models import Conversation, Feedback
 from apps.core.services import api_key_create
-from tests.conversations.conv_support import build_knowledge_base, private_cache, reset_conversation_runtime
+from tests.conversations.conv_support import build_knowledge_base, private_cache
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _fresh_runtime():
-    reset_conversation_runtime()
-    yield
-    reset_conversation_runtime()
-
-
-@pytest.fixture
-def kb(user):
-    return build_knowledge_base(user)
 
 
 def ask(client, message, **extra):

@@ -9,21 +9,8 @@ from apps.conversations.hooks import PluginResult, register_turn_hook, unregiste
 from apps.conversations.models import Conversation, Message
 from apps.conversations.services import chat_turn
 from apps.core.errors import ApplicationError
-from tests.conversations.conv_support import build_knowledge_base, reset_conversation_runtime
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _fresh_runtime():
-    reset_conversation_runtime()
-    yield
-    reset_conversation_runtime()
-
-
-@pytest.fixture
-def kb(user):
-    return build_knowledge_base(user)
 
 
 def chunk_of(citation):

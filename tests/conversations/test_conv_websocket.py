@@ -8,21 +8,8 @@ import pytest
 from channels.testing import WebsocketCommunicator
 
 from apps.core.services import api_key_create
-from tests.conversations.conv_support import build_knowledge_base, reset_conversation_runtime
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_runtime():
-    reset_conversation_runtime()
-    yield
-    reset_conversation_runtime()
-
-
-@pytest.fixture
-def kb(user):
-    return build_knowledge_base(user)
 
 
 def application():
