@@ -302,9 +302,21 @@ KNOWLEDGE_MAX_CSV_ROWS = env.int("KNOWLEDGE_MAX_CSV_ROWS", default=200_000)
 KNOWLEDGE_FETCH_TIMEOUT_SECONDS = env.float("KNOWLEDGE_FETCH_TIMEOUT_SECONDS", default=20.0)
 # Ingests finishing within this window share one index rebuild (the later rebuild tasks find nothing to do).
 KNOWLEDGE_REBUILD_DELAY_SECONDS = env.float("KNOWLEDGE_REBUILD_DELAY_SECONDS", default=2.0)
+# --- Index maintenance (issue 13; docs/knowledge.md "Index maintenance") ---
+# While documents of a base are still being ingested its build waits, at most this long after the last one.
+KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS = env.float("KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS", default=30.0)
+KNOWLEDGE_DENSE_COMPRESSION = env("KNOWLEDGE_DENSE_COMPRESSION", default="")  # "ivfpq": compressed large segments
+KNOWLEDGE_INDEX_MMAP = env.bool("KNOWLEDGE_INDEX_MMAP", default=False)  # memory-map flat/IVF codes and postings
+KNOWLEDGE_INDEX_MEMORY_BUDGET_MB = env.int("KNOWLEDGE_INDEX_MEMORY_BUDGET_MB", default=1536)  # 0: unlimited
+# A search never waits for a newer version to load unless this is set (tests make swaps synchronous with it).
+KNOWLEDGE_SWAP_WAIT_SECONDS = env.float("KNOWLEDGE_SWAP_WAIT_SECONDS", default=0.0)
+KNOWLEDGE_SWEEP_SECONDS = env.int("KNOWLEDGE_SWEEP_SECONDS", default=60)
+KNOWLEDGE_INGEST_STUCK_SECONDS = env.int("KNOWLEDGE_INGEST_STUCK_SECONDS", default=900)
+KNOWLEDGE_INGEST_MAX_ATTEMPTS = env.int("KNOWLEDGE_INGEST_MAX_ATTEMPTS", default=3)
 CELERY_BEAT_SCHEDULE["knowledge-index-cleanup"] = {
     "task": "knowledge.cleanup_indexes", "schedule": float(max(60, KNOWLEDGE_INDEX_GRACE_SECONDS // 2)),
 }
+CELERY_BEAT_SCHEDULE["knowledge-sweep"] = {"task": "knowledge.sweep", "schedule": float(KNOWLEDGE_SWEEP_SECONDS)}
 
 # --- Conversations (apps/conversations) ------------------------------------------------
 SESSION_STORE_BACKEND = env("SESSION_STORE_BACKEND", default="redis" if REDIS_URL else "memory")
