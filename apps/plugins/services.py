@@ -23,6 +23,7 @@ from django.contrib.auth.models import AbstractBaseUser, Group
 from django.core.cache import cache
 from django.db import transaction
 
+from apps.core import authz
 from apps.core.errors import ApplicationError, NotFound, PermissionDenied
 from apps.core.events import publish_on_commit, register_handler
 
@@ -364,9 +365,10 @@ def plugins_sync() -> list[str]:
 
 
 def ensure_plugin_admin(actor: AbstractBaseUser | None) -> None:
-    """Plugin settings are for staff (None: the system itself, e.g. a management command)."""
-    if actor is not None and not (actor.is_authenticated and actor.is_active and actor.is_staff):
-        raise PermissionDenied("Only staff can manage plugins.", code="staff_only")
+    """Plugin settings are for plugin administrators (apps.core.authz; None: the system itself, e.g. a
+    management command)."""
+    if actor is not None:
+        authz.require(actor, "plugins.manage")
 
 
 def plugins_reload(*, actor: AbstractBaseUser | None = None) -> Snapshot:
