@@ -309,6 +309,14 @@ CELERY_BEAT_SCHEDULE["knowledge-index-cleanup"] = {
     "task": "knowledge.cleanup_indexes", "schedule": float(max(60, KNOWLEDGE_INDEX_GRACE_SECONDS // 2)),
 }
 
+# --- Outbound requests (apps/core/outbound.py: document URLs, plugins' HTTP, connectors) --
+# Internal hosts the platform may fetch from (names, *.domain, IPs, CIDRs, each optionally :port);
+# everything that resolves to loopback/private/link-local/metadata ranges is refused otherwise.
+OUTBOUND_ALLOWED_HOSTS = env.list("OUTBOUND_ALLOWED_HOSTS", default=[])
+OUTBOUND_TIMEOUT_SECONDS = env.float("OUTBOUND_TIMEOUT_SECONDS", default=10.0)
+OUTBOUND_MAX_BYTES = env.int("OUTBOUND_MAX_BYTES", default=10 * 1024 * 1024)
+OUTBOUND_MAX_REDIRECTS = env.int("OUTBOUND_MAX_REDIRECTS", default=5)
+
 # --- Conversations (apps/conversations) ------------------------------------------------
 SESSION_STORE_BACKEND = env("SESSION_STORE_BACKEND", default="redis" if REDIS_URL else "memory")
 SESSION_STATE_TTL_SECONDS = env.int("SESSION_STATE_TTL_SECONDS", default=24 * 3600)

@@ -543,26 +543,24 @@ def _document_bytes(document: Document) -> bytes:
 
 
 def _fetch(url: str, limit: int) -> bytes:
-    import httpx
+    from apps.core.outbound import OutboundError, fetch
 
+    # Through the outbound gate: every hop's resolved address is checked, so a source URL (or a redirect)
+    # cannot make the platform read its own network (metadata service, Redis, admin ports).
     try:
-        with httpx.Client(timeout=settings.KNOWLEDGE_FETCH_TIMEOUT_SECONDS, follow_redirects=True) as client:
-            with client.stream("GET", url, headers={"User-Agent": "kotaemon-site/1.0"}) as response:
-                if response.status_code >= 500 or response.status_code == 429:
-                    raise TransientError(f"{url} answered {response.status_code}")
-                if response.status_code >= 400:
-                    raise DocumentSourceError("fetch_failed", f"The source URL answered HTTP {response.status_code}.")
-                chunks, total = [], 0
-                for block in response.iter_bytes():
-                    chunks.append(block)
-                    total += len(block)
-                    if total > limit:
-                        break
-                return b"".join(chunks)
-    except httpx.TransportError as exc:
-        raise TransientError(f"fetching the source URL failed: {type(exc).__name__}") from exc
-    except httpx.InvalidURL as exc:
-        raise DocumentSourceError("fetch_failed", f"The source URL is invalid: {exc}") from exc
+        response = fetch(url, timeout=settings.KNOWLEDGE_FETCH_TIMEOUT_SECONDS, max_bytes=limit,
+                         headers={"User-Agent": "kotaemon-site/1.0"})
+    except OutboundError as exc:
+        if exc.code == "response_too_large":
+            raise DocumentSourceError("too_large", f"The source URL returned more than {limit} bytes.") from exc
+        if exc.transient:
+            raise TransientError(f"fetching the source URL failed: {exc.code}") from exc
+        raise DocumentSourceError(exc.code, f"The source URL was not fetched: {exc.message}") from exc
+    if response.status >= 500 or response.status == 429:
+        raise TransientError(f"{url} answered {response.status}")
+    if response.status >= 400:
+        raise DocumentSourceError("fetch_failed", f"The source URL answered HTTP {response.status}.")
+    return response.content
 
 
 def document_ingest(*, document_id: int, force: bool = False) -> IngestOutcome | None:
