@@ -466,6 +466,10 @@ DASHBOARD_DAYS = env.int("DASHBOARD_DAYS", default=30)
 # Conversation archives (manage.py archive_conversations / restore_conversations): gzip JSON Lines files
 # under ARCHIVE_ROOT, or in an S3-compatible bucket when ARCHIVE_S3_BUCKET is set.
 ARCHIVE_ROOT = Path(env("ARCHIVE_ROOT", default=str(DATA_DIR / "archive")))
+# Archives are signed (HMAC-SHA256) with this dedicated key and restore refuses anything it did not sign.
+# Kept apart from SECRET_KEY so rotating one does not invalidate the other. Required to archive or restore
+# with DEBUG off (the commands say so); development and tests get a fixed insecure key.
+ARCHIVE_SIGNING_KEY = env("ARCHIVE_SIGNING_KEY", default="" if not _DEV_DEFAULTS else "insecure-dev-archive-signing-key")
 ARCHIVE_S3_BUCKET = env("ARCHIVE_S3_BUCKET", default="")
 ARCHIVE_S3_PREFIX = env("ARCHIVE_S3_PREFIX", default="conversations/")
 ARCHIVE_S3_ENDPOINT_URL = env("ARCHIVE_S3_ENDPOINT_URL", default="")  # MinIO, Ceph, ...; empty: AWS
