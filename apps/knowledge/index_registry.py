@@ -67,6 +67,7 @@ class IndexRegistry:
         self._checked_at = float("-inf")
         self._lock = threading.Lock()
         self._load_locks: dict[int, threading.Lock] = {}
+        self._rebuild_requested: set[tuple[int, int]] = set()
 
     # -- the authoritative version map ------------------------------------------------------
 
@@ -215,7 +216,25 @@ class IndexRegistry:
                 "segments_read": bundle.loaded_segments, "segments": len(bundle.parts),
                 "ms": round(1000 * (time.perf_counter() - started), 1)})
             self._evict(keep=knowledge_base_id)
-            return bundle
+        if not bundle.analyzer_current:  # outside the lock: an eager rebuild loads its version here
+            self._rebuild_for_analyzer(knowledge_base_id, bundle.version)
+        return bundle
+
+    def _rebuild_for_analyzer(self, knowledge_base_id: int, version: int) -> None:
+        """The version's BM25 was built by another analyzer (an upgrade changed tokenization): it
+        answers no keyword query until rebuilt, so a rebuild is requested once per version."""
+        with self._lock:
+            if (knowledge_base_id, version) in self._rebuild_requested:
+                return
+            self._rebuild_requested.add((knowledge_base_id, version))
+        logger.warning("index version built by another analyzer; rebuilding",
+                       extra={"knowledge_base": knowledge_base_id, "version": version})
+        from .services import index_rebuild_enqueue
+
+        try:
+            index_rebuild_enqueue(knowledge_base_id)
+        except Exception:
+            logger.exception("rebuild request failed", extra={"knowledge_base": knowledge_base_id})
 
     def _evict(self, *, keep: int) -> None:
         budget = settings.KNOWLEDGE_INDEX_MEMORY_BUDGET_MB * 1024 * 1024
@@ -237,6 +256,8 @@ class IndexRegistry:
         self._update_gauges()
         logger.error("index version cannot be loaded", extra={"knowledge_base": knowledge_base_id,
                                                               "version": active.version, "error": failure.error})
+        if "unsupported manifest format" in failure.error:  # written by an older release: rebuild it
+            self._rebuild_for_analyzer(knowledge_base_id, active.version)
         return failure
 
     def _update_gauges(self) -> None:
@@ -289,6 +310,7 @@ class IndexRegistry:
             self._failures.clear()
             self._loading.clear()
             self._checked_at = float("-inf")
+            self._rebuild_requested.clear()
 
 
 registry = IndexRegistry()

@@ -36,12 +36,15 @@ from . import selectors
 from .embeddings import embedder, vector_from_bytes, vector_to_bytes, vectors_for
 from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
+from .rag.analyzer import Analyzer, get_analyzer, parse_user_dictionary
 from .rag.chunker import ChunkSpec, chunk_document
 from .rag.errors import IngestError
 from .rag.index import (
     MANIFEST_NAME,
     delete_unreferenced_segments,
+    analyzer_manifest,
     delete_version,
+    manifest_analyzer_matches,
     referenced_segments,
     remove_stale_tmp,
 )
@@ -52,7 +55,7 @@ logger = logging.getLogger(__name__)
 User = AbstractBaseUser | AnonymousUser
 
 # Bump when parsing or chunking changes in a way that must re-chunk stored documents.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: Chinese sentences, table rows with headers, literal Markdown identifiers, GB18030/Big5
 INGEST_BATCH_DOCUMENTS = 64
 _READ_BLOCK = 1 << 20
 
@@ -97,7 +100,7 @@ def upload_size_validate(*, size: int, name: str = "") -> None:
 # ------------------------------------------------------------------------------------------
 
 KB_SETTINGS_FIELDS = ("chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates",
-                      "mmr_lambda", "use_reranker")
+                      "mmr_lambda", "use_reranker", "user_dictionary")
 KB_EDITABLE_FIELDS = ("slug", "name", "description", "is_public") + KB_SETTINGS_FIELDS
 
 
@@ -154,19 +157,23 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
     if unknown:
         raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
     rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
+    new_dictionary = "user_dictionary" in fields and fields["user_dictionary"] != kb.user_dictionary
     for name, value in fields.items():
         setattr(kb, name, value)
     _kb_validate(kb)
     _groups_validate(allowed_group_ids)
     _groups_validate(editor_group_ids)
     with transaction.atomic():
-        kb.save()
+        # Only the edited fields: the instance's counters (content revision, last version) may be stale.
+        kb.save(update_fields=[*fields, "updated_at"])
         if allowed_group_ids is not None:
             kb.allowed_groups.set(allowed_group_ids)
         if editor_group_ids is not None:
             kb.editor_groups.set(editor_group_ids)
         if rechunk:
             knowledge_base_rechunk(knowledge_base=kb)
+        elif new_dictionary:
+            index_rebuild_enqueue(kb.pk)
     return kb
 
 
@@ -244,6 +251,11 @@ def _remove_artifacts(files: Iterable[str], index_root: Path | None) -> None:
 
 def kb_index_root(knowledge_base_id: int) -> Path:
     return Path(settings.INDEX_ROOT) / f"kb-{knowledge_base_id}"
+
+
+def kb_analyzer(knowledge_base: KnowledgeBase) -> Analyzer:
+    """The BM25 analyzer of a knowledge base: the shared analyzer with its user dictionary."""
+    return get_analyzer(parse_user_dictionary(knowledge_base.user_dictionary))
 
 
 # ------------------------------------------------------------------------------------------
@@ -921,6 +933,7 @@ def _index_build(kb_id: int, *, force: bool, on_progress: Callable[[int], None] 
 
     model = embedder()
     kb = KnowledgeBase.objects.get(pk=kb_id)
+    analyzer = kb_analyzer(kb)
     revision = kb.content_revision
     active = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
     parent = None
@@ -929,6 +942,9 @@ def _index_build(kb_id: int, *, force: bool, on_progress: Callable[[int], None] 
             parent = ViewLayout.read(active.artifact_path)
         except IndexLoadError:
             parent = None  # missing or of an older format: build everything anew
+        # Another analyzer (an upgrade, a new user dictionary) tokenizes differently: every segment anew.
+        if parent is not None and not manifest_analyzer_matches(parent.manifest, analyzer):
+            parent = None
     docs = list(Document.objects.filter(knowledge_base_id=kb_id).values_list("id", "status", "deleted_at",
                                                                              "ingested_at"))
     live = {doc_id: _stamp(at) for doc_id, status, deleted, at in docs
@@ -976,7 +992,7 @@ def _index_build(kb_id: int, *, force: bool, on_progress: Callable[[int], None] 
     counters = {"encoded": 0, "written": 0}
     root = kb_index_root(kb.pk)
     options = {"dim": model.dim, "hnsw_threshold": settings.KNOWLEDGE_HNSW_THRESHOLD,
-               "compression": settings.KNOWLEDGE_DENSE_COMPRESSION}
+               "compression": settings.KNOWLEDGE_DENSE_COMPRESSION, "analyzer": analyzer}
 
     def progress(n: int) -> None:
         counters["written"] += n
@@ -1014,7 +1030,7 @@ def _index_build(kb_id: int, *, force: bool, on_progress: Callable[[int], None] 
                   "source_revision": revision, "build_kind": _build_kind(parent, merge)},
             arrays={"doc_ids": doc_ids, "doc_stamps": np.asarray([stamps[d] for d in doc_ids.tolist()],
                                                                  dtype=np.int64)},
-            dim=model.dim,
+            dim=model.dim, fields=analyzer_manifest(analyzer),
         )
         manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
         version.artifact_path, version.dense_kind = str(path), manifest.get("dense_kind", "")

@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from .analyzer import Analyzer, analyzer_from_spec, get_analyzer
 from .errors import IndexLoadError
 from .fusion import rrf
 
@@ -73,7 +74,7 @@ IVFPQ_TRAIN_VECTORS = 65_536
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 2
 SEGMENT_FORMAT = 1
-BM25_KIND = "lucene-k1.5-b0.75-en-stopwords-snowball"
+BM25_KIND = "postings-lucene-k1.5-b0.75"
 BM25_K1 = 1.5
 BM25_B = 0.75
 SEGMENTS_DIR = "segments"
@@ -309,49 +310,10 @@ def _new_ivfpq_index(dim: int, total: int, sample: np.ndarray) -> Any:
 # BM25
 # --------------------------------------------------------------------------------------------
 
-_TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")
-_STEMMERS = threading.local()
-
-
-def _stopwords() -> frozenset[str]:
-    from bm25s.stopwords import STOPWORDS_EN
-
-    return frozenset(STOPWORDS_EN)
-
-
-_STOPWORDS: frozenset[str] | None = None
-
-
-def bm25_tokenize(text: str) -> list[str]:
-    """Lowercase word tokens (2+ word characters), English stopwords removed, Snowball-stemmed.
-
-    The same function tokenises documents and queries. PyStemmer objects are not thread-safe, so
-    each thread gets its own.
-    """
-    global _STOPWORDS
-    if _STOPWORDS is None:
-        _STOPWORDS = _stopwords()
-    words = [word for word in _TOKEN_PATTERN.findall(text.lower()) if word not in _STOPWORDS]
-    return _thread_stemmer().stemWords(words) if words else []
-
-
-def _thread_stemmer() -> Any:
-    stemmer = getattr(_STEMMERS, "stemmer", None)
-    if stemmer is None:
-        import Stemmer
-
-        stemmer = Stemmer.Stemmer("english")
-        _STEMMERS.stemmer = stemmer
-    return stemmer
-
-
-Tokenizer = Callable[[str], list[str]]
-
-
-def _tokenizer(tokenize: Tokenizer | None) -> Tokenizer:
-    """The one place documents and queries are tokenised (looked up at call time, so the analyzer can be
-    swapped module-wide)."""
-    return tokenize or bm25_tokenize
+def bm25_tokenize(text: str, analyzer: Analyzer | None = None) -> list[str]:
+    """The BM25 tokenizer (documents and queries alike): ``analyzer`` (see rag/analyzer.py), by
+    default the analyzer without a user dictionary."""
+    return (analyzer or get_analyzer()).tokenize(text)
 
 
 @dataclass(frozen=True)
@@ -372,25 +334,34 @@ class BM25Index:
 
     Arrays: ``_ids`` (chunk id per row), ``_doc_len`` (tokens per row), and in CSR layout by term
     ``_indptr`` / ``_rows`` / ``_tfs``; ``_vocab`` maps a token to its term number.
+
+    Queries are tokenized by the analyzer the documents were (recorded in ``bm25.json``). An index
+    written by another analyzer loads with ``analyzer_current`` False and answers no query: its
+    tokens would not match a query's, so it must be rebuilt rather than searched.
     """
 
-    def __init__(self, ids: np.ndarray | Sequence[int], texts: Sequence[str], *, tokenize: Tokenizer | None = None
+    def __init__(self, ids: np.ndarray | Sequence[int], texts: Sequence[str], *, analyzer: Analyzer | None = None
                  ) -> None:
         ids_array = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
         if len(ids_array) != len(texts):
             raise ValueError(f"{len(ids_array)} ids for {len(texts)} texts")
-        builder = BM25Builder(tokenize=tokenize)
+        builder = BM25Builder(analyzer=analyzer)
         builder.add(ids_array, texts)
         built = builder.finish()
         self.__dict__.update(built.__dict__)
 
     @classmethod
-    def _from_arrays(cls, ids, doc_len, vocab, indptr, rows, tfs, mmapped: bool = False) -> BM25Index:
+    def _from_arrays(cls, ids, doc_len, vocab, indptr, rows, tfs, *, analyzer: Analyzer | None,
+                     analyzer_spec: dict[str, Any], mmapped: bool = False) -> BM25Index:
         instance = cls.__new__(cls)
         instance._ids, instance._doc_len, instance._vocab = ids, doc_len, vocab
         instance._indptr, instance._rows, instance._tfs = indptr, rows, tfs
-        instance.mmapped = mmapped
+        instance.analyzer, instance.analyzer_spec, instance.mmapped = analyzer, analyzer_spec, mmapped
         return instance
+
+    @property
+    def analyzer_current(self) -> bool:
+        return self.analyzer is not None
 
     @property
     def count(self) -> int:
@@ -412,13 +383,15 @@ class BM25Index:
         postings = 0 if self.mmapped else self._rows.nbytes + self._tfs.nbytes
         return arrays + postings + 100 * len(self._vocab)
 
-    def search(self, query: str, k: int, *, tokenize: Tokenizer | None = None) -> list[tuple[int, float]]:
+    def search(self, query: str, k: int) -> list[tuple[int, float]]:
         """Top-``k`` (id, score) with a positive score; [] when no query term is in the index."""
-        return self.search_tokens(_tokenizer(tokenize)(query), k, self.stats())
+        if self.analyzer is None:
+            return []
+        return self.search_tokens(self.analyzer.tokenize(query), k, self.stats())
 
     def search_tokens(self, tokens: Sequence[str], k: int, stats: BM25Stats, *,
                       exclude_rows: np.ndarray | None = None) -> list[tuple[int, float]]:
-        if k <= 0 or not self.count:
+        if k <= 0 or not self.count or self.analyzer is None:
             return []
         scores = self.scores(tokens, stats)
         if scores is None:
@@ -455,7 +428,8 @@ class BM25Index:
             np.save(directory / f"bm25_{name}.npy", getattr(self, f"_{name}"))
         tokens = sorted(self._vocab, key=self._vocab.__getitem__)
         (directory / "bm25_vocab.json").write_text(json.dumps(tokens, ensure_ascii=False), encoding="utf-8")
-        _write_json(directory / "bm25.json", {"kind": BM25_KIND, "count": self.count, "terms": len(tokens)})
+        _write_json(directory / "bm25.json", {"kind": BM25_KIND, "count": self.count, "terms": len(tokens),
+                                              "analyzer": self.analyzer_spec})
 
     @classmethod
     def load(cls, directory: str | Path, *, mmap: bool = False) -> BM25Index:
@@ -471,15 +445,18 @@ class BM25Index:
         vocab = {token: number for number, token in enumerate(tokens)}
         if len(arrays["ids"]) != int(meta["count"]) or len(arrays["indptr"]) != len(vocab) + 1:
             raise IndexLoadError(f"{directory}: BM25 arrays do not match bm25.json")
+        spec = meta.get("analyzer") or {"name": "unknown", "version": 0}
         return cls._from_arrays(arrays["ids"], arrays["doc_len"], vocab, arrays["indptr"], arrays["rows"],
-                                arrays["tfs"], mmapped=mmap)
+                                arrays["tfs"], analyzer=analyzer_from_spec(meta.get("analyzer")),
+                                analyzer_spec=spec, mmapped=mmap)
 
 
 class BM25Builder:
     """Accumulates (term, row, tf) triples batch by batch; memory is the postings, never the texts."""
 
-    def __init__(self, *, tokenize: Tokenizer | None = None) -> None:
-        self._tokenize = _tokenizer(tokenize)
+    def __init__(self, *, analyzer: Analyzer | None = None) -> None:
+        self.analyzer = analyzer or get_analyzer()
+        self._tokenize = self.analyzer.tokenize
         self._vocab: dict[str, int] = {}
         self._ids: list[np.ndarray] = []
         self._doc_len: list[np.ndarray] = []
@@ -522,7 +499,8 @@ class BM25Builder:
         indptr = np.zeros(len(self._vocab) + 1, dtype=np.int64)
         np.cumsum(np.bincount(terms, minlength=len(self._vocab)), out=indptr[1:])
         return BM25Index._from_arrays(ids, doc_len, dict(self._vocab), indptr, np.ascontiguousarray(rows[order]),
-                                      np.ascontiguousarray(tfs[order]))
+                                      np.ascontiguousarray(tfs[order]), analyzer=self.analyzer,
+                                      analyzer_spec=self.analyzer.spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,7 +573,7 @@ def write_segment(
     hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD,
     ef_search: int = DEFAULT_EF_SEARCH,
     compression: str = "",
-    tokenize: Tokenizer | None = None,
+    analyzer: Analyzer | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Write one segment from ``batches`` and return its ``segment.json`` (with ``name``).
@@ -609,8 +587,8 @@ def write_segment(
     seg_root.mkdir(parents=True, exist_ok=True)
     kind = dense_kind_for(expected, hnsw_threshold=hnsw_threshold, compression=compression)
     dense = DenseBuilder(dim, kind, ef_search=ef_search, expected=expected)
-    bm25 = BM25Builder(tokenize=tokenize)
-    digest = hashlib.sha256(prefix.encode() + b"\0")
+    bm25 = BM25Builder(analyzer=analyzer)
+    digest = hashlib.sha256(prefix.encode() + b"\0" + json.dumps(bm25.analyzer.spec, sort_keys=True).encode())
     doc_parts: list[np.ndarray] = []
     seen = 0
     for batch in batches:
@@ -639,7 +617,7 @@ def write_segment(
     if len(np.unique(built_bm25._ids)) != len(built_bm25._ids):
         raise ValueError("ids must be unique within a segment")
     meta = {"format": SEGMENT_FORMAT, "name": name, "count": seen, "dim": dim, "dense_kind": built_dense.kind,
-            "bm25_kind": BM25_KIND, "content_sha256": sha,
+            "bm25_kind": BM25_KIND, "content_sha256": sha, "analyzer": bm25.analyzer.spec,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     tmp = seg_root / f"{name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()
@@ -736,11 +714,13 @@ def write_view(
     meta: dict[str, Any],
     arrays: dict[str, np.ndarray] | None = None,
     dim: int | None = None,
+    fields: dict[str, Any] | None = None,
 ) -> Path:
     """Write version ``version`` as a view over existing segments, atomically; returns its directory.
 
     ``meta`` is free-form and extensible: every producer adds its own fields (model, analyzer, ...);
-    ``arrays`` are extra named arrays kept beside the manifest (``read_view_array``). Idempotent like
+    ``arrays`` are extra named arrays kept beside the manifest (``read_view_array``); ``fields`` are extra
+    top-level manifest fields (the analyzer's, the embedding model's), checked by their owners. Idempotent like
     segments: the same content again is reused untouched; different content replaces it in one rename.
     """
     root = Path(root)
@@ -754,6 +734,7 @@ def write_view(
     tombstones = [np.unique(np.asarray(s.tombstones, dtype=np.int64)) for s in segments]
     arrays = {name: np.asarray(value) for name, value in (arrays or {}).items()}
     manifest = _view_manifest(version, seg_metas, tombstones, meta, arrays, dim)
+    manifest.update(json.loads(json.dumps(fields or {})))
     final = root / version_dirname(version)
     if _same_content(_read_json(final / MANIFEST_NAME), manifest):
         return final
@@ -833,13 +814,17 @@ def write_index_version(
     ef_search: int = DEFAULT_EF_SEARCH,
     compression: str = "",
     arrays: dict[str, np.ndarray] | None = None,
+    analyzer: Analyzer | None = None,
 ) -> Path:
     """Write version ``version`` from scratch: one segment with everything, and a view of it.
 
     Idempotent: the same content again reuses the segment and the version untouched (a re-delivered
     Celery task is harmless); different content under the same version number replaces the version
-    in one rename. ``meta`` must be JSON-serialisable and should carry ``model_id``.
+    in one rename. ``meta`` must be JSON-serialisable and should carry ``model_id``. ``analyzer``
+    (default: no user dictionary) tokenizes for BM25; its name, version and dictionary hash are
+    recorded in the manifest.
     """
+    analyzer = analyzer or get_analyzer()
     ids_array, matrix = _validate_dense_input(ids, vectors)
     if len(texts) != len(ids_array):
         raise ValueError(f"{len(texts)} texts for {len(ids_array)} ids")
@@ -848,9 +833,27 @@ def write_index_version(
     if len(ids_array):
         seg = write_segment(root, f"s{version:06d}", [SegmentBatch(ids_array, docs, matrix, texts)],
                             dim=int(matrix.shape[1]), expected=len(ids_array), hnsw_threshold=hnsw_threshold,
-                            ef_search=ef_search, compression=compression)
+                            ef_search=ef_search, compression=compression, analyzer=analyzer)
         segments.append(ViewSegment(seg["name"]))
-    return write_view(root, version, segments, meta=meta, arrays=arrays, dim=int(matrix.shape[1]))
+    return write_view(root, version, segments, meta=meta, arrays=arrays, dim=int(matrix.shape[1]),
+                      fields=analyzer_manifest(analyzer))
+
+
+def analyzer_manifest(analyzer: Analyzer) -> dict[str, Any]:
+    """The manifest fields that record a version's BM25 analyzer."""
+    return {"analyzer": {"name": analyzer.name, "version": analyzer.version},
+            "user_dictionary_sha256": analyzer.dictionary_hash}
+
+
+_analyzer_manifest = analyzer_manifest
+
+
+def manifest_analyzer_matches(manifest: dict[str, Any] | None, analyzer: Analyzer) -> bool:
+    """True when a version's manifest records ``analyzer`` (same name, version and dictionary)."""
+    if not manifest:
+        return False
+    return manifest.get("analyzer") == {"name": analyzer.name, "version": analyzer.version} \
+        and manifest.get("user_dictionary_sha256") == analyzer.dictionary_hash
 
 
 def _same_content(existing: dict[str, Any] | None, manifest: dict[str, Any]) -> bool:
@@ -1089,6 +1092,11 @@ class IndexBundle:
         return max(self.parts, key=lambda p: p.segment.count).segment.dense if self.parts else None
 
     @property
+    def bm25(self) -> BM25Index | None:
+        """The largest segment's BM25 postings (diagnostics; every segment of a view has one analyzer)."""
+        return max(self.parts, key=lambda p: p.segment.count).segment.bm25 if self.parts else None
+
+    @property
     def segments(self) -> list[Segment]:
         return [p.segment for p in self.parts]
 
@@ -1121,10 +1129,15 @@ class IndexBundle:
         freqs = {token: sum(p.segment.bm25.doc_freq(token) for p in self.parts) for token in set(tokens)}
         return BM25Stats(doc_count, total, lambda token: freqs.get(token, 0))
 
-    def bm25_search(self, query: str, k: int, *, tokenize: Tokenizer | None = None) -> list[tuple[int, float]]:
-        if k <= 0:
+    @property
+    def analyzer_current(self) -> bool:
+        """False when BM25 was built by an analyzer this code cannot reproduce: rebuild the version."""
+        return all(p.segment.bm25.analyzer_current for p in self.parts)
+
+    def bm25_search(self, query: str, k: int) -> list[tuple[int, float]]:
+        if k <= 0 or not self.parts or not self.analyzer_current:
             return []
-        tokens = _tokenizer(tokenize)(query)
+        tokens = self.parts[0].segment.bm25.analyzer.tokenize(query)
         if not tokens:
             return []
         stats = self.bm25_stats(tokens)

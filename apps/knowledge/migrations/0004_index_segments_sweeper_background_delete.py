@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('knowledge', '0002_knowledgebase_editor_groups'),
+        ('knowledge', '0003_kb_user_dictionary'),
     ]
 
     operations = [
