@@ -12,6 +12,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from apps.core.errors import ApplicationError, NotFound
 from apps.core.logging import session_id_var
@@ -48,9 +49,9 @@ def conversation_update(*, user: AbstractBaseUser, session_id: str, title: str |
     if title is not None:
         title = " ".join(title.split())
         if not title:
-            raise ApplicationError("invalid_title", "A title cannot be empty.")
+            raise ApplicationError("invalid_title", gettext("A title cannot be empty."))
         if len(title) > 200:
-            raise ApplicationError("invalid_title", "A title is at most 200 characters.")
+            raise ApplicationError("invalid_title", gettext("A title is at most 200 characters."))
         conversation.title = title
         fields.append("title")
     if archived is not None:
@@ -72,9 +73,9 @@ def conversation_delete(*, user: AbstractBaseUser, session_id: str) -> None:
 def feedback_submit(*, user: AbstractBaseUser, message_id: int, rating: str, comment: str = "") -> Feedback:
     """One rating per user and answer; submitting again replaces it (idempotent)."""
     if rating not in Feedback.Rating.values:
-        raise ApplicationError("invalid_rating", "rating must be 'up' or 'down'.", details={"rating": rating})
+        raise ApplicationError("invalid_rating", gettext("rating must be 'up' or 'down'."), details={"rating": rating})
     if len(comment) > 4000:
-        raise ApplicationError("comment_too_long", "A comment is at most 4000 characters.")
+        raise ApplicationError("comment_too_long", gettext("A comment is at most 4000 characters."))
     message = message_get_for_feedback(user=user, message_id=message_id)
     feedback, _ = Feedback.objects.update_or_create(message=message, user=user,
                                                     defaults={"rating": rating, "comment": comment.strip()})
@@ -123,10 +124,11 @@ def contextualise(message: str, state: dict[str, Any]) -> str:
 
 def _validate_message(message: Any) -> str:
     if not isinstance(message, str) or not message.strip():
-        raise ApplicationError("message_required", "Send a non-empty message.")
+        raise ApplicationError("message_required", gettext("Send a non-empty message."))
     message = message.strip()
     if len(message) > MAX_MESSAGE_CHARS:
-        raise ApplicationError("message_too_long", f"A message is at most {MAX_MESSAGE_CHARS} characters.",
+        raise ApplicationError("message_too_long", gettext("A message is at most %(max)s characters.")
+                                                   % {"max": MAX_MESSAGE_CHARS},
                                details={"max_chars": MAX_MESSAGE_CHARS, "chars": len(message)})
     return message
 
@@ -139,7 +141,8 @@ def _validate_knowledge_bases(*, user: AbstractBaseUser, knowledge_bases: Any) -
     if (not isinstance(knowledge_bases, list) or len(knowledge_bases) > MAX_KNOWLEDGE_BASES
             or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in knowledge_bases)):
         raise ApplicationError("invalid_knowledge_bases",
-                               f"knowledge_bases is a list of up to {MAX_KNOWLEDGE_BASES} slugs or ids.")
+                               gettext("knowledge_bases is a list of up to %(max)s slugs or ids.")
+                               % {"max": MAX_KNOWLEDGE_BASES})
     if not knowledge_bases:
         return None
     from apps.knowledge.selectors import knowledge_bases_visible
@@ -153,7 +156,7 @@ def _validate_knowledge_bases(*, user: AbstractBaseUser, knowledge_bases: Any) -
     for key in knowledge_bases:
         kb = by_key.get(str(key))
         if kb is None:
-            raise NotFound("No such knowledge base.", code="knowledge_base_not_found", details={"knowledge_base": key})
+            raise NotFound(gettext("No such knowledge base."), code="knowledge_base_not_found", details={"knowledge_base": key})
         if kb not in resolved:
             resolved.append(kb)
     return resolved
@@ -207,7 +210,7 @@ def _conversation_for_turn(*, user: AbstractBaseUser, session_id: str | None) ->
     if conversation is not None:
         if conversation.archived:
             raise ApplicationError("conversation_archived",
-                                   "This conversation is archived; unarchive it to continue.",
+                                   gettext("This conversation is archived; unarchive it to continue."),
                                    details={"session_id": session_id}, status=409)
         return conversation, False
     try:

@@ -13,3 +13,15 @@ class CoreConfig(AppConfig):
         events.register_handler("api_key_revoked", auth_cache.on_api_key_revoked)
         cluster.connect_celery()
         cluster_admin.install()
+        self._command_language()
+
+    @staticmethod
+    def _command_language() -> None:
+        import os
+
+        from django.utils import translation
+
+        from .i18n import command_language
+
+        if language := command_language(os.environ):
+            translation.activate(language)

@@ -9,6 +9,7 @@ from datetime import datetime
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from .errors import ApplicationError, NotFound
 from .models import ApiKey
@@ -28,7 +29,7 @@ class IssuedKey:
 
 def api_key_create(*, user: AbstractBaseUser, name: str = "", expires_at: datetime | None = None) -> IssuedKey:
     if expires_at is not None and expires_at <= timezone.now():
-        raise ApplicationError("invalid_expiry", "expires_at must be in the future.")
+        raise ApplicationError("invalid_expiry", gettext("expires_at must be in the future."))
     public = secrets.token_hex(4)
     raw = f"{KEY_PREFIX}{public}_{secrets.token_urlsafe(32)}"
     key = ApiKey.objects.create(
@@ -45,7 +46,7 @@ def api_key_revoke(*, user: AbstractBaseUser, key_id: int) -> ApiKey:
             qs = qs.filter(user=user)
         key = qs.filter(pk=key_id).first()
         if key is None:
-            raise NotFound("No such API key.", code="api_key_not_found")
+            raise NotFound(gettext("No such API key."), code="api_key_not_found")
         if key.revoked_at is None:
             key.revoked_at = timezone.now()
             key.save(update_fields=["revoked_at"])

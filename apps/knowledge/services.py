@@ -27,6 +27,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 from django.utils.text import get_valid_filename
+from django.utils.translation import gettext
 
 from apps.core.errors import ApplicationError, PermissionDenied
 from apps.core.events import publish_on_commit
@@ -81,7 +82,8 @@ def parse_limits() -> ParseLimits:
 def upload_size_validate(*, size: int, name: str = "") -> None:
     limit = settings.KNOWLEDGE_MAX_UPLOAD_BYTES
     if size > limit:
-        raise ApplicationError("too_large", f"{name or 'The file'} is {size} bytes; the limit is {limit} bytes.",
+        raise ApplicationError("too_large", gettext("%(name)s is %(size)s bytes; the limit is %(limit)s bytes.")
+                                            % {"name": name or gettext("The file"), "size": size, "limit": limit},
                                details={"size": size, "limit": limit, "name": name}, status=413)
 
 
@@ -104,9 +106,9 @@ def _kb_validate(kb: KnowledgeBase) -> None:
         fields = exc.message_dict
         code = next((codes[e.code] for errors in exc.error_dict.values() for e in errors if e.code in codes),
                     "validation_error")
-        raise ApplicationError(code, "The knowledge base is invalid; see details.", details={"fields": fields})
+        raise ApplicationError(code, gettext("The knowledge base is invalid; see details."), details={"fields": fields})
     if kb.chunk_overlap >= kb.chunk_tokens:
-        raise ApplicationError("validation_error", "chunk_overlap must be smaller than chunk_tokens.",
+        raise ApplicationError("validation_error", gettext("chunk_overlap must be smaller than chunk_tokens."),
                                details={"fields": {"chunk_overlap": ["must be smaller than chunk_tokens"]}})
 
 
@@ -116,17 +118,18 @@ def _groups_validate(group_ids: Sequence[int] | None) -> None:
     if group_ids:
         unknown = set(group_ids) - set(Group.objects.filter(pk__in=group_ids).values_list("pk", flat=True))
         if unknown:
-            raise ApplicationError("unknown_group", "Some allowed groups do not exist.",
+            raise ApplicationError("unknown_group", gettext("Some allowed groups do not exist."),
                                    details={"group_ids": sorted(unknown)})
 
 
 def knowledge_base_create(*, user: User, slug: str, name: str, allowed_group_ids: Sequence[int] = (),
                           **fields: Any) -> KnowledgeBase:
     if not selectors.knowledge_base_can_create(user=user):
-        raise PermissionDenied("You may not create knowledge bases.")
+        raise PermissionDenied(gettext("You may not create knowledge bases."))
     unknown = set(fields) - set(KB_EDITABLE_FIELDS)
     if unknown:
-        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+        raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
+                                                   % {"fields": ', '.join(sorted(unknown))})
     kb = KnowledgeBase(slug=slug, name=name, owner=_actor(user), **fields)
     _kb_validate(kb)
     _groups_validate(allowed_group_ids)
@@ -141,10 +144,11 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
                           **fields: Any) -> KnowledgeBase:
     kb = knowledge_base
     if not selectors.knowledge_base_can_edit(user=user, knowledge_base=kb):
-        raise PermissionDenied("Only the owner or staff may change this knowledge base.")
+        raise PermissionDenied(gettext("Only the owner or staff may change this knowledge base."))
     unknown = set(fields) - set(KB_EDITABLE_FIELDS)
     if unknown:
-        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+        raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
+                                                   % {"fields": ', '.join(sorted(unknown))})
     rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
     for name, value in fields.items():
         setattr(kb, name, value)
@@ -169,7 +173,7 @@ def knowledge_base_rechunk(*, knowledge_base: KnowledgeBase) -> int:
 def knowledge_base_delete(*, user: User, knowledge_base: KnowledgeBase) -> None:
     kb = knowledge_base
     if not selectors.knowledge_base_can_edit(user=user, knowledge_base=kb):
-        raise PermissionDenied("Only the owner or staff may delete this knowledge base.")
+        raise PermissionDenied(gettext("Only the owner or staff may delete this knowledge base."))
     files = [name for name in kb.documents.exclude(file="").values_list("file", flat=True)]
     root = kb_index_root(kb.id)
     with transaction.atomic():
@@ -237,7 +241,7 @@ def _safe_name(name: str) -> str:
 
 def _require_edit(user: User, kb: KnowledgeBase) -> None:
     if not selectors.knowledge_base_can_edit(user=user, knowledge_base=kb):
-        raise PermissionDenied("Only the owner or staff may change documents of this knowledge base.")
+        raise PermissionDenied(gettext("Only the owner or staff may change documents of this knowledge base."))
 
 
 def documents_upload(*, knowledge_base: KnowledgeBase, user: User, files: Sequence[File]) -> list[UploadOutcome]:
@@ -250,7 +254,7 @@ def documents_upload(*, knowledge_base: KnowledgeBase, user: User, files: Sequen
     """
     _require_edit(user, knowledge_base)
     if not files:
-        raise ApplicationError("no_files", "Send at least one file in the multipart field 'files'.")
+        raise ApplicationError("no_files", gettext("Send at least one file in the multipart field 'files'."))
     outcomes: list[UploadOutcome] = []
     with transaction.atomic():
         for upload in files:
@@ -328,7 +332,7 @@ def document_save(*, document: Document, user: User, content_changed: bool) -> D
     """Save an editor's create or edit (the admin form); a content change makes a new version and is ingested."""
     _require_edit(user, document.knowledge_base)
     if not document.file and not document.source_url:
-        raise ApplicationError("no_content", "A document needs an uploaded file or a source URL.")
+        raise ApplicationError("no_content", gettext("A document needs an uploaded file or a source URL."))
     creating = document.pk is None
     if content_changed and document.file:
         upload = document.file

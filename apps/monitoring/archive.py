@@ -35,6 +35,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.duration import duration_iso_string
 from django.db import DEFAULT_DB_ALIAS, connection, transaction
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from apps.core.errors import ApplicationError
 
@@ -63,8 +64,8 @@ def parse_age(text: str) -> dt.timedelta:
     """'90d', '12h', '2w', '30m', '45s' -> timedelta. Zero or malformed ages are refused."""
     match = _AGE_RE.match(str(text or ""))
     if not match or int(match.group(1)) <= 0:
-        raise ApplicationError("invalid_age", "Give an age like 90d, 12h, 2w, 30m or 45s (a positive number and "
-                               "a unit).", details={"value": str(text)[:40]})
+        raise ApplicationError("invalid_age", gettext("Give an age like 90d, 12h, 2w, 30m or 45s (a positive number and "
+                               "a unit)."), details={"value": str(text)[:40]})
     return dt.timedelta(**{_UNITS[match.group(2).lower()]: int(match.group(1))})
 
 
@@ -91,7 +92,8 @@ class FileArchiveStorage(ArchiveStorage):
         self.root.mkdir(parents=True, exist_ok=True)
         target = self._path(name)
         if target.exists():
-            raise ApplicationError("archive_exists", f"An archive named {name} already exists.")
+            raise ApplicationError("archive_exists", gettext("An archive named %(name)s already exists.")
+                                                     % {"name": name})
         # Copy under a temporary name then rename: a crash never leaves a half file under the real name.
         partial = target.with_name(target.name + ".partial")
         with open(local_path, "rb") as src, open(partial, "wb") as dst:
@@ -105,7 +107,8 @@ class FileArchiveStorage(ArchiveStorage):
     def open(self, name: str) -> IO[bytes]:
         path = self._path(name)
         if not path.is_file():
-            raise ApplicationError("archive_not_found", f"No archive file {name}.", status=404)
+            raise ApplicationError("archive_not_found", gettext("No archive file %(name)s.")
+                                                        % {"name": name}, status=404)
         return open(path, "rb")
 
     def size(self, name: str) -> int:
@@ -137,7 +140,8 @@ class S3ArchiveStorage(ArchiveStorage):
         key = self._key(name)
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)
-            raise ApplicationError("archive_exists", f"An archive named {name} already exists.")
+            raise ApplicationError("archive_exists", gettext("An archive named %(name)s already exists.")
+                                                     % {"name": name})
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
                 raise
@@ -154,7 +158,8 @@ class S3ArchiveStorage(ArchiveStorage):
             self.client.download_fileobj(self.bucket, key, buffer)
         except ClientError as exc:
             buffer.close()
-            raise ApplicationError("archive_not_found", f"No archive {name} in {self.location}.", status=404) from exc
+            raise ApplicationError("archive_not_found", gettext("No archive %(name)s in %(location)s.")
+                                                        % {"name": name, "location": self.location}, status=404) from exc
         buffer.seek(0)
         return buffer
 
@@ -170,7 +175,7 @@ class S3ArchiveStorage(ArchiveStorage):
 def _checked_name(name: str) -> str:
     base = str(name)
     if "/" in base or "\\" in base or not _SAFE_NAME_RE.match(base):
-        raise ApplicationError("invalid_archive_name", "Archive names are plain file names (letters, digits, . _ -).",
+        raise ApplicationError("invalid_archive_name", gettext("Archive names are plain file names (letters, digits, . _ -)."),
                                details={"name": str(name)[:100]})
     return base
 
@@ -191,7 +196,7 @@ def _conversation_model():
     try:
         return apps.get_model("conversations", "Conversation")
     except LookupError as exc:
-        raise ApplicationError("conversations_not_installed", "The conversations app is not installed.") from exc
+        raise ApplicationError("conversations_not_installed", gettext("The conversations app is not installed.")) from exc
 
 
 def _collect(conversation) -> tuple[list[Any], list[dict[str, Any]]]:
@@ -245,8 +250,9 @@ def _read_lines(handle: IO[bytes]) -> Iterator[dict[str, Any]]:
                 if line.strip():
                     yield json.loads(line)
     except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:  # BadGzipFile is an OSError
-        raise ApplicationError("archive_corrupt", f"The archive is not a readable gzip JSON Lines file "
-                               f"(line {number + 1}: {exc.__class__.__name__}).") from exc
+        raise ApplicationError("archive_corrupt", gettext("The archive is not a readable gzip JSON Lines file "
+                                                           "(line %(line)s: %(error)s).")
+                                                  % {"line": number + 1, "error": exc.__class__.__name__}) from exc
 
 
 @dataclass
@@ -300,8 +306,9 @@ def conversations_archive(*, older_than: dt.timedelta, dry_run: bool = False, ba
         result.location = storage.save(name, local)
         result.name = name
     if storage.size(name) != result.bytes:
-        raise ApplicationError("archive_store_failed", f"The stored archive {name} does not have the size written; "
-                               "nothing was deleted.")
+        raise ApplicationError("archive_store_failed", gettext("The stored archive %(name)s does not have the size written; "
+                                                                "nothing was deleted.")
+                                                       % {"name": name})
     result.archived = len(digests)
     logger.info("conversations archived", extra={"archive": result.location, "conversations": result.archived,
                                                    "bytes": result.bytes})
@@ -324,16 +331,16 @@ def _verify(local: Path, digests: dict[int, str]) -> None:
         lines = _read_lines(handle)
         header = next(lines, None)
         if not header or header.get("format") != FORMAT:
-            raise ApplicationError("archive_verify_failed", "The archive written has no valid header; nothing was deleted.")
+            raise ApplicationError("archive_verify_failed", gettext("The archive written has no valid header; nothing was deleted."))
         for line in lines:
             canonical = json.dumps({"objects": line["objects"], "relinks": line["relinks"]}, sort_keys=True,
                                    cls=_LosslessEncoder)
             if hashlib.sha256(canonical.encode()).hexdigest() != line["digest"]:
-                raise ApplicationError("archive_verify_failed", "A line of the archive does not match its digest.")
+                raise ApplicationError("archive_verify_failed", gettext("A line of the archive does not match its digest."))
             seen[int(line["pk"])] = line["digest"]
     if seen != digests:
-        raise ApplicationError("archive_verify_failed", "The archive read back differs from what was written; "
-                               "nothing was deleted.")
+        raise ApplicationError("archive_verify_failed", gettext("The archive read back differs from what was written; "
+                               "nothing was deleted."))
 
 
 def _delete_if_unchanged(pk: int, digest: str) -> str | None:
@@ -382,10 +389,11 @@ def archive_header(*, name: str, storage: ArchiveStorage | None = None) -> dict[
     with storage.open(name) as handle:
         header = next(_read_lines(handle), None)
     if not header or header.get("format") != FORMAT:
-        raise ApplicationError("archive_corrupt", f"{name} is not a conversation archive.")
+        raise ApplicationError("archive_corrupt", gettext("%(name)s is not a conversation archive.") % {"name": name})
     if int(header.get("version", 0)) > VERSION:
         raise ApplicationError("archive_version_unsupported",
-                               f"{name} was written by a newer version (format {header.get('version')}).")
+                               gettext("%(name)s was written by a newer version (format %(version)s).")
+                               % {"name": name, "version": header.get('version')})
     return header
 
 

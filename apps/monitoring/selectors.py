@@ -5,6 +5,7 @@ import csv
 from typing import Iterable, Iterator
 
 from django.db.models import QuerySet
+from django.utils.translation import gettext
 
 from apps.core.errors import PermissionDenied
 
@@ -18,7 +19,7 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 def _require_audit_reader(user) -> None:
     if not (getattr(user, "is_active", False) and getattr(user, "is_staff", False)
             and user.has_perm("monitoring.view_auditevent")):
-        raise PermissionDenied("Reading the audit log requires the 'view audit event' permission.",
+        raise PermissionDenied(gettext("Reading the audit log requires the 'view audit event' permission."),
                                code="audit_forbidden")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.translation import gettext, gettext_lazy
 
 from ._process import prepare_process
 
@@ -10,16 +11,16 @@ from ._output import progress, table
 
 
 class Command(BaseCommand):
-    help = ("Evaluate retrieval on a BEIR dataset (e.g. ../shared/datasets/scifact): the corpus is ingested into a "
-            "scratch knowledge base (stored embeddings are reused on later runs) and nDCG@10, Recall@100 and MRR@10 "
-            "are printed beside the published reference figures.")
+    help = (gettext_lazy("Evaluate retrieval on a BEIR dataset (e.g. ../shared/datasets/scifact): the corpus is "
+                         "ingested into a scratch knowledge base (stored embeddings are reused on later runs) and "
+                         "nDCG@10, Recall@100 and MRR@10 are printed beside the published reference figures."))
 
     def add_arguments(self, parser):
-        parser.add_argument("--dataset", required=True, help="BEIR folder: corpus.jsonl[.gz], queries.jsonl, qrels/")
+        parser.add_argument("--dataset", required=True, help=gettext("BEIR folder: corpus.jsonl[.gz], queries.jsonl, qrels/"))
         parser.add_argument("--mode", action="append", choices=["dense", "bm25", "hybrid"],
-                            help="Repeatable; default: all three")
+                            help=gettext("Repeatable; default: all three"))
         parser.add_argument("--split", default="test")
-        parser.add_argument("--kb", help="Scratch knowledge base slug (default: eval-<dataset name>)")
+        parser.add_argument("--kb", help=gettext("Scratch knowledge base slug (default: eval-<dataset name>)"))
         parser.add_argument("--chunk-tokens", type=int)
         parser.add_argument("--chunk-overlap", type=int)
         parser.add_argument("--no-progress", action="store_true")
@@ -30,11 +31,11 @@ class Command(BaseCommand):
         prepare_process("worker")
         root = Path(dataset)
         if not root.is_dir():
-            raise CommandError(f"No dataset folder {dataset!r}.")
+            raise CommandError(gettext("No dataset folder %(dataset)r.") % {"dataset": dataset})
         try:
             corpus, queries, qrels = evaluation.load_beir(root, split=split)
         except (OSError, ValueError, KeyError) as exc:
-            raise CommandError(f"Not a readable BEIR dataset: {exc}")
+            raise CommandError(gettext("Not a readable BEIR dataset: %(exc)s") % {"exc": exc})
         slug = kb or f"eval-{root.name.lower()}"[:64]
         knowledge_base = evaluation.scratch_knowledge_base(slug=slug, name=f"Evaluation: {root.name}",
                                                            chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
@@ -59,6 +60,6 @@ class Command(BaseCommand):
                          result.queries, f"{1000 * result.seconds / max(result.queries, 1):.1f}"])
         self.stdout.write(table(["mode", "nDCG@10", "reference nDCG@10", "Recall@100", "MRR@10", "queries", "ms/query"],
                                 rows))
-        self.stdout.write(f"knowledge base {knowledge_base.slug}, chunks {knowledge_base.chunk_tokens}/"
-                          f"{knowledge_base.chunk_overlap} tokens; references: all-MiniLM-L6-v2 dense 0.645 (MTEB), "
-                          "BM25 0.665 (BEIR paper)")
+        self.stdout.write(gettext("knowledge base %(slug)s, chunks %(chunk_tokens)s/%(chunk_overlap)s tokens; references: "
+                                  "all-MiniLM-L6-v2 dense 0.645 (MTEB), BM25 0.665 (BEIR paper)")
+                          % {"slug": knowledge_base.slug, "chunk_tokens": knowledge_base.chunk_tokens, "chunk_overlap": knowledge_base.chunk_overlap})
