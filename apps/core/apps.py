@@ -13,6 +13,13 @@ class CoreConfig(AppConfig):
         events.register_handler("api_key_revoked", auth_cache.on_api_key_revoked)
         cluster.connect_celery()
         cluster_admin.install()
+
+        from django.db.models.signals import post_migrate
+
+        from .authz import roles_ensure
+
+        # After every app's migrate (their permissions exist by then): the role groups and their permissions.
+        post_migrate.connect(roles_ensure, dispatch_uid="core.roles_ensure")
         self._command_language()
 
     @staticmethod

@@ -42,4 +42,4 @@ def install(site: admin.AdminSite = admin.site) -> None:
     from .admin_site import admin_page_install
 
     admin_page_install(route="cluster/", view=cluster_status_view, url_name="cluster-status", section_label="cluster",
-                       app_name=gettext_lazy("Cluster"), entry_name=gettext_lazy("Instances"), site=site)
+                       app_name=gettext_lazy("Cluster"), entry_name=gettext_lazy("Instances"), permission="cluster.view", site=site)

@@ -66,4 +66,4 @@ def install(site: admin.AdminSite = admin.site) -> None:
 
     admin_page_install(route="dashboard/", view=dashboard_view, url_name="operations-dashboard",
                        section_label="operations", app_name=gettext_lazy("Operations"),
-                       entry_name=gettext_lazy("Dashboard"), first=True, site=site)
+                       entry_name=gettext_lazy("Dashboard"), permission="dashboard.view", first=True, site=site)

@@ -5,9 +5,8 @@ import csv
 from typing import Iterable, Iterator
 
 from django.db.models import QuerySet
-from django.utils.translation import gettext
 
-from apps.core.errors import PermissionDenied
+from apps.core import authz
 
 from .models import AuditEvent
 
@@ -17,10 +16,7 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _require_audit_reader(user) -> None:
-    if not (getattr(user, "is_active", False) and getattr(user, "is_staff", False)
-            and user.has_perm("monitoring.view_auditevent")):
-        raise PermissionDenied(gettext("Reading the audit log requires the 'view audit event' permission."),
-                               code="audit_forbidden")
+    authz.require(user, "audit.read")
 
 
 def audit_events_list(*, user, model_label: str | None = None, object_id: str | None = None,

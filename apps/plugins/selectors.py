@@ -11,6 +11,8 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from django.utils.translation import gettext
 
+from apps.core import authz
+
 from .models import PluginInvocation, Ticket
 from .services import ensure_plugin_admin, plugins_snapshot, plugins_sync
 
@@ -84,9 +86,9 @@ def invocation_stats(*, days: int | None = None) -> list[dict[str, Any]]:
 
 
 def tickets_for(*, user: AbstractBaseUser) -> QuerySet[Ticket]:
-    """A user's own tickets; staff see all."""
+    """A user's own tickets; support agents (apps.core.authz) see all."""
     qs = Ticket.objects.select_related("user", "assignee")
-    return qs if user.is_staff else qs.filter(user=user)
+    return qs if authz.can(user, "tickets.view_all") else qs.filter(user=user)
 
 
 NEAR_DUPLICATE = 0.85
