@@ -22,6 +22,7 @@ from django.utils.translation import gettext
 from apps.core.errors import SERVER_ERROR, ApplicationError
 from apps.core.i18n import language_from_scope
 from apps.core.throttling import ChatRateThrottle
+from apps.core.ws_auth import CLOSE_IDENTITY_GONE, ws_identity_recheck
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.turn is not None and not self.turn.done():
             await self.send_error("turn_in_progress", gettext("Wait for the answer before sending the next message."))
             return
+        # Every turn: the key or session still valid, the user still active, groups as they are now.
+        identity = await ws_identity_recheck(self.scope)
+        if not identity.ok:
+            await self.send_error(identity.code, identity.message)
+            await self.close(code=CLOSE_IDENTITY_GONE)
+            return
+        self.user = identity.user
         client = self.scope.get("client") or ("", 0)
         wait = await in_thread(_throttle_wait)(self.user, self.scope.get("api_key"), client[0] or "")
         if wait is not None:

@@ -23,6 +23,7 @@ _ERRORS = {400: OpenApiResponse(description="Invalid input: error.code names the
 
 
 class ChatView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     throttle_classes = [UserOrKeyRateThrottle, ChatRateThrottle]
 
     @extend_schema(
@@ -45,6 +46,7 @@ class ChatView(APIView):
 
 
 class ConversationListView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(
         parameters=[OpenApiParameter("archived", str, enum=["false", "true", "all"],
                                      description="Which conversations to list (default: not archived)")],
@@ -62,6 +64,7 @@ class ConversationListView(APIView):
 
 
 class ConversationDetailView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(responses={200: ConversationSerializer, 404: _ERRORS[404]}, summary="One conversation",
                    tags=["chat"])
     def get(self, request, session_id: str):
@@ -83,6 +86,7 @@ class ConversationDetailView(APIView):
 
 
 class MessageListView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(responses={200: MessageSerializer(many=True), 404: _ERRORS[404]},
                    summary="Messages of a conversation, oldest first", tags=["chat"])
     def get(self, request, session_id: str):
@@ -95,6 +99,7 @@ class MessageListView(APIView):
 
 
 class FeedbackView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(request=FeedbackRequestSerializer, responses={200: FeedbackSerializer, 404: _ERRORS[404]},
                    summary="Rate an answer (up or down, optional comment); again replaces it", tags=["chat"])
     def post(self, request, message_id: int):

@@ -40,11 +40,6 @@ class ApiKeyAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
         return user + ["name", "expires_at", "scopes", "prefix", "parent", "created_by", "created_at", "revoked_at",
                        "last_used_at"]
 
-    def get_form(self, request, obj=None, **kwargs):
-        if not authz.can(request.user, "api_keys.issue_for_others"):
-            kwargs["exclude"] = ["user"]
-        return super().get_form(request, obj, **kwargs)
-
     def has_change_permission(self, request, obj=None) -> bool:
         return False if obj is not None else super().has_change_permission(request, obj)
 
@@ -53,7 +48,7 @@ class ApiKeyAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
         owner = obj.user if obj.user_id is not None else request.user
         issued = api_key_create(user=owner, name=obj.name, expires_at=obj.expires_at,
                                 scopes=form.cleaned_data.get("scopes") or None, issued_by=request.user)
-        obj.pk, obj.prefix = issued.api_key.pk, issued.api_key.prefix
+        obj.pk, obj.prefix, obj.user = issued.api_key.pk, issued.api_key.prefix, owner
         messages.warning(request, _("New API key (copy it now, it is not shown again): %(key)s") % {"key": issued.raw_key})
 
     @admin.action(description=_("Revoke selected keys (and the keys minted from them)"))

@@ -11,6 +11,10 @@ class CoreConfig(AppConfig):
         from . import auth_cache, cluster, cluster_admin, events
 
         events.register_handler("api_key_revoked", auth_cache.on_api_key_revoked)
+        from . import identity
+
+        events.register_handler("user_changed", identity.on_user_changed)
+        identity.connect_signals()
         cluster.connect_celery()
         cluster_admin.install()
 

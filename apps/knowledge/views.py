@@ -174,6 +174,7 @@ def _int_param(raw: str | None, default: int):
 
 
 class SearchView(APIView):
+    api_key_scope = "search"  # apps/core/scopes.py (other views: read for GET, manage for writes)
     @extend_schema(
         parameters=[
             OpenApiParameter("q", str, required=True, description="The query"),
