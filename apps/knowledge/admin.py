@@ -79,6 +79,10 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
                          "description": _("Sizes are in the embedding model's tokens; changing them re-chunks every "
                                           "document (unchanged text keeps its stored embedding).")}),
         (_("Retrieval"), {"fields": ["fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker"]}),
+        (_("Keyword search"), {"fields": ["user_dictionary"],
+                               "description": _("Terms listed here are kept whole by the keyword (BM25) analyzer "
+                                                "for documents and questions alike; saving a change rebuilds "
+                                                "the index.")}),
     ]
 
     # Permissions come from apps.core.authz: per-base editors (owner, editor groups), knowledge
@@ -161,6 +165,9 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         if change and {"chunk_tokens", "chunk_overlap"} & set(form.changed_data):
             count = services.knowledge_base_rechunk(knowledge_base=obj)
             messages.info(request, _("Chunk sizes changed: %(count)d document(s) queued for re-chunking.") % {"count": count})
+        elif change and "user_dictionary" in form.changed_data:
+            services.index_rebuild_enqueue(obj.pk)
+            messages.info(request, _("User dictionary changed: the index is being rebuilt with it."))
 
     def delete_model(self, request, obj):
         services.knowledge_base_delete(user=request.user, knowledge_base=obj)
