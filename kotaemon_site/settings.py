@@ -196,7 +196,10 @@ REST_FRAMEWORK = {
         "apps.core.authentication.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Every endpoint checks the API-key scope it needs (apps/core/scopes.py); permissions proper are the
+    # services' business (apps/core/authz.py).
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated",
+                                   "apps.core.scopes.ApiKeyScopePermission"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "apps.core.errors.api_exception_handler",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
@@ -305,6 +308,14 @@ KNOWLEDGE_REBUILD_DELAY_SECONDS = env.float("KNOWLEDGE_REBUILD_DELAY_SECONDS", d
 CELERY_BEAT_SCHEDULE["knowledge-index-cleanup"] = {
     "task": "knowledge.cleanup_indexes", "schedule": float(max(60, KNOWLEDGE_INDEX_GRACE_SECONDS // 2)),
 }
+
+# --- Outbound requests (apps/core/outbound.py: document URLs, plugins' HTTP, connectors) --
+# Internal hosts the platform may fetch from (names, *.domain, IPs, CIDRs, each optionally :port);
+# everything that resolves to loopback/private/link-local/metadata ranges is refused otherwise.
+OUTBOUND_ALLOWED_HOSTS = env.list("OUTBOUND_ALLOWED_HOSTS", default=[])
+OUTBOUND_TIMEOUT_SECONDS = env.float("OUTBOUND_TIMEOUT_SECONDS", default=10.0)
+OUTBOUND_MAX_BYTES = env.int("OUTBOUND_MAX_BYTES", default=10 * 1024 * 1024)
+OUTBOUND_MAX_REDIRECTS = env.int("OUTBOUND_MAX_REDIRECTS", default=5)
 
 # --- Conversations (apps/conversations) ------------------------------------------------
 SESSION_STORE_BACKEND = env("SESSION_STORE_BACKEND", default="redis" if REDIS_URL else "memory")

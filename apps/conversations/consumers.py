@@ -22,6 +22,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from apps.core.errors import ApplicationError
 from apps.core.throttling import ChatRateThrottle
+from apps.core.ws_auth import CLOSE_IDENTITY_GONE, ws_identity_recheck
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.turn is not None and not self.turn.done():
             await self.send_error("turn_in_progress", "Wait for the answer before sending the next message.")
             return
+        # Every turn: the key or session still valid, the user still active, groups as they are now.
+        identity = await ws_identity_recheck(self.scope)
+        if not identity.ok:
+            await self.send_error(identity.code, identity.message)
+            await self.close(code=CLOSE_IDENTITY_GONE)
+            return
+        self.user = identity.user
         if kind == "resume":
             offset = payload.get("offset", 0)
             if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:

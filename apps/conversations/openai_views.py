@@ -30,6 +30,7 @@ def openai_exception_handler(exc, context):
 
 class OpenAIView(APIView):
     authentication_classes = [ApiKeyAuthentication]
+    api_key_scope = "chat"  # apps/core/scopes.py: the same scope as the rest of the chat
     renderer_classes = [JSONRenderer, EventStreamRenderer]
 
     def get_exception_handler(self):

@@ -24,6 +24,7 @@ _ERRORS = {400: OpenApiResponse(description="Invalid input: error.code names the
 
 
 class ChatView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     throttle_classes = [UserOrKeyRateThrottle, ChatRateThrottle]
     renderer_classes = [JSONRenderer, EventStreamRenderer]
 
@@ -52,6 +53,7 @@ class ChatView(APIView):
 
 
 class TurnEventsView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     throttle_classes = [UserOrKeyRateThrottle]
     renderer_classes = [JSONRenderer, EventStreamRenderer]
 
@@ -68,6 +70,7 @@ class TurnEventsView(APIView):
 
 
 class ConversationListView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(
         parameters=[OpenApiParameter("archived", str, enum=["false", "true", "all"],
                                      description="Which conversations to list (default: not archived)")],
@@ -85,6 +88,7 @@ class ConversationListView(APIView):
 
 
 class ConversationDetailView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(responses={200: ConversationSerializer, 404: _ERRORS[404]}, summary="One conversation",
                    tags=["chat"])
     def get(self, request, session_id: str):
@@ -106,6 +110,7 @@ class ConversationDetailView(APIView):
 
 
 class MessageListView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(responses={200: MessageSerializer(many=True), 404: _ERRORS[404]},
                    summary="Messages of a conversation, oldest first", tags=["chat"])
     def get(self, request, session_id: str):
@@ -118,6 +123,7 @@ class MessageListView(APIView):
 
 
 class FeedbackView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(request=FeedbackRequestSerializer, responses={200: FeedbackSerializer, 404: _ERRORS[404]},
                    summary="Rate an answer (up or down, optional comment); again replaces it", tags=["chat"])
     def post(self, request, message_id: int):

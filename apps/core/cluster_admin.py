@@ -40,4 +40,4 @@ def install(site: admin.AdminSite = admin.site) -> None:
     from .admin_site import admin_page_install
 
     admin_page_install(route="cluster/", view=cluster_status_view, url_name="cluster-status", section_label="cluster",
-                       app_name="Cluster", entry_name="Instances", site=site)
+                       app_name="Cluster", entry_name="Instances", permission="cluster.view", site=site)

@@ -11,6 +11,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
+from apps.core import authz
 from apps.core.errors import ApplicationError
 
 from . import selectors, services
@@ -31,6 +32,11 @@ def badge(value: str, label: str | None = None, title: str = ""):
                        title, ink, background, label or value)
 
 
+def _kb_admin_visible(user) -> bool:
+    return (authz.can(user, "knowledge.create") or authz.can(user, "knowledge.read_all")
+            or authz.knowledge_bases_editable(user).exists())
+
+
 class IndexVersionInline(admin.TabularInline):
     model = IndexVersion
     extra = 0
@@ -41,6 +47,10 @@ class IndexVersionInline(admin.TabularInline):
               "build_seconds", "created_at", "activated_at", "retired_at"]
     readonly_fields = fields
     verbose_name_plural = "Index versions (newest first)"
+
+    def has_view_permission(self, request, obj=None) -> bool:  # obj: the knowledge base being shown
+        return obj is None or authz.can(request.user, "knowledge.edit", obj) or authz.can(request.user,
+                                                                                        "knowledge.read_all")
 
     def get_queryset(self, request):
         return super().get_queryset(request).order_by("-version")
@@ -58,22 +68,49 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
     list_filter = ["is_public"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
-    filter_horizontal = ["allowed_groups"]
+    filter_horizontal = ["allowed_groups", "editor_groups"]
     inlines = [IndexVersionInline]
     actions = ["rebuild_indexes", "reindex_documents"]
     fieldsets = [
         (None, {"fields": ["name", "slug", "description"]}),
-        ("Access", {"fields": ["owner", "is_public", "allowed_groups"]}),
+        ("Access", {"fields": ["owner", "is_public", "allowed_groups", "editor_groups"]}),
         ("Chunking", {"fields": ["chunk_tokens", "chunk_overlap"],
                       "description": "Sizes are in the embedding model's tokens; changing them re-chunks every "
                                      "document (unchanged text keeps its stored embedding)."}),
         ("Retrieval", {"fields": ["fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker"]}),
     ]
 
+    # Permissions come from apps.core.authz: per-base editors (owner, editor groups), knowledge
+    # administrators (model permissions), readers of every base (view permission). Staff alone: nothing.
+    def has_module_permission(self, request) -> bool:
+        return _kb_admin_visible(request.user)
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        if obj is None:
+            return _kb_admin_visible(request.user)
+        return authz.can(request.user, "knowledge.edit", obj) or authz.can(request.user, "knowledge.read_all")
+
+    def has_add_permission(self, request) -> bool:
+        return authz.can(request.user, "knowledge.create")
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        if obj is None:
+            return authz.knowledge_bases_editable(request.user).exists()
+        return authz.can(request.user, "knowledge.edit", obj)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        if obj is None:
+            return authz.can(request.user, "knowledge.delete_all") or (
+                authz.active(request.user) and KnowledgeBase.objects.filter(owner=request.user).exists())
+        return authz.can(request.user, "knowledge.delete", obj)
+
     def get_queryset(self, request):
         active = IndexVersion.objects.filter(knowledge_base=OuterRef("pk"), status=IndexVersion.Status.ACTIVE)
         live = Q(documents__deleted_at__isnull=True)
-        return super().get_queryset(request).select_related("owner").annotate(
+        qs = super().get_queryset(request)
+        if not authz.can(request.user, "knowledge.read_all"):
+            qs = qs.filter(pk__in=authz.knowledge_bases_editable(request.user).values("pk"))
+        return qs.select_related("owner").annotate(
             n_documents=Count("documents", filter=live, distinct=True),
             n_ready=Count("documents", filter=live & Q(documents__status="ready"), distinct=True),
             n_failed=Count("documents", filter=live & Q(documents__status="failed"), distinct=True),
@@ -115,6 +152,8 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         return obj.last_build_at
 
     def save_model(self, request, obj, form, change):
+        # The admin checked has_add/change_permission already; this re-asks the same module (defence in depth).
+        authz.require(request.user, "knowledge.edit" if change else "knowledge.create", obj if change else None)
         if not change and obj.owner_id is None:
             obj.owner = request.user
         super().save_model(request, obj, form, change)
@@ -189,6 +228,9 @@ class ChunkInline(admin.TabularInline):
     fields = ["position", "page", "heading", "token_count", "char_span", "preview"]
     readonly_fields = fields
     verbose_name_plural = "Chunks (read-only preview)"
+
+    def has_view_permission(self, request, obj=None) -> bool:  # obj: the document being shown
+        return obj is None or authz.can(request.user, "knowledge.edit", obj.knowledge_base)
     classes = ["collapse"]
 
     def get_queryset(self, request):
@@ -227,8 +269,32 @@ class DocumentAdmin(admin.ModelAdmin):
     inlines = [ChunkInline]
     actions = ["reindex", "delete_documents"]
 
+    # A document belongs to its knowledge base's editors (apps.core.authz); moving one needs both bases.
+    def has_module_permission(self, request) -> bool:
+        return authz.knowledge_bases_editable(request.user).exists()
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        return self.has_change_permission(request, obj)
+
+    def has_add_permission(self, request) -> bool:
+        return authz.knowledge_bases_editable(request.user).exists()
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        if obj is None:
+            return authz.knowledge_bases_editable(request.user).exists()
+        return authz.can(request.user, "knowledge.edit", obj.knowledge_base)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return self.has_change_permission(request, obj)
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "knowledge_base":
+            kwargs["queryset"] = authz.knowledge_bases_editable(request.user)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
     def get_queryset(self, request):
-        return super().get_queryset(request).filter(deleted_at__isnull=True).annotate(
+        return super().get_queryset(request).filter(
+            deleted_at__isnull=True, knowledge_base__in=authz.knowledge_bases_editable(request.user)).annotate(
             n_chunks=Count("chunks", filter=Q(chunks__superseded_at__isnull=True)))
 
     def get_actions(self, request):
@@ -297,9 +363,7 @@ class DocumentAdmin(admin.ModelAdmin):
     def upload_view(self, request):
         if not self.has_add_permission(request):
             return HttpResponseRedirect(reverse("admin:index"))
-        editable = [kb.pk for kb in KnowledgeBase.objects.all()
-                    if selectors.knowledge_base_can_edit(user=request.user, knowledge_base=kb)]
-        knowledge_bases = KnowledgeBase.objects.filter(pk__in=editable)
+        knowledge_bases = authz.knowledge_bases_editable(request.user)
         initial = {"knowledge_base": request.GET.get("knowledge_base")}
         form = UploadForm(request.POST or None, request.FILES or None, knowledge_bases=knowledge_bases,
                           initial=initial)
@@ -332,6 +396,21 @@ class IndexVersionAdmin(admin.ModelAdmin):
                     "encoded_count", "build_seconds", "created_at", "activated_at", "retired_at"]
     list_filter = ["status", "knowledge_base"]
     list_select_related = ["knowledge_base"]
+
+    def has_module_permission(self, request) -> bool:
+        return _kb_admin_visible(request.user)
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        if obj is None:
+            return _kb_admin_visible(request.user)
+        return (authz.can(request.user, "knowledge.read_all")
+                or authz.can(request.user, "knowledge.edit", obj.knowledge_base))
+
+    def get_queryset(self, request):
+        qs = super().get_queryset(request)
+        if authz.can(request.user, "knowledge.read_all"):
+            return qs
+        return qs.filter(knowledge_base__in=authz.knowledge_bases_editable(request.user))
 
     def has_add_permission(self, request):
         return False

@@ -26,6 +26,10 @@ class KnowledgeBase(models.Model):
     allowed_groups = models.ManyToManyField(Group, blank=True, related_name="knowledge_bases",
                                             help_text="Members of these groups may search this knowledge base.")
     is_public = models.BooleanField(default=False, help_text="Everyone who can use the assistant may search it.")
+    # The per-base knowledge editor role (apps/core/authz.py): members edit this base and its documents.
+    editor_groups = models.ManyToManyField(Group, blank=True, related_name="edited_knowledge_bases",
+                                           help_text="Members of these groups may edit this knowledge base and "
+                                                     "its documents (and search it).")
 
     # Chunking: sized in the embedding model's tokens (all-MiniLM-L6-v2 reads at most 254).
     chunk_tokens = models.PositiveSmallIntegerField(default=200, validators=[MinValueValidator(32),

@@ -1,8 +1,9 @@
 """Reads for knowledge: access rules, listings, and retrieval (`chunks_retrieve`).
 
-Access is decided here and nowhere else. A knowledge base is readable by its owner, members of
-its allowed groups, everyone when it is public, and staff; it is editable by its owner and staff.
-Callers never filter chunks themselves: `chunks_retrieve` searches only readable knowledge bases.
+Who may read or edit a knowledge base is decided by apps.core.authz (owner, editor and reader groups,
+public bases, Django permissions); these selectors apply it. Callers never filter chunks themselves:
+`chunks_retrieve` searches only readable knowledge bases, and drops any hit whose document is no longer
+in one of them (a stale index version can still hold a document moved or made private since).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from django.core.cache import cache
 from django.db.models import Count, Max, OuterRef, Q, QuerySet, Subquery
 from django.urls import reverse
 
+from apps.core import authz
 from apps.core.errors import ApplicationError, NotFound
 
 from .index_registry import registry
@@ -35,31 +37,17 @@ MAX_QUERY_CHARS = 2000
 # ------------------------------------------------------------------------------------------
 
 
-def _is_staff(user) -> bool:
-    return bool(getattr(user, "is_authenticated", False) and (user.is_staff or user.is_superuser))
-
-
 def knowledge_bases_visible(*, user) -> QuerySet[KnowledgeBase]:
-    """Knowledge bases `user` may read (anonymous users: public ones only)."""
-    qs = KnowledgeBase.objects.all()
-    if _is_staff(user):
-        return qs
-    if not getattr(user, "is_authenticated", False):
-        return qs.filter(is_public=True)
-    readable = Q(is_public=True) | Q(owner=user) | Q(allowed_groups__in=user.groups.all())
-    return qs.filter(pk__in=KnowledgeBase.objects.filter(readable).values("pk"))
+    """Knowledge bases `user` may read (anonymous users: public ones only); the rule is apps.core.authz's."""
+    return authz.knowledge_bases_readable(user)
 
 
 def knowledge_base_can_edit(*, user, knowledge_base: KnowledgeBase) -> bool:
-    if not getattr(user, "is_authenticated", False) or not user.is_active:
-        return False
-    return _is_staff(user) or knowledge_base.owner_id == user.pk
+    return authz.can(user, "knowledge.edit", knowledge_base)
 
 
 def knowledge_base_can_create(*, user) -> bool:
-    if not getattr(user, "is_authenticated", False) or not user.is_active:
-        return False
-    return _is_staff(user) or user.has_perm("knowledge.add_knowledgebase")
+    return authz.can(user, "knowledge.create")
 
 
 def knowledge_base_get(*, user, ref: int | str) -> KnowledgeBase:
@@ -200,9 +188,22 @@ def chunks_retrieve(*, user, query: str, knowledge_bases: list[str | int] | None
         cache_result = "miss"
         ranked = _rank(query, top_k, mode, held, reranker)
         _cache_set(key, ranked)
+    ranked = _hits_readable(ranked, {kb.pk for kb, _ in held})
     results = _materialize(ranked, top_k)
     retrieval_seconds.labels(mode=mode, cache=cache_result).observe(time.perf_counter() - started)
     return results
+
+
+def _hits_readable(ranked: list[dict[str, Any]], kb_ids: set[int]) -> list[dict[str, Any]]:
+    """The access filter: only hits whose document is, now, live in one of the bases being searched (all of
+    them readable by the caller). An index version, or a cached ranking, can be older than a move or a
+    delete; this reads current rows, so what it lets through is decided by the database, not the index.
+    One query on ids: chunk -> (document's knowledge base)."""
+    if not ranked:
+        return ranked
+    current = dict(Chunk.objects.filter(pk__in=[item["id"] for item in ranked], document__deleted_at__isnull=True)
+                   .values_list("id", "document__knowledge_base_id"))
+    return [item for item in ranked if current.get(item["id"]) in kb_ids]
 
 
 def ranked_chunk_ids(*, knowledge_base: KnowledgeBase, query: str, top_k: int, mode: str = "hybrid"

@@ -8,6 +8,7 @@ from .selectors import MAX_QUERY_CHARS, MODES
 class KnowledgeBaseSerializer(serializers.ModelSerializer):
     owner = serializers.SlugRelatedField(slug_field="username", read_only=True)
     allowed_groups = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+    editor_groups = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
     document_count = serializers.IntegerField(read_only=True, required=False)
     active_version = serializers.IntegerField(read_only=True, required=False, allow_null=True)
     last_build_at = serializers.DateTimeField(read_only=True, required=False, allow_null=True)
@@ -15,7 +16,7 @@ class KnowledgeBaseSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = KnowledgeBase
-        fields = ["id", "slug", "name", "description", "owner", "is_public", "allowed_groups", "chunk_tokens",
+        fields = ["id", "slug", "name", "description", "owner", "is_public", "allowed_groups", "editor_groups", "chunk_tokens",
                   "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker",
                   "document_count", "active_version", "last_build_at", "can_edit", "created_at", "updated_at"]
 
@@ -34,6 +35,8 @@ class KnowledgeBaseWriteSerializer(serializers.Serializer):
     description = serializers.CharField(required=False, allow_blank=True)
     is_public = serializers.BooleanField(required=False)
     allowed_group_ids = serializers.ListField(child=serializers.IntegerField(), required=False)
+    editor_group_ids = serializers.ListField(child=serializers.IntegerField(), required=False,
+                                             help_text="Groups whose members edit this knowledge base.")
     chunk_tokens = serializers.IntegerField(required=False)
     chunk_overlap = serializers.IntegerField(required=False)
     fusion = serializers.ChoiceField(choices=KnowledgeBase.Fusion.choices, required=False)
@@ -80,6 +83,13 @@ class DocumentDetailSerializer(DocumentSerializer):
         from .selectors import document_chunks
 
         return ChunkSerializer(document_chunks(document=obj), many=True).data
+
+
+class DocumentUpdateSerializer(serializers.Serializer):
+    knowledge_base = serializers.CharField(required=False, max_length=64,
+                                           help_text="Move the document to this knowledge base (id or slug); "
+                                                     "you must be an editor of both. Both are re-indexed.")
+    title = serializers.CharField(required=False, allow_blank=True, max_length=300)
 
 
 class DocumentUploadSerializer(serializers.Serializer):

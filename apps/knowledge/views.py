@@ -19,6 +19,7 @@ from . import selectors, services
 from .serializers import (
     DocumentDetailSerializer,
     DocumentSerializer,
+    DocumentUpdateSerializer,
     DocumentUploadSerializer,
     KnowledgeBaseSerializer,
     KnowledgeBaseWriteSerializer,
@@ -51,7 +52,7 @@ class KnowledgeBaseListCreateView(APIView):
         return _paginate(self, request, queryset, KnowledgeBaseSerializer)
 
     @extend_schema(request=KnowledgeBaseWriteSerializer, responses={201: KnowledgeBaseSerializer, **ERRORS},
-                   summary="Create a knowledge base (staff, or the knowledge.add_knowledgebase permission)",
+                   summary="Create a knowledge base (the knowledge.add_knowledgebase permission)",
                    tags=["knowledge"])
     def post(self, request):
         params = KnowledgeBaseWriteSerializer(data=request.data)
@@ -68,7 +69,7 @@ class KnowledgeBaseDetailView(APIView):
         return Response(KnowledgeBaseSerializer(_kb_with_stats(request.user, kb_id), context={"request": request}).data)
 
     @extend_schema(request=KnowledgeBaseWriteSerializer(partial=True), responses={200: KnowledgeBaseSerializer, **ERRORS},
-                   summary="Change a knowledge base (owner or staff)", tags=["knowledge"])
+                   summary="Change a knowledge base (its editors)", tags=["knowledge"])
     def patch(self, request, kb_id: int):
         kb = selectors.knowledge_base_get(user=request.user, ref=kb_id)
         params = KnowledgeBaseWriteSerializer(data=request.data, partial=True)
@@ -126,6 +127,22 @@ class DocumentDetailView(APIView):
     def get(self, request, document_id: int):
         return Response(DocumentDetailSerializer(selectors.document_get(user=request.user, document_id=document_id)).data)
 
+    @extend_schema(request=DocumentUpdateSerializer, responses={200: DocumentSerializer, **ERRORS},
+                   summary="Rename a document or move it to another knowledge base (editors of both)",
+                   tags=["knowledge"])
+    def patch(self, request, document_id: int):
+        document = selectors.document_get(user=request.user, document_id=document_id)
+        params = DocumentUpdateSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        if "title" in data:
+            services.document_rename(document=document, user=request.user, title=data["title"])
+        if "knowledge_base" in data:
+            target = selectors.knowledge_base_get(user=request.user, ref=data["knowledge_base"])
+            services.document_move(document=document, user=request.user, knowledge_base=target)
+        document.refresh_from_db()
+        return Response(DocumentSerializer(document).data)
+
     @extend_schema(responses={202: None, 403: OpenApiTypes.OBJECT, 404: OpenApiTypes.OBJECT},
                    summary="Delete a document (hidden from search at once, purged in the background)",
                    tags=["knowledge"])
@@ -156,6 +173,7 @@ def _int_param(raw: str | None, default: int):
 
 
 class SearchView(APIView):
+    api_key_scope = "search"  # apps/core/scopes.py (other views: read for GET, manage for writes)
     @extend_schema(
         parameters=[
             OpenApiParameter("q", str, required=True, description="The query"),

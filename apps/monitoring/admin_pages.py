@@ -63,4 +63,5 @@ def install(site: admin.AdminSite = admin.site) -> None:
     from apps.core.admin_site import admin_page_install
 
     admin_page_install(route="dashboard/", view=dashboard_view, url_name="operations-dashboard",
-                       section_label="operations", app_name="Operations", entry_name="Dashboard", first=True, site=site)
+                       section_label="operations", app_name="Operations", entry_name="Dashboard", permission="dashboard.view", first=True,
+                       site=site)

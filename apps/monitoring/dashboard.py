@@ -22,7 +22,8 @@ from django.db.models import Count, OuterRef, Q, Subquery, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from apps.core.errors import ApplicationError, PermissionDenied
+from apps.core import authz
+from apps.core.errors import ApplicationError
 
 from .metrics import REGISTRY
 
@@ -343,8 +344,7 @@ def _cluster_figures(board: Dashboard) -> None:
 
 
 def dashboard_build(*, user, days: int | None = None) -> Dashboard:
-    if not (getattr(user, "is_active", False) and getattr(user, "is_staff", False)):
-        raise PermissionDenied("The operations dashboard is for staff.", code="dashboard_forbidden")
+    authz.require(user, "dashboard.view")
     days = parse_days(days)
     today = timezone.localdate()
     first_day = today - dt.timedelta(days=days - 1)

@@ -10,6 +10,8 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from apps.core import authz
+
 from .models import PluginInvocation, Ticket
 from .services import ensure_plugin_admin, plugins_snapshot, plugins_sync
 
@@ -83,9 +85,9 @@ def invocation_stats(*, days: int | None = None) -> list[dict[str, Any]]:
 
 
 def tickets_for(*, user: AbstractBaseUser) -> QuerySet[Ticket]:
-    """A user's own tickets; staff see all."""
+    """A user's own tickets; support agents (apps.core.authz) see all."""
     qs = Ticket.objects.select_related("user", "assignee")
-    return qs if user.is_staff else qs.filter(user=user)
+    return qs if authz.can(user, "tickets.view_all") else qs.filter(user=user)
 
 
 NEAR_DUPLICATE = 0.85

@@ -23,11 +23,12 @@ from django.contrib.auth.models import AbstractBaseUser, Group
 from django.core.cache import cache
 from django.db import transaction
 
+from apps.core import authz
 from apps.core.errors import ApplicationError, NotFound, PermissionDenied
 from apps.core.events import publish_on_commit, register_handler
 
 from . import metrics, schema
-from .base import SCOPE_CONVERSATION, SCOPE_STORAGE, SCOPE_TICKETS, STAGES
+from .base import SCOPE_CONVERSATION, SCOPE_HTTP, SCOPE_STORAGE, SCOPE_TICKETS, STAGES
 from .models import PluginConfig, PluginInvocation, PluginRegistryState, Ticket
 from .router import IntentRouter, IntentSpec, RouteDecision
 from .runner import CallOutcome, PluginRuntime, PluginSpec, RpcError, RuntimeOptions
@@ -200,7 +201,9 @@ def _teardown_rpc(snapshot: "Snapshot | None"):
     """RPC handlers for teardowns during shutdown: the plugin's own scopes, no user."""
     def rpc_for(name: str):
         view = snapshot.plugins.get(name) if snapshot is not None else None
-        return _rpc_handler(name, scopes=view.scopes if view is not None else ())
+        return _rpc_handler(name, scopes=view.scopes if view is not None else (),
+                            allowed_hosts=view.allowed_hosts if view is not None else (),
+                            http_timeout=view.timeout if view is not None else settings.PLUGIN_TIMEOUT_SECONDS)
 
     return rpc_for
 
@@ -257,8 +260,8 @@ def _view(name: str, meta: dict | None, row: PluginConfig | None) -> PluginView:
     stored = dict(row.config) if row else {}
     view.problems += schema.validate(config_schema, stored, secrets) + _intent_problems(meta, stored, config_schema)
     view.config = schema.effective_config(config_schema, stored, secrets)
-    view.allowed_hosts = sorted(set(schema.hosts_from_config(config_schema, view.config)) |
-                                set(row.allowed_hosts if row else []))
+    # Explicit only: a URL setting (http_api's url_template, order_query's base_url) never allows its own host.
+    view.allowed_hosts = sorted(set(row.allowed_hosts if row else []))
     if enabled:
         view.status = "invalid_config" if view.problems else "enabled"
     return view
@@ -362,9 +365,10 @@ def plugins_sync() -> list[str]:
 
 
 def ensure_plugin_admin(actor: AbstractBaseUser | None) -> None:
-    """Plugin settings are for staff (None: the system itself, e.g. a management command)."""
-    if actor is not None and not (actor.is_authenticated and actor.is_active and actor.is_staff):
-        raise PermissionDenied("Only staff can manage plugins.", code="staff_only")
+    """Plugin settings are for plugin administrators (apps.core.authz; None: the system itself, e.g. a
+    management command)."""
+    if actor is not None:
+        authz.require(actor, "plugins.manage")
 
 
 def plugins_reload(*, actor: AbstractBaseUser | None = None) -> Snapshot:
@@ -518,13 +522,55 @@ def _cache_key(plugin: str, scope: str, user_id: int | None, key: Any) -> str:
     return f"plugin:{plugin}:g:{digest}"
 
 
+_HTTP_DENIALS = {"host_not_allowed", "address_not_allowed", "scheme_not_allowed"}
+_HTTP_ERRORS = {"timeout": "http_timeout", "response_too_large": "http_response_too_large",
+                "too_many_redirects": "http_too_many_redirects", "invalid_url": "http_invalid_url"}
+
+
+def _plugin_http(plugin: str, args: dict[str, Any], *, allowed_hosts: Iterable[str], timeout: float) -> dict[str, Any]:
+    """A plugin's HTTP request, made by the web process: the plugin's allow-list, then the outbound gate."""
+    from apps.core.outbound import OutboundError, fetch
+
+    from .httpclient import MAX_RESPONSE_BYTES, host_allowed
+
+    hosts = list(allowed_hosts)
+    method = str(args.get("verb") or "GET").upper()
+    if method not in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"):
+        raise RpcError("error", "http_bad_method", f"HTTP method {method!r} is not supported")
+    headers = args.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise RpcError("error", "http_bad_request", "headers must be an object")
+    try:
+        body = base64.b64decode(args["body"]) if args.get("body") else None
+        requested = float(args.get("timeout") or timeout)
+    except (ValueError, TypeError):
+        raise RpcError("error", "http_bad_request", "invalid body or timeout") from None
+    try:
+        resp = fetch(str(args.get("url") or ""), method=method, headers={str(k): str(v) for k, v in headers.items()},
+                     body=body, timeout=max(0.05, min(requested, timeout)), max_bytes=MAX_RESPONSE_BYTES,
+                     host_filter=lambda host, port: host_allowed(host, port, hosts))
+    except OutboundError as exc:
+        if exc.code in _HTTP_DENIALS:
+            raise RpcError("denied", exc.code, f"{plugin}: {exc.message}") from None
+        raise RpcError("error", _HTTP_ERRORS.get(exc.code, "http_unreachable"), exc.message) from None
+    return {"status": resp.status, "headers": resp.headers, "url": resp.url,
+            "body": base64.b64encode(resp.content).decode()}
+
+
 def _rpc_handler(plugin: str, *, scopes: Iterable[str], user: AbstractBaseUser | None = None,
-                 turn: dict[str, Any] | None = None):
+                 turn: dict[str, Any] | None = None, allowed_hosts: Iterable[str] = (),
+                 http_timeout: float | None = None):
     """Serves a sandboxed plugin's requests. The namespace and the user come from here, never from the plugin."""
     scopes = set(scopes)
     user_id = user.pk if user is not None else None
+    allowed_hosts = tuple(allowed_hosts)
 
     def handle(method: str, args: dict[str, Any]) -> Any:
+        if method == "http.request":
+            if SCOPE_HTTP not in scopes:
+                raise RpcError("denied", "scope_missing", f"{plugin} does not declare the 'http' scope")
+            return _plugin_http(plugin, args, allowed_hosts=allowed_hosts,
+                                timeout=http_timeout or settings.PLUGIN_TIMEOUT_SECONDS)
         if method.startswith("storage."):
             if SCOPE_STORAGE not in scopes:
                 raise RpcError("denied", "scope_missing", f"{plugin} does not declare the 'storage' scope")
@@ -606,7 +652,8 @@ def plugin_invoke(*, view: PluginView, stage: str, method: str, user: AbstractBa
         message = {"op": "invoke", "stage": stage, "method": method, "intent": intent, "confidence": confidence,
                    "slots": slots or {}, "user": user_identity(user), "ctx": ctx,
                    "http_timeout": view.timeout}
-        rpc = _rpc_handler(view.name, scopes=view.scopes, user=user, turn=turn)
+        rpc = _rpc_handler(view.name, scopes=view.scopes, user=user, turn=turn, allowed_hosts=view.allowed_hosts,
+                           http_timeout=view.timeout)
         outcome = _runtime().call(view.spec(), message, timeout=view.timeout, rpc=rpc)
         outcome = _checked(outcome)
     _record(plugin=view.name, stage=stage, intent=intent, outcome=outcome, user=user,

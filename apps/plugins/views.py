@@ -11,6 +11,7 @@ from .services import plugin_config_update, plugins_reload
 
 
 class PluginListView(APIView):
+    api_key_scope = "manage"  # plugin administration, even to read (apps/core/scopes.py)
     @extend_schema(responses=dict, summary="Plugins with status, problems and load errors (staff)")
     def get(self, request):
         return Response(plugin_list_for(user=request.user))
@@ -43,6 +44,7 @@ class PluginReloadView(APIView):
 
 
 class PluginStatsView(APIView):
+    api_key_scope = "manage"  # plugin administration, even to read (apps/core/scopes.py)
     @extend_schema(parameters=[OpenApiParameter("days", int)], responses=dict,
                    summary="Invocations per plugin: outcomes, success rate, p95 duration (staff)")
     def get(self, request):
