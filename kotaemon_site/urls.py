@@ -3,6 +3,8 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from apps.accounts.views import LogoutView
+
 # Each app owns its API routes under /api/v1/.
 api_v1 = [
     path("", include("apps.core.urls")),
@@ -12,8 +14,12 @@ api_v1 = [
 ]
 
 urlpatterns = [
+    # Signing out ends a single sign-on session at the identity provider too (before the defaults).
+    path("admin/logout/", LogoutView.as_view(), name="admin-logout"),
+    path("accounts/logout/", LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("oidc/", include("apps.accounts.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/v1/", include((api_v1, "api"), namespace="v1")),

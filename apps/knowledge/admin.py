@@ -10,6 +10,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.text import Truncator
+from django.utils.translation import gettext_lazy as _
 
 from apps.core import authz
 from apps.core.errors import ApplicationError
@@ -78,6 +79,10 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
                       "description": "Sizes are in the embedding model's tokens; changing them re-chunks every "
                                      "document (unchanged text keeps its stored embedding)."}),
         ("Retrieval", {"fields": ["fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker"]}),
+        (_("Keyword search"), {"fields": ["user_dictionary"],
+                               "description": _("Terms listed here are kept whole by the keyword (BM25) analyzer "
+                                                "for documents and questions alike; saving a change rebuilds "
+                                                "the index.")}),
     ]
 
     # Permissions come from apps.core.authz: per-base editors (owner, editor groups), knowledge
@@ -160,6 +165,9 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         if change and {"chunk_tokens", "chunk_overlap"} & set(form.changed_data):
             count = services.knowledge_base_rechunk(knowledge_base=obj)
             messages.info(request, f"Chunk sizes changed: {count} document(s) queued for re-chunking.")
+        elif change and "user_dictionary" in form.changed_data:
+            services.index_rebuild_enqueue(obj.pk)
+            messages.info(request, _("User dictionary changed: the index is being rebuilt with it."))
 
     def delete_model(self, request, obj):
         services.knowledge_base_delete(user=request.user, knowledge_base=obj)

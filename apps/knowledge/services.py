@@ -36,9 +36,16 @@ from . import selectors
 from .embeddings import embedder, vector_from_bytes, vector_to_bytes, vectors_for
 from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
+from .rag.analyzer import Analyzer, get_analyzer, parse_user_dictionary
 from .rag.chunker import ChunkSpec, chunk_document
 from .rag.errors import IngestError
-from .rag.index import MANIFEST_NAME, delete_version, remove_stale_tmp, write_index_version
+from .rag.index import (
+    MANIFEST_NAME,
+    delete_version,
+    manifest_analyzer_matches,
+    remove_stale_tmp,
+    write_index_version,
+)
 from .rag.parsers import ParseLimits, ParsedDocument, parse
 
 logger = logging.getLogger(__name__)
@@ -46,7 +53,7 @@ logger = logging.getLogger(__name__)
 User = AbstractBaseUser | AnonymousUser
 
 # Bump when parsing or chunking changes in a way that must re-chunk stored documents.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: Chinese sentences, table rows with headers, literal Markdown identifiers, GB18030/Big5
 INGEST_BATCH_DOCUMENTS = 64
 _READ_BLOCK = 1 << 20
 
@@ -91,7 +98,7 @@ def upload_size_validate(*, size: int, name: str = "") -> None:
 # ------------------------------------------------------------------------------------------
 
 KB_SETTINGS_FIELDS = ("chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates",
-                      "mmr_lambda", "use_reranker")
+                      "mmr_lambda", "use_reranker", "user_dictionary")
 KB_EDITABLE_FIELDS = ("slug", "name", "description", "is_public") + KB_SETTINGS_FIELDS
 
 
@@ -148,19 +155,23 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
     if unknown:
         raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
     rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
+    new_dictionary = "user_dictionary" in fields and fields["user_dictionary"] != kb.user_dictionary
     for name, value in fields.items():
         setattr(kb, name, value)
     _kb_validate(kb)
     _groups_validate(allowed_group_ids)
     _groups_validate(editor_group_ids)
     with transaction.atomic():
-        kb.save()
+        # Only the edited fields: the instance's counters (content revision, last version) may be stale.
+        kb.save(update_fields=[*fields, "updated_at"])
         if allowed_group_ids is not None:
             kb.allowed_groups.set(allowed_group_ids)
         if editor_group_ids is not None:
             kb.editor_groups.set(editor_group_ids)
         if rechunk:
             knowledge_base_rechunk(knowledge_base=kb)
+        elif new_dictionary:
+            index_rebuild_enqueue(kb.pk)
     return kb
 
 
@@ -197,6 +208,11 @@ def _remove_artifacts(files: Iterable[str], index_root: Path | None) -> None:
 
 def kb_index_root(knowledge_base_id: int) -> Path:
     return Path(settings.INDEX_ROOT) / f"kb-{knowledge_base_id}"
+
+
+def kb_analyzer(knowledge_base: KnowledgeBase) -> Analyzer:
+    """The BM25 analyzer of a knowledge base: the shared analyzer with its user dictionary."""
+    return get_analyzer(parse_user_dictionary(knowledge_base.user_dictionary))
 
 
 # ------------------------------------------------------------------------------------------
@@ -737,16 +753,19 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
     """Build a new index version from stored chunk vectors and activate it. Idempotent.
 
     Without `force`, nothing is done when the active version already covers the knowledge base's
-    current content revision with the current model. Concurrent rebuilds get distinct versions from
-    the row-locked counter; activation never replaces a newer active version with an older one.
+    current content revision with the current model and analyzer (its version and the base's user
+    dictionary). Concurrent rebuilds get distinct versions from the row-locked counter; activation
+    never replaces a newer active version with an older one.
     """
     model = embedder()
     kb = KnowledgeBase.objects.filter(pk=knowledge_base_id).first()
     if kb is None:
         return IndexBuildResult(knowledge_base_id, "missing")
+    analyzer = kb_analyzer(kb)
     active = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
     if (not force and active is not None and active.source_revision == kb.content_revision
-            and active.embedding_model == model.model_id and Path(active.artifact_path).is_dir()):
+            and active.embedding_model == model.model_id and Path(active.artifact_path).is_dir()
+            and manifest_analyzer_matches(_read_manifest(active.artifact_path), analyzer)):
         return IndexBuildResult(kb.pk, "unchanged", active.version, active.chunk_count, active.document_count)
 
     started = time.perf_counter()
@@ -763,7 +782,7 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
             kb_index_root(kb.pk), version.version, ids=ids, vectors=vectors, texts=texts,
             meta={"model_id": model.model_id, "knowledge_base": kb.pk, "slug": kb.slug,
                   "source_revision": version.source_revision},
-            hnsw_threshold=settings.KNOWLEDGE_HNSW_THRESHOLD,
+            hnsw_threshold=settings.KNOWLEDGE_HNSW_THRESHOLD, analyzer=analyzer,
         )
         manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
         version.artifact_path, version.dense_kind = str(path), manifest.get("dense_kind", "")
@@ -781,6 +800,13 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
     index_versions_cleanup(knowledge_base_id=kb.pk)
     return IndexBuildResult(kb.pk, "built" if activated else "superseded", version.version, len(ids),
                             document_count, encoded, seconds)
+
+
+def _read_manifest(artifact_path: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(artifact_path) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _index_inputs(kb_id: int, model):

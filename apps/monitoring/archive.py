@@ -2,8 +2,15 @@
 and come back with `conversations_restore`.
 
 File format (gzip, one JSON object per line):
-  line 1: {"format": "kotaemon-conversations", "version": 1, "created_at", "cutoff", "instance", "count"}
+  line 1: {"format": "kotaemon-conversations", "version": 2, "created_at", "cutoff", "instance", "count",
+           "signature": "hmac-sha256", "key_id"}
   then one line per conversation: {"session_id", "digest", "objects": [...], "relinks": [...]}
+  last line: {"signature": hex}: HMAC-SHA256 with ARCHIVE_SIGNING_KEY of every line before it (bytes)
+
+Restore trusts nothing it has not verified: the whole file's signature is checked before anything is
+written, and even then only conversation rows (conversations, their messages and feedback) are written,
+each new (an existing id is never overwritten) and belonging to the conversation of its line. A file
+crafted to create a user, a superuser or any other row fails before the first write.
 `objects` are Django's serialized rows (model, pk, fields) of the conversation and of everything whose
 deletion cascades from it (messages, feedback, and whatever other apps hang on them), parents first;
 `relinks` are rows outside the conversation that pointed at it with SET_NULL, re-pointed on restore.
@@ -33,7 +40,7 @@ from django.core import serializers
 from django.core.management.color import no_style
 from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.duration import duration_iso_string
-from django.db import DEFAULT_DB_ALIAS, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, models, transaction
 from django.utils import timezone
 
 from apps.core.errors import ApplicationError
@@ -41,7 +48,9 @@ from apps.core.errors import ApplicationError
 logger = logging.getLogger(__name__)
 
 FORMAT = "kotaemon-conversations"
-VERSION = 1
+VERSION = 2
+# The only models a restore writes (app_label.model_name).
+RESTORABLE_MODELS = frozenset({"conversations.conversation", "conversations.message", "conversations.feedback"})
 _AGE_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.I)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -66,6 +75,54 @@ def parse_age(text: str) -> dt.timedelta:
         raise ApplicationError("invalid_age", "Give an age like 90d, 12h, 2w, 30m or 45s (a positive number and "
                                "a unit).", details={"value": str(text)[:40]})
     return dt.timedelta(**{_UNITS[match.group(2).lower()]: int(match.group(1))})
+
+
+# --- signing ----------------------------------------------------------------------------------
+
+def _signing_key() -> bytes:
+    key = getattr(settings, "ARCHIVE_SIGNING_KEY", "")
+    if not key:
+        raise ApplicationError("archive_signing_key_missing",
+                               "Set ARCHIVE_SIGNING_KEY (a long random value, kept apart from SECRET_KEY) to write "
+                               "or restore conversation archives.")
+    return key.encode("utf-8")
+
+
+def signing_key_id() -> str:
+    """A short, public fingerprint of the signing key: tells which key an archive needs, reveals nothing."""
+    return hashlib.sha256(b"kotaemon-archive-key-id:" + _signing_key()).hexdigest()[:12]
+
+
+def _signer():
+    import hmac
+
+    return hmac.new(_signing_key(), digestmod=hashlib.sha256)
+
+
+def _verify_signature(handle: IO[bytes]) -> None:
+    """Check the trailer signature over every line before it; raises archive_signature_invalid. Streams."""
+    import hmac
+
+    signer = _signer()
+    previous: str | None = None
+    try:
+        with gzip.open(handle, "rt", encoding="utf-8", newline="") as text:
+            for line in text:
+                if previous is not None:
+                    signer.update(previous.encode("utf-8"))
+                previous = line
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise ApplicationError("archive_corrupt", "The archive is not a readable gzip JSON Lines file.") from exc
+    try:
+        trailer = json.loads(previous or "")
+    except ValueError:
+        trailer = None
+    if not isinstance(trailer, dict) or set(trailer) != {"signature"} or not isinstance(trailer["signature"], str):
+        raise ApplicationError("archive_unsigned", "The archive carries no signature; only archives written by "
+                               "archive_conversations with this ARCHIVE_SIGNING_KEY can be restored.")
+    if not hmac.compare_digest(signer.hexdigest(), trailer["signature"]):
+        raise ApplicationError("archive_signature_invalid", "The archive's signature does not match: it was "
+                               "altered, or signed with another ARCHIVE_SIGNING_KEY. Nothing was restored.")
 
 
 # --- storage ----------------------------------------------------------------------------------
@@ -281,20 +338,26 @@ def conversations_archive(*, older_than: dt.timedelta, dry_run: bool = False, ba
         return result
     storage = storage or archive_storage()
     Conversation = _conversation_model()
+    signer = _signer()  # before any work: without a key nothing is archived
     name = f"conversations-{timezone.now():%Y%m%dT%H%M%S%f}-before-{cutoff:%Y%m%d}.jsonl.gz"
     digests: dict[int, str] = {}
     with tempfile.TemporaryDirectory(prefix="kotaemon-archive-") as tmp:
         local = Path(tmp) / name
-        with gzip.open(local, "wt", encoding="utf-8", compresslevel=6) as out:
-            out.write(json.dumps({"format": FORMAT, "version": VERSION, "created_at": timezone.now().isoformat(),
-                                  "cutoff": cutoff.isoformat(), "instance": settings.INSTANCE_ID,
-                                  "count": len(ids)}) + "\n")
+        with gzip.open(local, "wt", encoding="utf-8", compresslevel=6, newline="") as out:
+            def write(line: str) -> None:
+                signer.update(line.encode("utf-8"))
+                out.write(line)
+
+            write(json.dumps({"format": FORMAT, "version": VERSION, "created_at": timezone.now().isoformat(),
+                              "cutoff": cutoff.isoformat(), "instance": settings.INSTANCE_ID,
+                              "count": len(ids), "signature": "hmac-sha256", "key_id": signing_key_id()}) + "\n")
             for start in range(0, len(ids), batch_size):
                 for conversation in Conversation.objects.filter(pk__in=ids[start:start + batch_size]).order_by("pk"):
                     record = _record(conversation)
                     digests[conversation.pk] = record["digest"]
                     result.objects += len(record["objects"])
-                    out.write(json.dumps(record, cls=_LosslessEncoder, ensure_ascii=False) + "\n")
+                    write(json.dumps(record, cls=_LosslessEncoder, ensure_ascii=False) + "\n")
+            out.write(json.dumps({"signature": signer.hexdigest()}) + "\n")
         _verify(local, digests)
         result.bytes = local.stat().st_size
         result.location = storage.save(name, local)
@@ -321,11 +384,15 @@ def _verify(local: Path, digests: dict[int, str]) -> None:
     """Read the file back: every conversation written must be there, whole, with its digest."""
     seen: dict[int, str] = {}
     with open(local, "rb") as handle:
+        _verify_signature(handle)
+        handle.seek(0)
         lines = _read_lines(handle)
         header = next(lines, None)
         if not header or header.get("format") != FORMAT:
             raise ApplicationError("archive_verify_failed", "The archive written has no valid header; nothing was deleted.")
         for line in lines:
+            if "session_id" not in line:  # the signature trailer
+                continue
             canonical = json.dumps({"objects": line["objects"], "relinks": line["relinks"]}, sort_keys=True,
                                    cls=_LosslessEncoder)
             if hashlib.sha256(canonical.encode()).hexdigest() != line["digest"]:
@@ -377,16 +444,53 @@ class RestoreResult:
     total: int = 0
 
 
+def _checked_header(header: Any, name: str) -> dict[str, Any]:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ApplicationError("archive_corrupt", f"{name} is not a conversation archive.")
+    version = header.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise ApplicationError("archive_version_unsupported",
+                               f"{name} was written by a newer version (format {header.get('version')}).")
+    if version < 2:
+        raise ApplicationError("archive_unsigned", f"{name} is an unsigned (format 1) archive; restore accepts only "
+                               "signed archives.")
+    return header
+
+
 def archive_header(*, name: str, storage: ArchiveStorage | None = None) -> dict[str, Any]:
     storage = storage or archive_storage()
     with storage.open(name) as handle:
         header = next(_read_lines(handle), None)
-    if not header or header.get("format") != FORMAT:
-        raise ApplicationError("archive_corrupt", f"{name} is not a conversation archive.")
-    if int(header.get("version", 0)) > VERSION:
-        raise ApplicationError("archive_version_unsupported",
-                               f"{name} was written by a newer version (format {header.get('version')}).")
-    return header
+    return _checked_header(header, name)
+
+
+def _restorable(line: dict[str, Any]) -> list[Any]:
+    """The line's rows as unsaved model instances, or ApplicationError: only conversation models, only new
+    ids, only rows of this line's one conversation. Runs before anything of the line is written."""
+    objects = line.get("objects")
+    if not isinstance(objects, list) or not objects:
+        raise ApplicationError("archive_invalid_line", "A line holds no rows.")
+    labels = {str(obj.get("model", "")).lower() if isinstance(obj, dict) else "" for obj in objects}
+    foreign = sorted(labels - RESTORABLE_MODELS)
+    if foreign:
+        raise ApplicationError("archive_forbidden_model", "The archive line holds rows that a conversation archive "
+                               "never contains.", details={"models": foreign})
+    rows = [item.object for item in serializers.deserialize("python", objects)]
+    conversations = [r for r in rows if r._meta.label_lower == "conversations.conversation"]
+    if len(conversations) != 1 or conversations[0].session_id != line.get("session_id"):
+        raise ApplicationError("archive_invalid_line", "A line holds exactly its one conversation.")
+    conversation = conversations[0]
+    message_ids = {r.pk for r in rows if r._meta.label_lower == "conversations.message"}
+    for row in rows:
+        label = row._meta.label_lower
+        if label == "conversations.message" and row.conversation_id != conversation.pk:
+            raise ApplicationError("archive_invalid_line", "A message belongs to another conversation.")
+        if label == "conversations.feedback" and row.message_id not in message_ids:
+            raise ApplicationError("archive_invalid_line", "Feedback belongs to another conversation.")
+        if row.pk is None or type(row)._base_manager.filter(pk=row.pk).exists():
+            raise ApplicationError("archive_id_taken", "A row of the archive would overwrite an existing row.",
+                                   details={"model": label, "pk": row.pk})
+    return rows
 
 
 def conversations_restore(*, name: str, progress: Progress | None = None,
@@ -394,16 +498,19 @@ def conversations_restore(*, name: str, progress: Progress | None = None,
                           storage: ArchiveStorage | None = None) -> RestoreResult:
     """Put the conversations of archive `name` back. Idempotent: ones already present are skipped."""
     storage = storage or archive_storage()
-    header = archive_header(name=name, storage=storage)
-    result = RestoreResult(total=int(header.get("count", 0)))
-    if on_total:
-        on_total(result.total)
     Conversation = _conversation_model()
     touched: set[type] = set()
     with storage.open(name) as handle:
+        _verify_signature(handle)  # the whole file, before the first write
+        handle.seek(0)
         lines = _read_lines(handle)
-        next(lines)
+        header = _checked_header(next(lines, None), name)
+        result = RestoreResult(total=int(header.get("count", 0)))
+        if on_total:
+            on_total(result.total)
         for line in lines:
+            if "session_id" not in line:  # the signature trailer
+                continue
             session_id = line["session_id"]
             if Conversation.objects.filter(session_id=session_id).exists():
                 result.skipped.append(session_id)
@@ -411,11 +518,12 @@ def conversations_restore(*, name: str, progress: Progress | None = None,
                 try:
                     with transaction.atomic():
                         tables = set()
-                        for obj in serializers.deserialize("python", line["objects"]):
-                            obj.save()
-                            touched.add(type(obj.object))
-                            tables.add(obj.object._meta.db_table)
-                        _relink(line.get("relinks") or [])
+                        rows = _restorable(line)
+                        for row in rows:
+                            models.Model.save_base(row, raw=True, force_insert=True)
+                            touched.add(type(row))
+                            tables.add(row._meta.db_table)
+                        _relink(line.get("relinks") or [], {(r._meta.label_lower, r.pk) for r in rows})
                         # Foreign keys are checked at commit by default; check now, so a conversation whose
                         # owner is gone fails alone instead of failing the whole restore later.
                         connection.check_constraints(table_names=sorted(tables))
@@ -429,14 +537,21 @@ def conversations_restore(*, name: str, progress: Progress | None = None,
     return result
 
 
-def _relink(relinks: Iterable[dict[str, Any]]) -> None:
+def _relink(relinks: Iterable[dict[str, Any]], restored: set[tuple[str, Any]]) -> None:
+    """Re-point SET_NULL links at the restored rows, and only that: the field must be a foreign key to a
+    restorable model, still null, and the value one of the rows just restored."""
     for link in relinks:
         try:
             model = apps.get_model(link["model"])
-        except LookupError:
+            field_obj = model._meta.get_field(str(link["field"]).removesuffix("_id"))
+        except Exception:  # unknown model or field: nothing of ours to re-point
             continue
-        model._base_manager.filter(pk=link["pk"], **{f"{link['field']}__isnull": True}).update(
-            **{link["field"]: link["value"]})
+        target = getattr(field_obj, "related_model", None)
+        if target is None or target._meta.label_lower not in RESTORABLE_MODELS or \
+                (target._meta.label_lower, link.get("value")) not in restored:
+            continue
+        model._base_manager.filter(pk=link["pk"], **{f"{field_obj.attname}__isnull": True}).update(
+            **{field_obj.attname: link["value"]})
 
 
 def _reset_sequences(models: set[type]) -> None:
