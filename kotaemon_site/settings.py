@@ -432,6 +432,13 @@ GENERATOR_BY_KNOWLEDGE_BASE = env.dict("GENERATOR_BY_KNOWLEDGE_BASE", default={}
 CHAT_TOP_K = env.int("CHAT_TOP_K", default=6)
 LLM_MAX_TOKENS = env.int("LLM_MAX_TOKENS", default=512)
 LLM_PROMPT_MAX_CHARS = env.int("LLM_PROMPT_MAX_CHARS", default=6000)
+# Resumable answers (apps/conversations/turn_stream.py): event logs, leases, takeover.
+TURN_STREAM_BACKEND = env("TURN_STREAM_BACKEND", default="redis" if REDIS_URL else "memory")
+TURN_STREAM_TTL_SECONDS = env.int("TURN_STREAM_TTL_SECONDS", default=3600)  # a log lives this long after its last event
+TURN_STREAM_MAXLEN = env.int("TURN_STREAM_MAXLEN", default=10000)  # events kept per turn
+TURN_LEASE_SECONDS = env.float("TURN_LEASE_SECONDS", default=5.0)  # a dead generator is taken over after this
+TURN_PERSIST_SECONDS = env.float("TURN_PERSIST_SECONDS", default=0.5)  # partial answer saved this often
+OPENAI_ALL_MODEL = env("OPENAI_ALL_MODEL", default="kotaemon-all")  # /v1/ model id searching every readable base
 
 # --- Plugins (apps/plugins) ------------------------------------------------------------
 PLUGINS_DIR = Path(env("PLUGINS_DIR", default=str(BASE_DIR / "plugins_local")))

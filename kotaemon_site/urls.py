@@ -24,6 +24,8 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/v1/", include((api_v1, "api"), namespace="v1")),
+    # OpenAI-compatible chat API (docs/conversations.md): SDKs and chat UIs point their base URL at /v1.
+    path("v1/", include("apps.conversations.openai_urls")),
     path("", include("apps.monitoring.urls")),
     # Language switch (POST i18n/setlang/ remembers the choice in a cookie) and the JavaScript catalog.
     path("i18n/", include("django.conf.urls.i18n")),

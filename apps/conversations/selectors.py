@@ -80,7 +80,10 @@ def session_state_matches(data: dict[str, Any] | None, conversation: Conversatio
 
 
 def session_state_from_database(*, conversation: Conversation) -> dict[str, Any]:
-    recent = list(conversation.messages.order_by("-id").values("role", "content", "query")[:STATE_TURNS])
+    # A turn still being answered is not history yet (its answer is partial); it joins when completed.
+    unfinished = conversation.messages.filter(status=Message.Status.STREAMING).exclude(turn_id="").values("turn_id")
+    recent = list(conversation.messages.exclude(turn_id__in=unfinished).order_by("-id")
+                  .values("role", "content", "query")[:STATE_TURNS])
     recent.reverse()
     last_query = next((m["query"] or m["content"] for m in reversed(recent) if m["role"] == "user"), "")
     return {
@@ -109,3 +112,16 @@ def session_state_get(*, conversation: Conversation) -> SessionState:
         return built
 
     return store.update(conversation.session_id, keep_or_build) or SessionState(0, built)
+
+
+def conversation_find_by_answer(*, user: AbstractBaseUser, answer: str) -> str | None:
+    """The session id of the user's conversation whose answer is `answer` (the newest such), or None.
+    OpenAI-style clients send the whole dialogue back instead of a conversation id; the last answer
+    they quote identifies the conversation they continue."""
+    answer = (answer or "").strip()
+    if not answer:
+        return None
+    found = (Message.objects.filter(conversation__owner=user, conversation__archived=False,
+                                    role=Message.Role.ASSISTANT, content=answer)
+             .order_by("-id").values_list("conversation__session_id", flat=True).first())
+    return found
