@@ -75,6 +75,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    # After sessions, before common: the language comes from the user's choice (cookie), else Accept-Language.
+    "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -99,6 +101,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "apps.accounts.context_processors.sign_in",
+                "django.template.context_processors.i18n",
             ],
         },
     },
@@ -343,7 +346,15 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 DATA_UPLOAD_MAX_NUMBER_FILES = env.int("DATA_UPLOAD_MAX_NUMBER_FILES", default=200)
 
 # --- i18n, static, media ---------------------------------------------------------------
-LANGUAGE_CODE = "en-us"
+# English stays the default; Chinese (simplified) is chosen on the chat page (a cookie) or by the
+# browser's Accept-Language (zh, zh-CN, zh-SG fall back to zh-hans). Compiled catalogs are committed
+# (locale/*/LC_MESSAGES/*.mo, kept in sync with the .po files by a test), so no gettext is needed to run.
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+LANGUAGE_COOKIE_NAME = "kotaemon_language"
+LANGUAGE_COOKIE_AGE = 365 * 24 * 3600
+LANGUAGE_COOKIE_SAMESITE = "Lax"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
@@ -432,6 +443,13 @@ GENERATOR_BY_KNOWLEDGE_BASE = env.dict("GENERATOR_BY_KNOWLEDGE_BASE", default={}
 CHAT_TOP_K = env.int("CHAT_TOP_K", default=6)
 LLM_MAX_TOKENS = env.int("LLM_MAX_TOKENS", default=512)
 LLM_PROMPT_MAX_CHARS = env.int("LLM_PROMPT_MAX_CHARS", default=6000)
+# Resumable answers (apps/conversations/turn_stream.py): event logs, leases, takeover.
+TURN_STREAM_BACKEND = env("TURN_STREAM_BACKEND", default="redis" if REDIS_URL else "memory")
+TURN_STREAM_TTL_SECONDS = env.int("TURN_STREAM_TTL_SECONDS", default=3600)  # a log lives this long after its last event
+TURN_STREAM_MAXLEN = env.int("TURN_STREAM_MAXLEN", default=10000)  # events kept per turn
+TURN_LEASE_SECONDS = env.float("TURN_LEASE_SECONDS", default=5.0)  # a dead generator is taken over after this
+TURN_PERSIST_SECONDS = env.float("TURN_PERSIST_SECONDS", default=0.5)  # partial answer saved this often
+OPENAI_ALL_MODEL = env("OPENAI_ALL_MODEL", default="kotaemon-all")  # /v1/ model id searching every readable base
 
 # --- Plugins (apps/plugins) ------------------------------------------------------------
 PLUGINS_DIR = Path(env("PLUGINS_DIR", default=str(BASE_DIR / "plugins_local")))
