@@ -27,6 +27,7 @@ from django.db import transaction
 from django.db.models import Exists, F, OuterRef, Q, Subquery
 from django.utils import timezone
 from django.utils.text import get_valid_filename
+from django.utils.translation import gettext
 
 from apps.core import authz
 from apps.core.errors import ApplicationError, NotFound
@@ -91,7 +92,8 @@ def parse_limits() -> ParseLimits:
 def upload_size_validate(*, size: int, name: str = "") -> None:
     limit = settings.KNOWLEDGE_MAX_UPLOAD_BYTES
     if size > limit:
-        raise ApplicationError("too_large", f"{name or 'The file'} is {size} bytes; the limit is {limit} bytes.",
+        raise ApplicationError("too_large", gettext("%(name)s is %(size)s bytes; the limit is %(limit)s bytes.")
+                                            % {"name": name or gettext("The file"), "size": size, "limit": limit},
                                details={"size": size, "limit": limit, "name": name}, status=413)
 
 
@@ -114,9 +116,9 @@ def _kb_validate(kb: KnowledgeBase) -> None:
         fields = exc.message_dict
         code = next((codes[e.code] for errors in exc.error_dict.values() for e in errors if e.code in codes),
                     "validation_error")
-        raise ApplicationError(code, "The knowledge base is invalid; see details.", details={"fields": fields})
+        raise ApplicationError(code, gettext("The knowledge base is invalid; see details."), details={"fields": fields})
     if kb.chunk_overlap >= kb.chunk_tokens:
-        raise ApplicationError("validation_error", "chunk_overlap must be smaller than chunk_tokens.",
+        raise ApplicationError("validation_error", gettext("chunk_overlap must be smaller than chunk_tokens."),
                                details={"fields": {"chunk_overlap": ["must be smaller than chunk_tokens"]}})
 
 
@@ -126,7 +128,7 @@ def _groups_validate(group_ids: Sequence[int] | None) -> None:
     if group_ids:
         unknown = set(group_ids) - set(Group.objects.filter(pk__in=group_ids).values_list("pk", flat=True))
         if unknown:
-            raise ApplicationError("unknown_group", "Some allowed groups do not exist.",
+            raise ApplicationError("unknown_group", gettext("Some allowed groups do not exist."),
                                    details={"group_ids": sorted(unknown)})
 
 
@@ -135,7 +137,8 @@ def knowledge_base_create(*, user: User, slug: str, name: str, allowed_group_ids
     authz.require(user, "knowledge.create")
     unknown = set(fields) - set(KB_EDITABLE_FIELDS)
     if unknown:
-        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+        raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
+                                                   % {"fields": ', '.join(sorted(unknown))})
     kb = KnowledgeBase(slug=slug, name=name, owner=_actor(user), **fields)
     _kb_validate(kb)
     _groups_validate(allowed_group_ids)
@@ -155,7 +158,8 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
     authz.require(user, "knowledge.edit", kb)
     unknown = set(fields) - set(KB_EDITABLE_FIELDS)
     if unknown:
-        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+        raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
+                                                   % {"fields": ', '.join(sorted(unknown))})
     rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
     new_dictionary = "user_dictionary" in fields and fields["user_dictionary"] != kb.user_dictionary
     for name, value in fields.items():
@@ -313,7 +317,7 @@ def documents_upload(*, knowledge_base: KnowledgeBase, user: User, files: Sequen
     """
     _require_edit(user, knowledge_base)
     if not files:
-        raise ApplicationError("no_files", "Send at least one file in the multipart field 'files'.")
+        raise ApplicationError("no_files", gettext("Send at least one file in the multipart field 'files'."))
     outcomes: list[UploadOutcome] = []
     with transaction.atomic():
         for upload in files:
@@ -420,7 +424,7 @@ def document_move(*, document: Document, user: User, knowledge_base: KnowledgeBa
     _require_edit(user, old_kb)
     _require_edit(user, knowledge_base)
     if document.deleted_at is not None:
-        raise NotFound("No such document.", code="document_not_found")
+        raise NotFound(gettext("No such document."), code="document_not_found")
     if knowledge_base.pk == old_kb.pk:
         return document
     with transaction.atomic():
@@ -439,7 +443,7 @@ def document_save(*, document: Document, user: User, content_changed: bool) -> D
     if moved_from is not None:
         _require_edit(user, KnowledgeBase.objects.get(pk=moved_from))
     if not document.file and not document.source_url:
-        raise ApplicationError("no_content", "A document needs an uploaded file or a source URL.")
+        raise ApplicationError("no_content", gettext("A document needs an uploaded file or a source URL."))
     creating = document.pk is None
     if content_changed and document.file:
         upload = document.file
