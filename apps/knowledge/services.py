@@ -37,7 +37,7 @@ from .embeddings import embedder, vector_from_bytes, vector_to_bytes, vectors_fo
 from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
 from .rag.analyzer import Analyzer, get_analyzer, parse_user_dictionary
-from .rag.chunker import ChunkSpec, chunk_document
+from .rag.chunker import ChunkSpec, chunk_document, keyword_index_text
 from .rag.errors import IngestError
 from .rag.index import (
     MANIFEST_NAME,
@@ -669,7 +669,7 @@ def _parse_and_chunk(item: _Prepared, count_tokens: Callable[[str], int]) -> Non
     try:
         item.parsed = parse(item.data, filename=_source_filename(item.document), limits=parse_limits())
         item.specs = chunk_document(item.parsed, count_tokens=count_tokens, chunk_tokens=kb.chunk_tokens,
-                                    overlap_tokens=kb.chunk_overlap)
+                                    overlap_tokens=kb.chunk_overlap, title=item.document.title or None)
     except IngestError as exc:
         item.parsed, item.error = None, (exc.code, exc.message)
     item.data = b""  # the bytes can be large; only the parsed text is kept
@@ -703,7 +703,8 @@ def _write(item: _Prepared, vectors, model_id: str, encoded: int) -> IngestOutco
     Chunk.objects.bulk_create([
         Chunk(document=document, position=spec.position, text=spec.text, page=spec.page,
               heading_path=list(spec.heading_path), char_start=spec.char_start, char_end=spec.char_end,
-              token_count=spec.token_count, content_hash=spec.content_hash, embedding=vector_to_bytes(vector),
+              token_count=spec.token_count, content_hash=spec.content_hash, search_context=spec.context,
+              embedding=vector_to_bytes(vector),
               embedding_model=model_id)
         for spec, vector in zip(item.specs, vectors)
     ], batch_size=500)
@@ -820,13 +821,14 @@ def _index_inputs(kb_id: int, model):
     rows = list(
         Chunk.objects.filter(document__knowledge_base_id=kb_id, document__status=Document.Status.READY,
                              document__deleted_at__isnull=True, superseded_at__isnull=True)
-        .order_by("id").values_list("id", "text", "content_hash", "embedding", "embedding_model", "document_id")
+        .order_by("id").values_list("id", "text", "content_hash", "embedding", "embedding_model", "document_id",
+                                    "search_context")
     )
     ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-    texts = [row[1] for row in rows]
+    texts = [keyword_index_text(row[1], row[6]) for row in rows]  # BM25's input
     vectors = np.zeros((len(rows), model.dim), dtype=np.float32)
     stale: list[int] = []
-    for index, (_, _, _, data, model_id, _) in enumerate(rows):
+    for index, (_, _, _, data, model_id, _, _) in enumerate(rows):
         if data is not None and model_id == model.model_id:
             vectors[index] = vector_from_bytes(data)
         else:
