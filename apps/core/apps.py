@@ -24,3 +24,15 @@ class CoreConfig(AppConfig):
 
         # After every app's migrate (their permissions exist by then): the role groups and their permissions.
         post_migrate.connect(roles_ensure, dispatch_uid="core.roles_ensure")
+        self._command_language()
+
+    @staticmethod
+    def _command_language() -> None:
+        import os
+
+        from django.utils import translation
+
+        from .i18n import command_language
+
+        if language := command_language(os.environ):
+            translation.activate(language)

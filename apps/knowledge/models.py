@@ -10,6 +10,7 @@ from django.contrib.auth.models import Group
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+from django.utils.translation import gettext_lazy as _
 
 
 class KnowledgeBase(models.Model):
@@ -53,6 +54,12 @@ class KnowledgeBase(models.Model):
     retrieval_calibration = models.JSONField(default=dict, blank=True, editable=False)
     use_reranker = models.BooleanField(default=True,
                                        help_text="Rerank with the cross-encoder when RERANKER_MODEL_PATH is set.")
+
+    # Keyword search: domain terms (product and policy names) the BM25 analyzer keeps whole.
+    user_dictionary = models.TextField(
+        _("user dictionary"), blank=True,
+        help_text=_("Domain terms for keyword search, one per line (product and policy names, e.g. 安心保障计划 "
+                  "or Premium Care Plus); lines starting with # are comments. Applied at the next index rebuild."))
 
     # Bumped in the same transaction as every chunk change, so an index records exactly what it covers.
     content_revision = models.PositiveBigIntegerField(default=0, editable=False)

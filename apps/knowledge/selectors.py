@@ -18,6 +18,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db.models import Count, Max, OuterRef, Q, QuerySet, Subquery
 from django.urls import reverse
+from django.utils.translation import gettext
 
 from apps.core import authz
 from apps.core.errors import ApplicationError, NotFound
@@ -59,7 +60,7 @@ def knowledge_base_get(*, user, ref: int | str) -> KnowledgeBase:
     if kb is None and isinstance(ref, str):
         kb = visible.filter(slug=ref).first()
     if kb is None:
-        raise NotFound("No such knowledge base.", code="knowledge_base_not_found", details={"knowledge_base": ref})
+        raise NotFound(gettext("No such knowledge base."), code="knowledge_base_not_found", details={"knowledge_base": ref})
     return kb
 
 
@@ -74,12 +75,13 @@ def knowledge_bases_with_stats(*, user) -> QuerySet[KnowledgeBase]:
 
 def documents_for(*, user, knowledge_base: KnowledgeBase, status: str | None = None) -> QuerySet[Document]:
     if not knowledge_bases_visible(user=user).filter(pk=knowledge_base.pk).exists():
-        raise NotFound("No such knowledge base.", code="knowledge_base_not_found")
+        raise NotFound(gettext("No such knowledge base."), code="knowledge_base_not_found")
     qs = knowledge_base.documents.filter(deleted_at__isnull=True).annotate(
         chunk_count=Count("chunks", filter=Q(chunks__superseded_at__isnull=True)))
     if status:
         if status not in Document.Status.values:
-            raise ApplicationError("invalid_status", f"status must be one of {', '.join(Document.Status.values)}.",
+            raise ApplicationError("invalid_status", gettext("status must be one of %(values)s.")
+                                                     % {"values": ', '.join(Document.Status.values)},
                                    details={"status": status})
         qs = qs.filter(status=status)
     return qs.order_by("-updated_at", "-id")
@@ -90,7 +92,7 @@ def document_get(*, user, document_id: int) -> Document:
                 .filter(pk=document_id, deleted_at__isnull=True,
                         knowledge_base__in=knowledge_bases_visible(user=user)).first())
     if document is None:
-        raise NotFound("No such document.", code="document_not_found")
+        raise NotFound(gettext("No such document."), code="document_not_found")
     return document
 
 
@@ -147,15 +149,18 @@ class RetrievedChunk:
 
 def _validate(query: Any, top_k: Any, mode: Any) -> tuple[str, int, str]:
     if not isinstance(query, str) or not query.strip():
-        raise ApplicationError("invalid_query", "The query is empty.")
+        raise ApplicationError("invalid_query", gettext("The query is empty."))
     query = " ".join(query.split())
     if len(query) > MAX_QUERY_CHARS:
-        raise ApplicationError("query_too_long", f"The query is longer than {MAX_QUERY_CHARS} characters.",
+        raise ApplicationError("query_too_long", gettext("The query is longer than %(max)s characters.")
+                                                 % {"max": MAX_QUERY_CHARS},
                                details={"max_chars": MAX_QUERY_CHARS})
     if mode not in MODES:
-        raise ApplicationError("invalid_mode", f"mode must be one of {', '.join(MODES)}.", details={"mode": mode})
+        raise ApplicationError("invalid_mode", gettext("mode must be one of %(modes)s.")
+                                               % {"modes": ', '.join(MODES)}, details={"mode": mode})
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= settings.RETRIEVAL_MAX_TOP_K:
-        raise ApplicationError("invalid_top_k", f"top_k must be an integer from 1 to {settings.RETRIEVAL_MAX_TOP_K}.",
+        raise ApplicationError("invalid_top_k", gettext("top_k must be an integer from 1 to %(k)s.")
+                                                % {"k": settings.RETRIEVAL_MAX_TOP_K},
                                details={"top_k": top_k, "max": settings.RETRIEVAL_MAX_TOP_K})
     return query, top_k, mode
 
@@ -175,7 +180,7 @@ def chunks_retrieve(*, user, query: str, knowledge_bases: list[str | int] | None
         kbs = list(knowledge_bases_visible(user=user).order_by("pk"))
     else:
         if not isinstance(knowledge_bases, (list, tuple)):
-            raise ApplicationError("invalid_knowledge_bases", "knowledge_bases must be a list of ids or slugs.")
+            raise ApplicationError("invalid_knowledge_bases", gettext("knowledge_bases must be a list of ids or slugs."))
         kbs = list({kb.pk: kb for kb in (knowledge_base_get(user=user, ref=ref) for ref in knowledge_bases)}.values())
     held = [(kb, bundle) for kb in kbs if (bundle := registry.bundle(kb.pk)) is not None]
     if not held:

@@ -18,7 +18,7 @@ class KnowledgeBaseSerializer(serializers.ModelSerializer):
         model = KnowledgeBase
         fields = ["id", "slug", "name", "description", "owner", "is_public", "allowed_groups", "editor_groups", "chunk_tokens",
                   "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker",
-                  "document_count", "active_version", "last_build_at", "can_edit", "created_at", "updated_at"]
+                  "user_dictionary", "document_count", "active_version", "last_build_at", "can_edit", "created_at", "updated_at"]
 
     def get_can_edit(self, obj) -> bool:
         from .selectors import knowledge_base_can_edit
@@ -45,6 +45,7 @@ class KnowledgeBaseWriteSerializer(serializers.Serializer):
     candidates = serializers.IntegerField(required=False)
     mmr_lambda = serializers.FloatField(required=False, allow_null=True)
     use_reranker = serializers.BooleanField(required=False)
+    user_dictionary = serializers.CharField(required=False, allow_blank=True)
 
 
 class DocumentSerializer(serializers.ModelSerializer):

@@ -27,6 +27,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 from django.utils.text import get_valid_filename
+from django.utils.translation import gettext
 
 from apps.core import authz
 from apps.core.errors import ApplicationError, NotFound
@@ -36,9 +37,16 @@ from . import selectors
 from .embeddings import embedder, vector_from_bytes, vector_to_bytes, vectors_for
 from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
+from .rag.analyzer import Analyzer, get_analyzer, parse_user_dictionary
 from .rag.chunker import ChunkSpec, chunk_document
 from .rag.errors import IngestError
-from .rag.index import MANIFEST_NAME, delete_version, remove_stale_tmp, write_index_version
+from .rag.index import (
+    MANIFEST_NAME,
+    delete_version,
+    manifest_analyzer_matches,
+    remove_stale_tmp,
+    write_index_version,
+)
 from .rag.parsers import ParseLimits, ParsedDocument, parse
 
 logger = logging.getLogger(__name__)
@@ -46,7 +54,7 @@ logger = logging.getLogger(__name__)
 User = AbstractBaseUser | AnonymousUser
 
 # Bump when parsing or chunking changes in a way that must re-chunk stored documents.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: Chinese sentences, table rows with headers, literal Markdown identifiers, GB18030/Big5
 INGEST_BATCH_DOCUMENTS = 64
 _READ_BLOCK = 1 << 20
 
@@ -82,7 +90,8 @@ def parse_limits() -> ParseLimits:
 def upload_size_validate(*, size: int, name: str = "") -> None:
     limit = settings.KNOWLEDGE_MAX_UPLOAD_BYTES
     if size > limit:
-        raise ApplicationError("too_large", f"{name or 'The file'} is {size} bytes; the limit is {limit} bytes.",
+        raise ApplicationError("too_large", gettext("%(name)s is %(size)s bytes; the limit is %(limit)s bytes.")
+                                            % {"name": name or gettext("The file"), "size": size, "limit": limit},
                                details={"size": size, "limit": limit, "name": name}, status=413)
 
 
@@ -91,7 +100,7 @@ def upload_size_validate(*, size: int, name: str = "") -> None:
 # ------------------------------------------------------------------------------------------
 
 KB_SETTINGS_FIELDS = ("chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates",
-                      "mmr_lambda", "use_reranker")
+                      "mmr_lambda", "use_reranker", "user_dictionary")
 KB_EDITABLE_FIELDS = ("slug", "name", "description", "is_public") + KB_SETTINGS_FIELDS
 
 
@@ -105,9 +114,9 @@ def _kb_validate(kb: KnowledgeBase) -> None:
         fields = exc.message_dict
         code = next((codes[e.code] for errors in exc.error_dict.values() for e in errors if e.code in codes),
                     "validation_error")
-        raise ApplicationError(code, "The knowledge base is invalid; see details.", details={"fields": fields})
+        raise ApplicationError(code, gettext("The knowledge base is invalid; see details."), details={"fields": fields})
     if kb.chunk_overlap >= kb.chunk_tokens:
-        raise ApplicationError("validation_error", "chunk_overlap must be smaller than chunk_tokens.",
+        raise ApplicationError("validation_error", gettext("chunk_overlap must be smaller than chunk_tokens."),
                                details={"fields": {"chunk_overlap": ["must be smaller than chunk_tokens"]}})
 
 
@@ -117,7 +126,7 @@ def _groups_validate(group_ids: Sequence[int] | None) -> None:
     if group_ids:
         unknown = set(group_ids) - set(Group.objects.filter(pk__in=group_ids).values_list("pk", flat=True))
         if unknown:
-            raise ApplicationError("unknown_group", "Some allowed groups do not exist.",
+            raise ApplicationError("unknown_group", gettext("Some allowed groups do not exist."),
                                    details={"group_ids": sorted(unknown)})
 
 
@@ -126,7 +135,8 @@ def knowledge_base_create(*, user: User, slug: str, name: str, allowed_group_ids
     authz.require(user, "knowledge.create")
     unknown = set(fields) - set(KB_EDITABLE_FIELDS)
     if unknown:
-        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+        raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
+                                                   % {"fields": ', '.join(sorted(unknown))})
     kb = KnowledgeBase(slug=slug, name=name, owner=_actor(user), **fields)
     _kb_validate(kb)
     _groups_validate(allowed_group_ids)
@@ -146,21 +156,26 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
     authz.require(user, "knowledge.edit", kb)
     unknown = set(fields) - set(KB_EDITABLE_FIELDS)
     if unknown:
-        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+        raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
+                                                   % {"fields": ', '.join(sorted(unknown))})
     rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
+    new_dictionary = "user_dictionary" in fields and fields["user_dictionary"] != kb.user_dictionary
     for name, value in fields.items():
         setattr(kb, name, value)
     _kb_validate(kb)
     _groups_validate(allowed_group_ids)
     _groups_validate(editor_group_ids)
     with transaction.atomic():
-        kb.save()
+        # Only the edited fields: the instance's counters (content revision, last version) may be stale.
+        kb.save(update_fields=[*fields, "updated_at"])
         if allowed_group_ids is not None:
             kb.allowed_groups.set(allowed_group_ids)
         if editor_group_ids is not None:
             kb.editor_groups.set(editor_group_ids)
         if rechunk:
             knowledge_base_rechunk(knowledge_base=kb)
+        elif new_dictionary:
+            index_rebuild_enqueue(kb.pk)
     return kb
 
 
@@ -197,6 +212,11 @@ def _remove_artifacts(files: Iterable[str], index_root: Path | None) -> None:
 
 def kb_index_root(knowledge_base_id: int) -> Path:
     return Path(settings.INDEX_ROOT) / f"kb-{knowledge_base_id}"
+
+
+def kb_analyzer(knowledge_base: KnowledgeBase) -> Analyzer:
+    """The BM25 analyzer of a knowledge base: the shared analyzer with its user dictionary."""
+    return get_analyzer(parse_user_dictionary(knowledge_base.user_dictionary))
 
 
 # ------------------------------------------------------------------------------------------
@@ -254,7 +274,7 @@ def documents_upload(*, knowledge_base: KnowledgeBase, user: User, files: Sequen
     """
     _require_edit(user, knowledge_base)
     if not files:
-        raise ApplicationError("no_files", "Send at least one file in the multipart field 'files'.")
+        raise ApplicationError("no_files", gettext("Send at least one file in the multipart field 'files'."))
     outcomes: list[UploadOutcome] = []
     with transaction.atomic():
         for upload in files:
@@ -361,7 +381,7 @@ def document_move(*, document: Document, user: User, knowledge_base: KnowledgeBa
     _require_edit(user, old_kb)
     _require_edit(user, knowledge_base)
     if document.deleted_at is not None:
-        raise NotFound("No such document.", code="document_not_found")
+        raise NotFound(gettext("No such document."), code="document_not_found")
     if knowledge_base.pk == old_kb.pk:
         return document
     with transaction.atomic():
@@ -380,7 +400,7 @@ def document_save(*, document: Document, user: User, content_changed: bool) -> D
     if moved_from is not None:
         _require_edit(user, KnowledgeBase.objects.get(pk=moved_from))
     if not document.file and not document.source_url:
-        raise ApplicationError("no_content", "A document needs an uploaded file or a source URL.")
+        raise ApplicationError("no_content", gettext("A document needs an uploaded file or a source URL."))
     creating = document.pk is None
     if content_changed and document.file:
         upload = document.file
@@ -737,16 +757,19 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
     """Build a new index version from stored chunk vectors and activate it. Idempotent.
 
     Without `force`, nothing is done when the active version already covers the knowledge base's
-    current content revision with the current model. Concurrent rebuilds get distinct versions from
-    the row-locked counter; activation never replaces a newer active version with an older one.
+    current content revision with the current model and analyzer (its version and the base's user
+    dictionary). Concurrent rebuilds get distinct versions from the row-locked counter; activation
+    never replaces a newer active version with an older one.
     """
     model = embedder()
     kb = KnowledgeBase.objects.filter(pk=knowledge_base_id).first()
     if kb is None:
         return IndexBuildResult(knowledge_base_id, "missing")
+    analyzer = kb_analyzer(kb)
     active = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
     if (not force and active is not None and active.source_revision == kb.content_revision
-            and active.embedding_model == model.model_id and Path(active.artifact_path).is_dir()):
+            and active.embedding_model == model.model_id and Path(active.artifact_path).is_dir()
+            and manifest_analyzer_matches(_read_manifest(active.artifact_path), analyzer)):
         return IndexBuildResult(kb.pk, "unchanged", active.version, active.chunk_count, active.document_count)
 
     started = time.perf_counter()
@@ -763,7 +786,7 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
             kb_index_root(kb.pk), version.version, ids=ids, vectors=vectors, texts=texts,
             meta={"model_id": model.model_id, "knowledge_base": kb.pk, "slug": kb.slug,
                   "source_revision": version.source_revision},
-            hnsw_threshold=settings.KNOWLEDGE_HNSW_THRESHOLD,
+            hnsw_threshold=settings.KNOWLEDGE_HNSW_THRESHOLD, analyzer=analyzer,
         )
         manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
         version.artifact_path, version.dense_kind = str(path), manifest.get("dense_kind", "")
@@ -781,6 +804,13 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
     index_versions_cleanup(knowledge_base_id=kb.pk)
     return IndexBuildResult(kb.pk, "built" if activated else "superseded", version.version, len(ids),
                             document_count, encoded, seconds)
+
+
+def _read_manifest(artifact_path: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(artifact_path) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _index_inputs(kb_id: int, model):
