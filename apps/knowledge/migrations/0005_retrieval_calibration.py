@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('knowledge', '0003_kb_user_dictionary'),
+        ('knowledge', '0004_index_segments_sweeper_background_delete'),
     ]
 
     operations = [
