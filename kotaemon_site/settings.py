@@ -413,9 +413,21 @@ KNOWLEDGE_MAX_CSV_ROWS = env.int("KNOWLEDGE_MAX_CSV_ROWS", default=200_000)
 KNOWLEDGE_FETCH_TIMEOUT_SECONDS = env.float("KNOWLEDGE_FETCH_TIMEOUT_SECONDS", default=20.0)
 # Ingests finishing within this window share one index rebuild (the later rebuild tasks find nothing to do).
 KNOWLEDGE_REBUILD_DELAY_SECONDS = env.float("KNOWLEDGE_REBUILD_DELAY_SECONDS", default=2.0)
+# --- Index maintenance (issue 13; docs/knowledge.md "Index maintenance") ---
+# While documents of a base are still being ingested its build waits, at most this long after the last one.
+KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS = env.float("KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS", default=30.0)
+KNOWLEDGE_DENSE_COMPRESSION = env("KNOWLEDGE_DENSE_COMPRESSION", default="")  # "ivfpq": compressed large segments
+KNOWLEDGE_INDEX_MMAP = env.bool("KNOWLEDGE_INDEX_MMAP", default=False)  # memory-map flat/IVF codes and postings
+KNOWLEDGE_INDEX_MEMORY_BUDGET_MB = env.int("KNOWLEDGE_INDEX_MEMORY_BUDGET_MB", default=1536)  # 0: unlimited
+# A search never waits for a newer version to load unless this is set (tests make swaps synchronous with it).
+KNOWLEDGE_SWAP_WAIT_SECONDS = env.float("KNOWLEDGE_SWAP_WAIT_SECONDS", default=0.0)
+KNOWLEDGE_SWEEP_SECONDS = env.int("KNOWLEDGE_SWEEP_SECONDS", default=60)
+KNOWLEDGE_INGEST_STUCK_SECONDS = env.int("KNOWLEDGE_INGEST_STUCK_SECONDS", default=900)
+KNOWLEDGE_INGEST_MAX_ATTEMPTS = env.int("KNOWLEDGE_INGEST_MAX_ATTEMPTS", default=3)
 CELERY_BEAT_SCHEDULE["knowledge-index-cleanup"] = {
     "task": "knowledge.cleanup_indexes", "schedule": float(max(60, KNOWLEDGE_INDEX_GRACE_SECONDS // 2)),
 }
+CELERY_BEAT_SCHEDULE["knowledge-sweep"] = {"task": "knowledge.sweep", "schedule": float(KNOWLEDGE_SWEEP_SECONDS)}
 
 # --- Outbound requests (apps/core/outbound.py: document URLs, plugins' HTTP, connectors) --
 # Internal hosts the platform may fetch from (names, *.domain, IPs, CIDRs, each optionally :port);
@@ -463,6 +475,12 @@ PLUGIN_PYTHONPATH = env.list("PLUGIN_PYTHONPATH", default=[])  # extra import di
 PLUGIN_VERSION_CHECK_SECONDS = env.float("PLUGIN_VERSION_CHECK_SECONDS", default=3.0)  # heals missed events
 PLUGIN_STORAGE_TTL_SECONDS = env.int("PLUGIN_STORAGE_TTL_SECONDS", default=30 * 24 * 3600)
 PLUGIN_STATS_WINDOW_DAYS = env.int("PLUGIN_STATS_WINDOW_DAYS", default=7)
+# OS isolation of plugin workers (docs/plugins.md "The sandbox"): bwrap, or none (explicit, unsafe).
+PLUGIN_SANDBOX = env("PLUGIN_SANDBOX", default="bwrap")
+PLUGIN_CPU_SECONDS = env.int("PLUGIN_CPU_SECONDS", default=300)  # per worker lifetime; recycled at 80 %
+PLUGIN_MAX_FILE_MB = env.int("PLUGIN_MAX_FILE_MB", default=64)
+PLUGIN_SCRATCH_MB = env.int("PLUGIN_SCRATCH_MB", default=64)
+PLUGIN_MAX_PROCESSES = env.int("PLUGIN_MAX_PROCESSES", default=64)  # threads of one worker
 # Intent router (tuned on tests/plugins/data/router_dev.json; see docs/plugins.md).
 PLUGIN_ROUTER_THRESHOLD = env.float("PLUGIN_ROUTER_THRESHOLD", default=0.40)
 PLUGIN_ROUTER_MARGIN = env.float("PLUGIN_ROUTER_MARGIN", default=0.03)
