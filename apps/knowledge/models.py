@@ -17,6 +17,7 @@ class KnowledgeBase(models.Model):
     class Fusion(models.TextChoices):
         RRF = "rrf", "Reciprocal rank fusion"
         WEIGHTED = "weighted", "Weighted (min-max normalised scores)"
+        ZSCORE = "zscore", "Weighted (z-score normalised scores)"
 
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
@@ -41,12 +42,16 @@ class KnowledgeBase(models.Model):
     fusion = models.CharField(max_length=16, choices=Fusion.choices, default=Fusion.RRF)
     rrf_k = models.PositiveSmallIntegerField(default=60, validators=[MinValueValidator(1)])
     dense_weight = models.FloatField(default=0.5, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
-                                     help_text="Weighted fusion only: weight of the dense score (BM25 gets the rest).")
+                                     help_text="Weighted and z-score fusion: weight of the dense score (BM25 gets the "
+                                               "rest).")
     candidates = models.PositiveSmallIntegerField(default=100, validators=[MinValueValidator(10),
                                                                            MaxValueValidator(1000)],
                                                   help_text="Hits taken from each of FAISS and BM25 before fusion.")
     mmr_lambda = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
                                    help_text="Set (e.g. 0.7) to diversify results with MMR; empty disables it.")
+    # What `manage.py evaluate --calibrate --save` chose for fusion, rrf_k, dense_weight and mmr_lambda, on
+    # which evaluation set and with what score; empty until a base has been calibrated.
+    retrieval_calibration = models.JSONField(default=dict, blank=True, editable=False)
     use_reranker = models.BooleanField(default=True,
                                        help_text="Rerank with the cross-encoder when RERANKER_MODEL_PATH is set.")
 
@@ -60,6 +65,10 @@ class KnowledgeBase(models.Model):
     content_revision = models.PositiveBigIntegerField(default=0, editable=False)
     # Index versions are allocated here under a row lock: concurrent rebuilds never share a number.
     last_index_version = models.PositiveIntegerField(default=0, editable=False)
+    # Set when the knowledge base is deleted: hidden from every listing and search at once, removed by a
+    # background task (documents, chunks, files, indexes) that records its progress here.
+    deleted_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
+    delete_progress = models.JSONField(default=dict, blank=True, editable=False)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -104,6 +113,9 @@ class Document(models.Model):
     # with the same fingerprint is a no-op, which makes the ingest task idempotent.
     ingest_fingerprint = models.CharField(max_length=64, blank=True, editable=False)
     ingested_at = models.DateTimeField(null=True, blank=True)
+    # Times the sweeper found this document stuck (pending or processing too long) and re-enqueued it;
+    # past KNOWLEDGE_INGEST_MAX_ATTEMPTS it is parked as failed with its last error.
+    ingest_attempts = models.PositiveSmallIntegerField(default=0, editable=False)
     # Set when an editor deletes the document; search hides it at once, the delete task purges it.
     deleted_at = models.DateTimeField(null=True, blank=True, db_index=True)
 
@@ -175,6 +187,11 @@ class IndexVersion(models.Model):
     dense_kind = models.CharField(max_length=16, blank=True)
     build_seconds = models.FloatField(null=True, blank=True)
     encoded_count = models.PositiveIntegerField(default=0, help_text="Chunks that had to be encoded for this build.")
+    # full: every chunk written anew; incremental: one new segment plus tombstones; merge: also merged segments.
+    build_kind = models.CharField(max_length=16, blank=True)
+    segment_count = models.PositiveSmallIntegerField(default=0)
+    written_count = models.PositiveIntegerField(default=0, help_text="Chunks written into new segments by this build.")
+    tombstone_count = models.PositiveIntegerField(default=0)
     error_message = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     activated_at = models.DateTimeField(null=True, blank=True)

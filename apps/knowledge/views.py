@@ -5,6 +5,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import SuspiciousOperation
 from django.http import Http404
 from django.shortcuts import render
+from django.utils.translation import gettext
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
@@ -14,6 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.core.errors import ApplicationError, NotFound
+from apps.core.schema import paginated
 
 from . import selectors, services
 from .serializers import (
@@ -40,12 +42,12 @@ def _paginate(view: APIView, request, queryset, serializer_class):
 def _kb_with_stats(user, kb_id: int):
     kb = selectors.knowledge_bases_with_stats(user=user).filter(pk=kb_id).first()
     if kb is None:
-        raise NotFound("No such knowledge base.", code="knowledge_base_not_found")
+        raise NotFound(gettext("No such knowledge base."), code="knowledge_base_not_found")
     return kb
 
 
 class KnowledgeBaseListCreateView(APIView):
-    @extend_schema(responses=KnowledgeBaseSerializer(many=True), summary="Knowledge bases you can read",
+    @extend_schema(responses=paginated(KnowledgeBaseSerializer), summary="Knowledge bases you can read",
                    tags=["knowledge"])
     def get(self, request):
         queryset = selectors.knowledge_bases_with_stats(user=request.user).order_by("name", "pk")
@@ -91,7 +93,7 @@ class DocumentListUploadView(APIView):
     @extend_schema(
         parameters=[OpenApiParameter("status", str, enum=["pending", "processing", "ready", "failed"],
                                      description="Only documents in this state")],
-        responses={200: DocumentSerializer(many=True), 404: OpenApiTypes.OBJECT},
+        responses={200: paginated(DocumentSerializer), 404: OpenApiTypes.OBJECT},
         summary="Documents of a knowledge base, with their ingestion status", tags=["knowledge"])
     def get(self, request, kb_id: int):
         kb = selectors.knowledge_base_get(user=request.user, ref=kb_id)
@@ -113,7 +115,7 @@ class DocumentListUploadView(APIView):
         outcomes = services.documents_upload(knowledge_base=kb, user=request.user, files=files)
         results = [outcome.to_dict() for outcome in outcomes]
         if all(outcome.error_code == "too_large" for outcome in outcomes):
-            raise ApplicationError("too_large", "Every file is over the size limit.", details={"results": results},
+            raise ApplicationError("too_large", gettext("Every file is over the size limit."), details={"results": results},
                                    status=413)
         documents = [outcome.document for outcome in outcomes if outcome.document is not None]
         created = any(outcome.status == "created" for outcome in outcomes)

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('knowledge', '0003_kb_user_dictionary'),
+        ('knowledge', '0005_retrieval_calibration'),
     ]
 
     operations = [
