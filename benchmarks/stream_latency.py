@@ -8,8 +8,8 @@ and noisy:
      (b) the memory event log, (c) the Redis event log (fenced XADD by Lua), each with a local reader
      that receives every event; microseconds per token, wall and CPU time;
   2. time to first token and to the answer for one uvicorn instance, interleaved per question: websocket,
-     REST SSE (POST /api/v1/chat/ "stream": true), OpenAI stream (/v1/chat/completions); extractive
-     generator, so the first token comes right after retrieval;
+     REST SSE (POST /api/v1/chat/ "stream": true), OpenAI stream (/v1/chat/completions); a streaming
+     OpenAI-compatible model at 20 ms per word (30 words), once with the memory log, once with Redis;
   3. takeover: two uvicorn instances on Redis (and PostgreSQL with --database-url), a deliberately slow
      OpenAI-compatible model (tests/conversations/slow_llm.py, one word per --delay s); a websocket on
      instance A streams an answer, A is killed with SIGKILL after 5 tokens, the client reconnects to B and
@@ -88,6 +88,15 @@ print("RESULT=" + json.dumps(results))
     return json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT=")))
 
 
+def warm_up(addr: str, key: str) -> None:
+    import httpx
+
+    resp = httpx.post(f"http://{addr}/api/v1/chat/", json={"message": "warm up"}, timeout=300,
+                      headers={"Authorization": f"Bearer {key}"})
+    if resp.status_code != 200:
+        raise SystemExit(f"warm-up failed: {resp.status_code} {resp.text[:300]}")
+
+
 def first_tokens(addr: str, key: str, turns: int) -> dict:
     import httpx
     from websockets.sync.client import connect
@@ -142,18 +151,22 @@ def takeover(env: dict, key: str, rounds: int, delay: float) -> list[dict]:
     headers = {"Authorization": f"Bearer {key}"}
     results = []
     b = Server(env)
+    warm_up(b.addr, key)
     try:
         for r in range(rounds):
             a = Server(env)
             try:
+                warm_up(a.addr, key)  # a ready instance (models loaded), as behind a load balancer
                 sid = f"bench-take-{uuid.uuid4().hex[:10]}"
                 question = "How many days do I have to return an item?"
                 frames, stamps = [], []
                 with connect(f"ws://{a.addr}/ws/chat/{sid}/", origin=f"http://{a.addr}", additional_headers=headers) as ws:
                     ws.send(json.dumps({"type": "message", "message": question}))
                     while sum(f["type"] == "token" for f in frames) < 5:
-                        frames.append(json.loads(ws.recv(timeout=60)))
+                        frames.append(json.loads(ws.recv(timeout=120)))
                         stamps.append(time.perf_counter())
+                        if frames[-1]["type"] in ("answer", "error"):
+                            raise SystemExit(f"the answer ended before the kill: {frames[-1]}")
                     killed = time.perf_counter()
                     os.kill(a.proc.pid, signal.SIGKILL)
                     try:
@@ -219,14 +232,24 @@ def main() -> None:
         print("== token path", flush=True)
         report["token_path"] = token_path(env, args.tokens)
         print("   ", report["token_path"], flush=True)
-        for label, extra in (("memory log", {"TURN_STREAM_BACKEND": "memory"}), ("redis log", {})):
-            print(f"== first tokens ({label})", flush=True)
-            server = Server(dict(env, **extra))
-            try:
-                report[f"first_tokens {label}"] = first_tokens(server.addr, key, args.turns)
-                print("   ", report[f"first_tokens {label}"], flush=True)
-            finally:
-                server.stop()
+        from tests.conversations.slow_llm import SlowLLM
+
+        # A streaming model (20 ms per word), so the first token is not the whole answer: the extractive
+        # answerer produces its text at once after retrieval.
+        llm = SlowLLM(delay=0.02, words=30)
+        llm_env = {"GENERATOR": "openai", "LLM_BASE_URL": llm.base_url, "LLM_MODEL": "bench"}
+        try:
+            for label, extra in (("memory log", {"TURN_STREAM_BACKEND": "memory"}), ("redis log", {})):
+                print(f"== first tokens ({label})", flush=True)
+                server = Server(dict(env, **extra, **llm_env))
+                try:
+                    warm_up(server.addr, key)
+                    report[f"first_tokens {label}"] = first_tokens(server.addr, key, args.turns)
+                    print("   ", report[f"first_tokens {label}"], flush=True)
+                finally:
+                    server.stop()
+        finally:
+            llm.stop()
         if args.takeovers:
             print("== takeover after kill -9", flush=True)
             report["takeover"] = takeover(env, key, args.takeovers, args.delay)

@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path
+from django.views.i18n import JavaScriptCatalog
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from apps.accounts.views import LogoutView
@@ -26,6 +27,9 @@ urlpatterns = [
     # OpenAI-compatible chat API (docs/conversations.md): SDKs and chat UIs point their base URL at /v1.
     path("v1/", include("apps.conversations.openai_urls")),
     path("", include("apps.monitoring.urls")),
+    # Language switch (POST i18n/setlang/ remembers the choice in a cookie) and the JavaScript catalog.
+    path("i18n/", include("django.conf.urls.i18n")),
+    path("jsi18n/", JavaScriptCatalog.as_view(), name="javascript-catalog"),
     # Pages (the web chat at /, source views) come last.
     path("", include("apps.knowledge.page_urls")),
     path("", include("apps.conversations.page_urls")),

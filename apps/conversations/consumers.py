@@ -19,8 +19,11 @@ from typing import Any
 
 from channels.db import DatabaseSyncToAsync
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.utils import translation
+from django.utils.translation import gettext
 
-from apps.core.errors import ApplicationError
+from apps.core.errors import SERVER_ERROR, ApplicationError
+from apps.core.i18n import language_from_scope
 from apps.core.throttling import ChatRateThrottle
 from apps.core.ws_auth import CLOSE_IDENTITY_GONE, ws_identity_recheck
 
@@ -73,6 +76,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # hold a blocking Redis receive that must be cancelled on disconnect (connection churn, stuck teardown).
     channel_layer_alias = None
 
+    async def dispatch(self, message):
+        # No LocaleMiddleware here: every frame is handled (and every turn run, its task inheriting the
+        # context) in the language of the handshake's cookie or Accept-Language, as the page is served.
+        if not hasattr(self, "language"):
+            self.language = language_from_scope(self.scope)
+        with translation.override(self.language):
+            await super().dispatch(message)
+
     async def connect(self):
         from apps.monitoring.metrics import websocket_connections_total
 
@@ -102,29 +113,31 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def receive(self, text_data=None, bytes_data=None):
         if text_data is None:
-            await self.send_error("bad_frame", "Send JSON text frames, not binary.")
+            await self.send_error("bad_frame", gettext("Send JSON text frames, not binary."))
             return
         if len(text_data.encode("utf-8")) > MAX_FRAME_BYTES:
-            await self.send_error("frame_too_large", f"A frame is at most {MAX_FRAME_BYTES // 1024} KiB.")
+            await self.send_error("frame_too_large", gettext("A frame is at most %(kib)d KiB.")
+                                  % {"kib": MAX_FRAME_BYTES // 1024})
             return
         try:
             payload = json.loads(text_data)
         except ValueError:
-            await self.send_error("malformed_json", "The frame is not valid JSON.")
+            await self.send_error("malformed_json", gettext("The frame is not valid JSON."))
             return
         if not isinstance(payload, dict):
-            await self.send_error("invalid_frame", 'A frame is a JSON object with a "type".')
+            await self.send_error("invalid_frame", gettext('A frame is a JSON object with a "type".'))
             return
         kind = payload.get("type")
         if kind == "ping":
             await self.send_json({"type": "pong"})
             return
         if kind not in ("message", "resume"):
-            await self.send_error("unknown_type", 'Unknown frame type; send {"type": "message", "message": "..."}.',
+            await self.send_error("unknown_type",
+                                  gettext('Unknown frame type; send {"type": "message", "message": "..."}.'),
                                   details={"type": str(kind)[:40]})
             return
         if self.turn is not None and not self.turn.done():
-            await self.send_error("turn_in_progress", "Wait for the answer before sending the next message.")
+            await self.send_error("turn_in_progress", gettext("Wait for the answer before sending the next message."))
             return
         # Every turn: the key or session still valid, the user still active, groups as they are now.
         identity = await ws_identity_recheck(self.scope)
@@ -136,7 +149,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if kind == "resume":
             offset = payload.get("offset", 0)
             if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-                await self.send_error("invalid_frame", "offset is the last offset received (0 for all).")
+                await self.send_error("invalid_frame", gettext("offset is the last offset received (0 for all)."))
                 return
             try:
                 turn_id = await in_thread(_resume_target)(self.user, self.session_id, payload.get("turn_id"))
@@ -149,7 +162,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
         wait = await in_thread(_throttle_wait)(self.user, self.scope.get("api_key"), client[0] or "")
         if wait is not None:
             retry = int(wait + 0.999)
-            await self.send_error("throttled", f"Too many messages; retry in {retry} s.",
+            await self.send_error("throttled", gettext("Too many messages; retry in %(seconds)d s.") % {"seconds": retry},
                                   details={"retry_after_seconds": retry})
             return
         self.turn = asyncio.ensure_future(self._turn(payload.get("message"), payload.get("knowledge_bases")))
@@ -162,7 +175,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             return
         except Exception:
             logger.exception("chat turn failed on the websocket")
-            await self.send_error("server_error", "An unexpected error occurred; it has been logged.")
+            await self.send_error("server_error", str(SERVER_ERROR))
             return
         await self._follow(handle.turn_id, 0)
 
@@ -177,10 +190,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise
         except Exception:
             logger.exception("following a chat turn failed on the websocket")
-            await self.send_error("server_error", "An unexpected error occurred; it has been logged.")
+            await self.send_error("server_error", str(SERVER_ERROR))
 
     async def send_error(self, code: str, message: str, *, details: dict | None = None) -> None:
-        await self.send_json({"type": "error", "code": code, "message": message, "details": details or {}})
+        await self.send_json({"type": "error", "code": code, "message": str(message), "details": details or {}})
 
     async def send_json(self, content: dict) -> None:
         if getattr(self, "closed", False):

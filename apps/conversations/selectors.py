@@ -7,6 +7,7 @@ from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Count, QuerySet
+from django.utils.translation import gettext
 
 from apps.core.errors import ApplicationError, NotFound
 
@@ -23,7 +24,7 @@ STATE_TURN_CHARS = 2000
 def session_id_validate(session_id: Any) -> str:
     if not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id):
         raise ApplicationError("invalid_session_id",
-                               "A session id is 8 to 64 characters: letters, digits, '-' and '_'.",
+                               gettext("A session id is 8 to 64 characters: letters, digits, '-' and '_'."),
                                details={"session_id": str(session_id)[:80]})
     return session_id
 
@@ -41,14 +42,14 @@ def conversation_find(*, user: AbstractBaseUser, session_id: str) -> Conversatio
     session_id_validate(session_id)
     conversation = Conversation.objects.filter(session_id=session_id).first()
     if conversation is not None and conversation.owner_id != user.pk:
-        raise NotFound("No such conversation.", code="conversation_not_found")
+        raise NotFound(gettext("No such conversation."), code="conversation_not_found")
     return conversation
 
 
 def conversation_get(*, user: AbstractBaseUser, session_id: str) -> Conversation:
     conversation = conversation_find(user=user, session_id=session_id)
     if conversation is None:
-        raise NotFound("No such conversation.", code="conversation_not_found")
+        raise NotFound(gettext("No such conversation."), code="conversation_not_found")
     return conversation
 
 
@@ -61,9 +62,9 @@ def message_get_for_feedback(*, user: AbstractBaseUser, message_id: int) -> Mess
     message = (Message.objects.select_related("conversation")
                .filter(pk=message_id, conversation__owner=user).first())
     if message is None:
-        raise NotFound("No such message.", code="message_not_found")
+        raise NotFound(gettext("No such message."), code="message_not_found")
     if message.role != Message.Role.ASSISTANT:
-        raise ApplicationError("feedback_not_allowed", "Feedback is given on the assistant's answers only.",
+        raise ApplicationError("feedback_not_allowed", gettext("Feedback is given on the assistant's answers only."),
                                details={"message_id": message_id})
     return message
 

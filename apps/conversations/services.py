@@ -13,6 +13,8 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from django.utils import translation
+from django.utils.translation import gettext
 
 from apps.core.errors import ApplicationError, NotFound
 from apps.core.logging import session_id_var
@@ -49,9 +51,9 @@ def conversation_update(*, user: AbstractBaseUser, session_id: str, title: str |
     if title is not None:
         title = " ".join(title.split())
         if not title:
-            raise ApplicationError("invalid_title", "A title cannot be empty.")
+            raise ApplicationError("invalid_title", gettext("A title cannot be empty."))
         if len(title) > 200:
-            raise ApplicationError("invalid_title", "A title is at most 200 characters.")
+            raise ApplicationError("invalid_title", gettext("A title is at most 200 characters."))
         conversation.title = title
         fields.append("title")
     if archived is not None:
@@ -73,9 +75,9 @@ def conversation_delete(*, user: AbstractBaseUser, session_id: str) -> None:
 def feedback_submit(*, user: AbstractBaseUser, message_id: int, rating: str, comment: str = "") -> Feedback:
     """One rating per user and answer; submitting again replaces it (idempotent)."""
     if rating not in Feedback.Rating.values:
-        raise ApplicationError("invalid_rating", "rating must be 'up' or 'down'.", details={"rating": rating})
+        raise ApplicationError("invalid_rating", gettext("rating must be 'up' or 'down'."), details={"rating": rating})
     if len(comment) > 4000:
-        raise ApplicationError("comment_too_long", "A comment is at most 4000 characters.")
+        raise ApplicationError("comment_too_long", gettext("A comment is at most 4000 characters."))
     message = message_get_for_feedback(user=user, message_id=message_id)
     feedback, _ = Feedback.objects.update_or_create(message=message, user=user,
                                                     defaults={"rating": rating, "comment": comment.strip()})
@@ -124,10 +126,11 @@ def contextualise(message: str, state: dict[str, Any]) -> str:
 
 def _validate_message(message: Any) -> str:
     if not isinstance(message, str) or not message.strip():
-        raise ApplicationError("message_required", "Send a non-empty message.")
+        raise ApplicationError("message_required", gettext("Send a non-empty message."))
     message = message.strip()
     if len(message) > MAX_MESSAGE_CHARS:
-        raise ApplicationError("message_too_long", f"A message is at most {MAX_MESSAGE_CHARS} characters.",
+        raise ApplicationError("message_too_long", gettext("A message is at most %(max)s characters.")
+                                                   % {"max": MAX_MESSAGE_CHARS},
                                details={"max_chars": MAX_MESSAGE_CHARS, "chars": len(message)})
     return message
 
@@ -140,7 +143,8 @@ def _validate_knowledge_bases(*, user: AbstractBaseUser, knowledge_bases: Any) -
     if (not isinstance(knowledge_bases, list) or len(knowledge_bases) > MAX_KNOWLEDGE_BASES
             or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in knowledge_bases)):
         raise ApplicationError("invalid_knowledge_bases",
-                               f"knowledge_bases is a list of up to {MAX_KNOWLEDGE_BASES} slugs or ids.")
+                               gettext("knowledge_bases is a list of up to %(max)s slugs or ids.")
+                               % {"max": MAX_KNOWLEDGE_BASES})
     if not knowledge_bases:
         return None
     from apps.knowledge.selectors import knowledge_bases_visible
@@ -154,7 +158,7 @@ def _validate_knowledge_bases(*, user: AbstractBaseUser, knowledge_bases: Any) -
     for key in knowledge_bases:
         kb = by_key.get(str(key))
         if kb is None:
-            raise NotFound("No such knowledge base.", code="knowledge_base_not_found", details={"knowledge_base": key})
+            raise NotFound(gettext("No such knowledge base."), code="knowledge_base_not_found", details={"knowledge_base": key})
         if kb not in resolved:
             resolved.append(kb)
     return resolved
@@ -208,7 +212,7 @@ def _conversation_for_turn(*, user: AbstractBaseUser, session_id: str | None) ->
     if conversation is not None:
         if conversation.archived:
             raise ApplicationError("conversation_archived",
-                                   "This conversation is archived; unarchive it to continue.",
+                                   gettext("This conversation is archived; unarchive it to continue."),
                                    details={"session_id": session_id}, status=409)
         return conversation, False
     try:
@@ -270,7 +274,9 @@ def turn_open(*, user: AbstractBaseUser, session_id: str | None, message: Any, k
         _touch(conversation, message)
     spec = {"turn_id": turn_id, "session_id": conversation.session_id, "conversation_id": conversation.pk,
             "user_id": user.pk, "message": message, "knowledge_bases": [kb.slug for kb in kbs] if kbs else None,
-            "channel": channel, "user_message_id": user_msg.pk, "message_id": reply.pk, "created": time.time()}
+            "channel": channel, "user_message_id": user_msg.pk, "message_id": reply.pk, "created": time.time(),
+            # The requester's language: a background thread or another instance answers in it too.
+            "language": translation.get_language()}
     try:
         writer = turn_create(turn_id, spec=spec, session_id=conversation.session_id)
         writer.emit({"type": "turn", "turn_id": turn_id, "session_id": conversation.session_id,
@@ -324,7 +330,7 @@ def _await_result(handle: TurnHandle) -> ChatTurnResult:
                 return _stored_result(reply)
         if backend.lease_holder(handle.turn_id) is None:
             turn_takeover(handle.turn_id)
-    raise ApplicationError("server_error", "The answer did not complete in time.", status=503)
+    raise ApplicationError("server_error", gettext("The answer did not complete in time."), status=503)
 
 
 def turn_start(*, user: AbstractBaseUser, session_id: str | None, message: Any, knowledge_bases: Any = None,
@@ -407,10 +413,10 @@ def turn_for_resume(*, user: AbstractBaseUser, turn_id: Any = None, session_id: 
     if turn_id is None and session_id is not None:
         turn_id = backend.session_turn(session_id_validate(session_id))
     if not isinstance(turn_id, str) or not re.fullmatch(r"[0-9a-f]{32}", turn_id):
-        raise NotFound("No such answer in progress (it may have expired).", code="turn_not_found")
+        raise NotFound(gettext("No such answer in progress (it may have expired)."), code="turn_not_found")
     spec = backend.spec(turn_id)
     if not spec or spec.get("user_id") != user.pk or (session_id is not None and spec.get("session_id") != session_id):
-        raise NotFound("No such answer in progress (it may have expired).", code="turn_not_found")
+        raise NotFound(gettext("No such answer in progress (it may have expired)."), code="turn_not_found")
     return turn_id
 
 
@@ -480,6 +486,12 @@ def turn_execute(spec: dict[str, Any], writer, *, on_token: TokenCallback | None
                  shown: str | None = None, user: AbstractBaseUser | None = None) -> ChatTurnResult:
     """Generate the answer of an opened turn while holding its lease (writer). Idempotent across
     instances: an answer already completed is only re-announced."""
+    with translation.override(spec.get("language") or translation.get_language()):
+        return _turn_execute(spec, writer, on_token=on_token, shown=shown, user=user)
+
+
+def _turn_execute(spec: dict[str, Any], writer, *, on_token: TokenCallback | None, shown: str | None,
+                  user: AbstractBaseUser | None) -> ChatTurnResult:
     from django.contrib.auth import get_user_model
 
     from .turn_stream import LeaseLost
@@ -487,7 +499,7 @@ def turn_execute(spec: dict[str, Any], writer, *, on_token: TokenCallback | None
     started = time.monotonic()
     reply = Message.objects.select_related("conversation").filter(pk=spec["message_id"]).first()
     if reply is None:
-        exc = NotFound("No such conversation.", code="conversation_not_found")
+        exc = NotFound(gettext("No such conversation."), code="conversation_not_found")
         _emit_error(writer, exc)  # deleted while being answered
         raise exc
     conversation = reply.conversation
@@ -504,7 +516,7 @@ def turn_execute(spec: dict[str, Any], writer, *, on_token: TokenCallback | None
     answer_stream = _AnswerStream(writer, reply.pk, on_token, shown)
     try:
         if user is None:
-            raise ApplicationError("authentication_failed", "The account of this conversation is no longer active.",
+            raise ApplicationError("authentication_failed", gettext("The account of this conversation is no longer active."),
                                    status=401)
         # Re-checked on a takeover: access may have changed since the turn started.
         kbs = _validate_knowledge_bases(user=user, knowledge_bases=spec.get("knowledge_bases"))
@@ -593,7 +605,7 @@ def turn_execute(spec: dict[str, Any], writer, *, on_token: TokenCallback | None
         if not completed:
             reply = Message.objects.select_related("conversation").filter(pk=reply.pk).first()
             if reply is None:
-                raise NotFound("No such conversation.", code="conversation_not_found")
+                raise NotFound(gettext("No such conversation."), code="conversation_not_found")
             result = _stored_result(reply)
         else:
             for kind in ("prompt", "completion"):
@@ -620,7 +632,7 @@ def turn_execute(spec: dict[str, Any], writer, *, on_token: TokenCallback | None
         raise
     except Exception:
         _turn_failed(spec, reply.pk, "server_error")
-        _emit_error(writer, ApplicationError("server_error", "An unexpected error occurred; it has been logged."))
+        _emit_error(writer, ApplicationError("server_error", gettext("An unexpected error occurred; it has been logged.")))
         raise
     finally:
         metrics.chat_turns_total.labels(spec.get("channel") or "rest", outcome).inc()

@@ -8,6 +8,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from django.utils.translation import gettext
 from apps.core.errors import ApplicationError
 from apps.core.throttling import ChatRateThrottle, UserOrKeyRateThrottle
 
@@ -79,7 +80,7 @@ class ConversationListView(APIView):
     def get(self, request):
         raw = request.query_params.get("archived", "false").lower()
         if raw not in ("false", "true", "all"):
-            raise ApplicationError("invalid_parameter", "archived is one of false, true, all.",
+            raise ApplicationError("invalid_parameter", gettext("archived is one of false, true, all."),
                                    details={"archived": raw})
         qs = conversation_list(user=request.user, archived=None if raw == "all" else raw == "true")
         paginator = LimitOffsetPagination()

@@ -1,5 +1,6 @@
 from django import forms
 from django.contrib import admin, messages
+from django.utils.translation import gettext_lazy as _
 
 from . import authz
 from .models import SCOPES, ApiKey, ParkedTask
@@ -24,7 +25,7 @@ class ApiKeyAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     readonly_fields = ["prefix", "parent", "created_by", "created_at", "revoked_at", "last_used_at"]
     actions = ["revoke"]
 
-    @admin.display(description="status")
+    @admin.display(description=_("status"))
     def status_badge(self, obj: ApiKey) -> str:
         return obj.status
 
@@ -48,15 +49,15 @@ class ApiKeyAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
         issued = api_key_create(user=owner, name=obj.name, expires_at=obj.expires_at,
                                 scopes=form.cleaned_data.get("scopes") or None, issued_by=request.user)
         obj.pk, obj.prefix, obj.user = issued.api_key.pk, issued.api_key.prefix, owner
-        messages.warning(request, f"New API key (copy it now, it is not shown again): {issued.raw_key}")
+        messages.warning(request, _("New API key (copy it now, it is not shown again): %(key)s") % {"key": issued.raw_key})
 
-    @admin.action(description="Revoke selected keys (and the keys minted from them)")
+    @admin.action(description=_("Revoke selected keys (and the keys minted from them)"))
     def revoke(self, request, queryset):
         # Through the service, one key at a time: each revocation is saved (so audited) and announced.
         pending = list(queryset.filter(revoked_at__isnull=True).values_list("pk", flat=True))
         for key_id in pending:
             api_key_revoke(user=request.user, key_id=key_id)
-        messages.success(request, f"Revoked {len(pending)} key(s).")
+        messages.success(request, _("Revoked %(count)d key(s).") % {"count": len(pending)})
 
     # A deleted key (and, by cascade, what it minted) must stop working everywhere too, not only when
     # instances' caches expire.
@@ -83,7 +84,7 @@ class ParkedTaskAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     def has_add_permission(self, request, *args) -> bool:
         return False
 
-    @admin.action(description="Re-queue selected tasks (after fixing the cause)", permissions=["change"])
+    @admin.action(description=_("Re-queue selected tasks (after fixing the cause)"), permissions=["change"])
     def requeue(self, request, queryset):
         from .tasks import parked_task_requeue
 

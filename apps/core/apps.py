@@ -15,6 +15,9 @@ class CoreConfig(AppConfig):
 
         events.register_handler("user_changed", identity.on_user_changed)
         identity.connect_signals()
+        from . import login_limits
+
+        login_limits.connect_signals()
         cluster.connect_celery()
         cluster_admin.install()
 
@@ -24,3 +27,15 @@ class CoreConfig(AppConfig):
 
         # After every app's migrate (their permissions exist by then): the role groups and their permissions.
         post_migrate.connect(roles_ensure, dispatch_uid="core.roles_ensure")
+        self._command_language()
+
+    @staticmethod
+    def _command_language() -> None:
+        import os
+
+        from django.utils import translation
+
+        from .i18n import command_language
+
+        if language := command_language(os.environ):
+            translation.activate(language)

@@ -28,6 +28,7 @@ from typing import Any
 
 from django.apps import apps as django_apps
 from django.db.models import Q, QuerySet
+from django.utils.translation import gettext_lazy
 
 from .errors import PermissionDenied
 
@@ -58,16 +59,17 @@ _GLOBAL: dict[str, str] = {
 }
 
 _MESSAGES: dict[str, tuple[str, str]] = {  # action -> (code, message) when refused
-    "knowledge.create": ("permission_denied", "You may not create knowledge bases."),
-    "knowledge.edit": ("permission_denied", "Only an editor of this knowledge base may change it."),
-    "knowledge.delete": ("permission_denied", "Only the owner (or a knowledge administrator) may delete this "
-                                              "knowledge base."),
-    "plugins.manage": ("plugin_admin_only", "Managing plugins requires the plugin administrator role."),
-    "audit.read": ("audit_forbidden", "Reading the audit log requires the 'view audit event' permission."),
-    "dashboard.view": ("dashboard_forbidden", "The operations dashboard requires the auditor role."),
-    "cluster.view": ("permission_denied", "The cluster page requires the auditor role."),
-    "api_keys.issue_for_others": ("permission_denied", "API keys are created for oneself; only superusers may "
-                                                       "issue keys for other users."),
+    "knowledge.create": ("permission_denied", gettext_lazy("You may not create knowledge bases.")),
+    "knowledge.edit": ("permission_denied", gettext_lazy("Only an editor of this knowledge base may change it.")),
+    "knowledge.delete": ("permission_denied", gettext_lazy(
+        "Only the owner (or a knowledge administrator) may delete this knowledge base.")),
+    "plugins.manage": ("plugin_admin_only", gettext_lazy("Managing plugins requires the plugin administrator role.")),
+    "audit.read": ("audit_forbidden", gettext_lazy(
+        "Reading the audit log requires the 'view audit event' permission.")),
+    "dashboard.view": ("dashboard_forbidden", gettext_lazy("The operations dashboard requires the auditor role.")),
+    "cluster.view": ("permission_denied", gettext_lazy("The cluster page requires the auditor role.")),
+    "api_keys.issue_for_others": ("permission_denied", gettext_lazy(
+        "API keys are created for oneself; only superusers may issue keys for other users.")),
 }
 
 
@@ -163,7 +165,8 @@ def can(user: Any, action: str, obj: Any = None) -> bool:
 def require(user: Any, action: str, obj: Any = None, *, message: str | None = None) -> None:
     """Raise PermissionDenied (403) unless `can(user, action, obj)`."""
     if not can(user, action, obj):
-        code, default = _MESSAGES.get(action, ("permission_denied", "You do not have permission to do this."))
+        code, default = _MESSAGES.get(action, ("permission_denied",
+                                               gettext_lazy("You do not have permission to do this.")))
         raise PermissionDenied(message or default, code=code)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from rest_framework.permissions import BasePermission
 
+from django.utils.translation import gettext
 from .errors import PermissionDenied
 
 _SAFE = ("GET", "HEAD", "OPTIONS")
@@ -32,7 +33,8 @@ def key_has_scope(api_key: Any, scope: str) -> bool:
 def require_key_scope(api_key: Any, scope: str) -> None:
     """Raise PermissionDenied (code scope_missing) when `api_key` (None: no key) lacks `scope`."""
     if api_key is not None and not key_has_scope(api_key, scope):
-        raise PermissionDenied(f"This API key lacks the '{scope}' scope needed here.", code="scope_missing",
+        raise PermissionDenied(gettext("This API key lacks the '%(scope)s' scope needed here.") % {"scope": scope},
+                               code="scope_missing",
                                details={"required": scope, "key_scopes": list(api_key.scopes or [])})
 
 

@@ -10,6 +10,7 @@ from typing import Iterable
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from .errors import ApplicationError, NotFound, PermissionDenied
 from .models import SCOPES, ApiKey, all_scopes
@@ -31,12 +32,12 @@ def _scopes_clean(scopes: Iterable[str] | None) -> list[str]:
     if scopes is None:
         return all_scopes()
     if isinstance(scopes, str) or not all(isinstance(s, str) for s in scopes):
-        raise ApplicationError("invalid_scopes", "scopes is a list of scope names.",
+        raise ApplicationError("invalid_scopes", gettext("scopes is a list of scope names."),
                                details={"allowed": all_scopes()})
     wanted = sorted(set(scopes))
     unknown = [s for s in wanted if s not in SCOPES]
     if unknown or not wanted:
-        raise ApplicationError("invalid_scopes", "Unknown or empty scopes.",
+        raise ApplicationError("invalid_scopes", gettext("Unknown or empty scopes."),
                                details={"unknown": unknown, "allowed": all_scopes()})
     return [s for s in SCOPES if s in wanted]
 
@@ -57,25 +58,25 @@ def api_key_create(*, user: AbstractBaseUser, name: str = "", expires_at: dateti
         authz.require(issued_by, "api_keys.issue_for_others")
     now = timezone.now()
     if expires_at is not None and expires_at <= now:
-        raise ApplicationError("invalid_expiry", "expires_at must be in the future.")
+        raise ApplicationError("invalid_expiry", gettext("expires_at must be in the future."))
     if parent is not None:
         if parent.user_id != user.pk:
-            raise PermissionDenied("A key can only mint keys for its own user.", code="permission_denied")
+            raise PermissionDenied(gettext("A key can only mint keys for its own user."), code="permission_denied")
         if not parent.is_active:
-            raise PermissionDenied("The key used is no longer active.", code="api_key_inactive")
+            raise PermissionDenied(gettext("The key used is no longer active."), code="api_key_inactive")
         if "keys" not in (parent.scopes or []):
-            raise PermissionDenied("This API key lacks the 'keys' scope needed to create keys.",
+            raise PermissionDenied(gettext("This API key lacks the 'keys' scope needed to create keys."),
                                    code="scope_missing", details={"required": "keys"})
         wanted = _scopes_clean(scopes if scopes is not None else parent.scopes)
         wider = sorted(set(wanted) - set(parent.scopes or []))
         if wider:
-            raise PermissionDenied("A key cannot create a key with wider scopes than its own.",
+            raise PermissionDenied(gettext("A key cannot create a key with wider scopes than its own."),
                                    code="scope_escalation", details={"scopes": wider})
         if parent.expires_at is not None:
             if expires_at is None:
                 expires_at = parent.expires_at
             elif expires_at > parent.expires_at:
-                raise PermissionDenied("A key cannot create a key that outlives it.", code="expiry_escalation",
+                raise PermissionDenied(gettext("A key cannot create a key that outlives it."), code="expiry_escalation",
                                        details={"max_expires_at": parent.expires_at.isoformat()})
     else:
         wanted = _scopes_clean(scopes)
@@ -107,7 +108,7 @@ def api_key_revoke(*, user: AbstractBaseUser, key_id: int) -> ApiKey:
     with transaction.atomic():
         key = ApiKey.objects.select_for_update().filter(pk=key_id).first()
         if key is None or not authz.can(user, "api_keys.revoke", key):
-            raise NotFound("No such API key.", code="api_key_not_found")
+            raise NotFound(gettext("No such API key."), code="api_key_not_found")
         now = timezone.now()
         revoked = []
         if key.revoked_at is None:

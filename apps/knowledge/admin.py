@@ -47,7 +47,7 @@ class IndexVersionInline(admin.TabularInline):
     fields = ["version", "status_badge", "chunk_count", "document_count", "dense_kind", "encoded_count",
               "build_seconds", "created_at", "activated_at", "retired_at"]
     readonly_fields = fields
-    verbose_name_plural = "Index versions (newest first)"
+    verbose_name_plural = _("Index versions (newest first)")
 
     def has_view_permission(self, request, obj=None) -> bool:  # obj: the knowledge base being shown
         return obj is None or authz.can(request.user, "knowledge.edit", obj) or authz.can(request.user,
@@ -56,7 +56,7 @@ class IndexVersionInline(admin.TabularInline):
     def get_queryset(self, request):
         return super().get_queryset(request).order_by("-version")
 
-    @admin.display(description="status")
+    @admin.display(description=_("status"))
     def status_badge(self, obj):
         return badge(obj.status, title=obj.error_message)
 
@@ -74,11 +74,11 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
     actions = ["rebuild_indexes", "reindex_documents"]
     fieldsets = [
         (None, {"fields": ["name", "slug", "description"]}),
-        ("Access", {"fields": ["owner", "is_public", "allowed_groups", "editor_groups"]}),
-        ("Chunking", {"fields": ["chunk_tokens", "chunk_overlap"],
-                      "description": "Sizes are in the embedding model's tokens; changing them re-chunks every "
-                                     "document (unchanged text keeps its stored embedding)."}),
-        ("Retrieval", {"fields": ["fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker"]}),
+        (_("Access"), {"fields": ["owner", "is_public", "allowed_groups", "editor_groups"]}),
+        (_("Chunking"), {"fields": ["chunk_tokens", "chunk_overlap"],
+                         "description": _("Sizes are in the embedding model's tokens; changing them re-chunks every "
+                                          "document (unchanged text keeps its stored embedding).")}),
+        (_("Retrieval"), {"fields": ["fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker"]}),
         (_("Keyword search"), {"fields": ["user_dictionary"],
                                "description": _("Terms listed here are kept whole by the keyword (BM25) analyzer "
                                                 "for documents and questions alike; saving a change rebuilds "
@@ -124,35 +124,35 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
             last_build_at=Max("index_versions__created_at"),
         )
 
-    @admin.display(description="visibility")
+    @admin.display(description=_("visibility"))
     def visibility(self, obj):
         if obj.is_public:
-            return badge("ready", "public")
-        return badge("pending", "restricted")
+            return badge("ready", _("public"))
+        return badge("pending", _("restricted"))
 
-    @admin.display(description="documents", ordering="n_documents")
+    @admin.display(description=_("documents"), ordering="n_documents")
     def documents_total(self, obj):
         url = reverse("admin:knowledge_document_changelist") + f"?knowledge_base__id__exact={obj.pk}"
         return format_html('<a href="{}">{}</a>', url, obj.n_documents)
 
-    @admin.display(description="ready", ordering="n_ready")
+    @admin.display(description=_("ready"), ordering="n_ready")
     def documents_ready(self, obj):
         return obj.n_ready
 
-    @admin.display(description="failed", ordering="n_failed")
+    @admin.display(description=_("failed"), ordering="n_failed")
     def documents_failed(self, obj):
         if not obj.n_failed:
             return 0
         url = reverse("admin:knowledge_document_changelist") + f"?knowledge_base__id__exact={obj.pk}&status__exact=failed"
         return format_html('<a href="{}" style="color:#c92a2a;font-weight:600">{}</a>', url, obj.n_failed)
 
-    @admin.display(description="active index", ordering="active_version")
+    @admin.display(description=_("active index"), ordering="active_version")
     def active_index(self, obj):
         if obj.active_version is None:
-            return badge("pending", "none")
-        return format_html("v{} · {} chunks", obj.active_version, obj.active_chunks)
+            return badge("pending", _("none"))
+        return format_html(_("v{} · {} chunks"), obj.active_version, obj.active_chunks)
 
-    @admin.display(description="last build", ordering="last_build_at")
+    @admin.display(description=_("last build"), ordering="last_build_at")
     def last_build(self, obj):
         return obj.last_build_at
 
@@ -164,7 +164,7 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         super().save_model(request, obj, form, change)
         if change and {"chunk_tokens", "chunk_overlap"} & set(form.changed_data):
             count = services.knowledge_base_rechunk(knowledge_base=obj)
-            messages.info(request, f"Chunk sizes changed: {count} document(s) queued for re-chunking.")
+            messages.info(request, _("Chunk sizes changed: %(count)d document(s) queued for re-chunking.") % {"count": count})
         elif change and "user_dictionary" in form.changed_data:
             services.index_rebuild_enqueue(obj.pk)
             messages.info(request, _("User dictionary changed: the index is being rebuilt with it."))
@@ -176,17 +176,17 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         for kb in queryset:
             services.knowledge_base_delete(user=request.user, knowledge_base=kb)
 
-    @admin.action(description="Rebuild the index of selected knowledge bases")
+    @admin.action(description=_("Rebuild the index of selected knowledge bases"))
     def rebuild_indexes(self, request, queryset):
         for kb in queryset:
             services.index_rebuild_enqueue(kb.pk, force=True)
-        messages.success(request, f"Index rebuild queued for {queryset.count()} knowledge base(s).")
+        messages.success(request, _("Index rebuild queued for %(count)d knowledge base(s).") % {"count": queryset.count()})
 
-    @admin.action(description="Re-ingest every document of selected knowledge bases")
+    @admin.action(description=_("Re-ingest every document of selected knowledge bases"))
     def reindex_documents(self, request, queryset):
         documents = Document.objects.filter(knowledge_base__in=queryset, deleted_at__isnull=True)
         count = services.document_reindex(documents=documents.select_related("knowledge_base"), user=request.user)
-        messages.success(request, f"{count} document(s) queued for re-ingestion.")
+        messages.success(request, _("%(count)d document(s) queued for re-ingestion.") % {"count": count})
 
     # -- extra pages ---------------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         if request.method != "POST" or not self.has_change_permission(request, kb):
             return HttpResponseRedirect(reverse("admin:knowledge_knowledgebase_change", args=[kb.pk]))
         services.index_rebuild_enqueue(kb.pk, force=True)
-        messages.success(request, f"Index rebuild of “{kb}” queued.")
+        messages.success(request, _("Index rebuild of “%(kb)s” queued.") % {"kb": kb})
         return HttpResponseRedirect(reverse("admin:knowledge_knowledgebase_change", args=[kb.pk]))
 
     def test_retrieval_view(self, request, kb_id: int):
@@ -223,7 +223,7 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         active = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
         context = {
             **self.admin_site.each_context(request), "opts": self.model._meta, "original": kb, "kb": kb,
-            "title": f"Test retrieval · {kb}", "form": form, "results": results, "error": error, "active": active,
+            "title": _("Test retrieval · %(kb)s") % {"kb": kb}, "form": form, "results": results, "error": error, "active": active,
         }
         return TemplateResponse(request, "admin/knowledge/test_retrieval.html", context)
 
@@ -235,7 +235,7 @@ class ChunkInline(admin.TabularInline):
     can_delete = False
     fields = ["position", "page", "heading", "token_count", "char_span", "preview"]
     readonly_fields = fields
-    verbose_name_plural = "Chunks (read-only preview)"
+    verbose_name_plural = _("Chunks (read-only preview)")
 
     def has_view_permission(self, request, obj=None) -> bool:  # obj: the document being shown
         return obj is None or authz.can(request.user, "knowledge.edit", obj.knowledge_base)
@@ -244,15 +244,15 @@ class ChunkInline(admin.TabularInline):
     def get_queryset(self, request):
         return super().get_queryset(request).filter(superseded_at__isnull=True).order_by("position")
 
-    @admin.display(description="heading path")
+    @admin.display(description=_("heading path"))
     def heading(self, obj):
         return " › ".join(obj.heading_path or [])
 
-    @admin.display(description="characters")
+    @admin.display(description=_("characters"))
     def char_span(self, obj):
         return f"{obj.char_start}–{obj.char_end}"
 
-    @admin.display(description="text")
+    @admin.display(description=_("text"))
     def preview(self, obj):
         return format_html('<div style="max-width:60em;white-space:pre-wrap">{}</div>',
                            Truncator(obj.text).chars(600))
@@ -270,9 +270,9 @@ class DocumentAdmin(admin.ModelAdmin):
                        "created_by", "created_at", "updated_by", "updated_at", "ingested_at", "source_link"]
     fieldsets = [
         (None, {"fields": ["knowledge_base", "title", "file", "source_url"]}),
-        ("Ingestion", {"fields": ["status_badge", "error", "detected_type", "page_count", "size", "sha256",
+        (_("Ingestion"), {"fields": ["status_badge", "error", "detected_type", "page_count", "size", "sha256",
                                   "version", "ingested_at", "source_link"]}),
-        ("History", {"fields": ["created_by", "created_at", "updated_by", "updated_at"]}),
+        (_("History"), {"fields": ["created_by", "created_at", "updated_by", "updated_at"]}),
     ]
     inlines = [ChunkInline]
     actions = ["reindex", "delete_documents"]
@@ -310,37 +310,37 @@ class DocumentAdmin(admin.ModelAdmin):
         actions.pop("delete_selected", None)  # deletion goes through the service (index rebuild)
         return actions
 
-    @admin.display(description="title", ordering="title")
+    @admin.display(description=_("title"), ordering="title")
     def display_title(self, obj):
-        return obj.title or obj.source_name or f"Document {obj.pk}"
+        return obj.title or obj.source_name or _("Document %(id)s") % {"id": obj.pk}
 
-    @admin.display(description="status", ordering="status")
+    @admin.display(description=_("status"), ordering="status")
     def status_badge(self, obj):
         return badge(obj.status, obj.get_status_display(), title=obj.error_message)
 
-    @admin.display(description="error", ordering="error_code")
+    @admin.display(description=_("error"), ordering="error_code")
     def error(self, obj):
         if not obj.error_code:
             return "—"
         return format_html('<code style="color:#c92a2a">{}</code> {}', obj.error_code,
                            Truncator(obj.error_message).chars(160))
 
-    @admin.display(description="chunks", ordering="n_chunks")
+    @admin.display(description=_("chunks"), ordering="n_chunks")
     def chunk_count(self, obj):
         return getattr(obj, "n_chunks", None)
 
-    @admin.display(description="size", ordering="size_bytes")
+    @admin.display(description=_("size"), ordering="size_bytes")
     def size(self, obj):
         from django.template.defaultfilters import filesizeformat
 
         return filesizeformat(obj.size_bytes)
 
-    @admin.display(description="source view")
+    @admin.display(description=_("source view"))
     def source_link(self, obj):
         if obj.pk is None or obj.status != Document.Status.READY:
             return "—"
-        return format_html('<a href="{}" target="_blank">open the parsed text</a>',
-                           reverse("knowledge-source", args=[obj.pk]))
+        return format_html('<a href="{}" target="_blank">{}</a>',
+                           reverse("knowledge-source", args=[obj.pk]), _("open the parsed text"))
 
     def save_model(self, request, obj, form, change):
         content_changed = not change or bool({"file", "source_url"} & set(form.changed_data))
@@ -349,18 +349,18 @@ class DocumentAdmin(admin.ModelAdmin):
     def delete_model(self, request, obj):
         services.document_delete(document=obj, user=request.user)
 
-    @admin.action(description="Re-ingest selected documents")
+    @admin.action(description=_("Re-ingest selected documents"))
     def reindex(self, request, queryset):
         count = services.document_reindex(documents=queryset.select_related("knowledge_base"), user=request.user)
-        messages.success(request, f"{count} document(s) queued for re-ingestion.")
+        messages.success(request, _("%(count)d document(s) queued for re-ingestion.") % {"count": count})
 
-    @admin.action(description="Delete selected documents (and update the index)", permissions=["delete"])
+    @admin.action(description=_("Delete selected documents (and update the index)"), permissions=["delete"])
     def delete_documents(self, request, queryset):
         count = 0
         for document in queryset.select_related("knowledge_base"):
             services.document_delete(document=document, user=request.user)
             count += 1
-        messages.success(request, f"{count} document(s) deleted; the index is being updated.")
+        messages.success(request, _("%(count)d document(s) deleted; the index is being updated.") % {"count": count})
 
     # -- multi-file upload ----------------------------------------------------------------------
 
@@ -385,16 +385,18 @@ class DocumentAdmin(admin.ModelAdmin):
             else:
                 created = [o for o in outcomes if o.status == "created"]
                 if created:
-                    messages.success(request, f"{len(created)} file(s) uploaded to “{kb}”; ingestion has started.")
+                    messages.success(request, _("%(count)d file(s) uploaded to “%(kb)s”; ingestion has started.")
+                                     % {"count": len(created), "kb": kb})
                 for outcome in outcomes:
                     if outcome.status == "duplicate":
-                        messages.warning(request, f"{outcome.name}: identical to “{outcome.document}”, not added.")
+                        messages.warning(request, _("%(name)s: identical to “%(document)s”, not added.")
+                                         % {"name": outcome.name, "document": outcome.document})
                     elif outcome.status == "rejected":
                         messages.error(request, f"{outcome.name}: {outcome.error_code}: {outcome.error_message}")
                 url = reverse("admin:knowledge_document_changelist") + f"?knowledge_base__id__exact={kb.pk}"
                 return HttpResponseRedirect(url)
         context = {**self.admin_site.each_context(request), "opts": self.model._meta, "form": form,
-                   "title": "Upload documents"}
+                   "title": _("Upload documents")}
         return TemplateResponse(request, "admin/knowledge/upload.html", context)
 
 
@@ -429,6 +431,6 @@ class IndexVersionAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
-    @admin.display(description="status", ordering="status")
+    @admin.display(description=_("status"), ordering="status")
     def status_badge(self, obj):
         return badge(obj.status, title=obj.error_message)

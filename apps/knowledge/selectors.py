@@ -18,6 +18,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db.models import Count, Max, OuterRef, Q, QuerySet, Subquery
 from django.urls import reverse
+from django.utils.translation import gettext
 
 from apps.core import authz
 from apps.core.errors import ApplicationError, NotFound
@@ -38,8 +39,9 @@ MAX_QUERY_CHARS = 2000
 
 
 def knowledge_bases_visible(*, user) -> QuerySet[KnowledgeBase]:
-    """Knowledge bases `user` may read (anonymous users: public ones only); the rule is apps.core.authz's."""
-    return authz.knowledge_bases_readable(user)
+    """Knowledge bases `user` may read (anonymous users: public ones only); the rule is apps.core.authz's.
+    A deleted base (being removed in the background) is gone from here at once."""
+    return authz.knowledge_bases_readable(user).filter(deleted_at__isnull=True)
 
 
 def knowledge_base_can_edit(*, user, knowledge_base: KnowledgeBase) -> bool:
@@ -59,7 +61,7 @@ def knowledge_base_get(*, user, ref: int | str) -> KnowledgeBase:
     if kb is None and isinstance(ref, str):
         kb = visible.filter(slug=ref).first()
     if kb is None:
-        raise NotFound("No such knowledge base.", code="knowledge_base_not_found", details={"knowledge_base": ref})
+        raise NotFound(gettext("No such knowledge base."), code="knowledge_base_not_found", details={"knowledge_base": ref})
     return kb
 
 
@@ -74,12 +76,13 @@ def knowledge_bases_with_stats(*, user) -> QuerySet[KnowledgeBase]:
 
 def documents_for(*, user, knowledge_base: KnowledgeBase, status: str | None = None) -> QuerySet[Document]:
     if not knowledge_bases_visible(user=user).filter(pk=knowledge_base.pk).exists():
-        raise NotFound("No such knowledge base.", code="knowledge_base_not_found")
+        raise NotFound(gettext("No such knowledge base."), code="knowledge_base_not_found")
     qs = knowledge_base.documents.filter(deleted_at__isnull=True).annotate(
         chunk_count=Count("chunks", filter=Q(chunks__superseded_at__isnull=True)))
     if status:
         if status not in Document.Status.values:
-            raise ApplicationError("invalid_status", f"status must be one of {', '.join(Document.Status.values)}.",
+            raise ApplicationError("invalid_status", gettext("status must be one of %(values)s.")
+                                                     % {"values": ', '.join(Document.Status.values)},
                                    details={"status": status})
         qs = qs.filter(status=status)
     return qs.order_by("-updated_at", "-id")
@@ -90,7 +93,7 @@ def document_get(*, user, document_id: int) -> Document:
                 .filter(pk=document_id, deleted_at__isnull=True,
                         knowledge_base__in=knowledge_bases_visible(user=user)).first())
     if document is None:
-        raise NotFound("No such document.", code="document_not_found")
+        raise NotFound(gettext("No such document."), code="document_not_found")
     return document
 
 
@@ -147,15 +150,18 @@ class RetrievedChunk:
 
 def _validate(query: Any, top_k: Any, mode: Any) -> tuple[str, int, str]:
     if not isinstance(query, str) or not query.strip():
-        raise ApplicationError("invalid_query", "The query is empty.")
+        raise ApplicationError("invalid_query", gettext("The query is empty."))
     query = " ".join(query.split())
     if len(query) > MAX_QUERY_CHARS:
-        raise ApplicationError("query_too_long", f"The query is longer than {MAX_QUERY_CHARS} characters.",
+        raise ApplicationError("query_too_long", gettext("The query is longer than %(max)s characters.")
+                                                 % {"max": MAX_QUERY_CHARS},
                                details={"max_chars": MAX_QUERY_CHARS})
     if mode not in MODES:
-        raise ApplicationError("invalid_mode", f"mode must be one of {', '.join(MODES)}.", details={"mode": mode})
+        raise ApplicationError("invalid_mode", gettext("mode must be one of %(modes)s.")
+                                               % {"modes": ', '.join(MODES)}, details={"mode": mode})
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= settings.RETRIEVAL_MAX_TOP_K:
-        raise ApplicationError("invalid_top_k", f"top_k must be an integer from 1 to {settings.RETRIEVAL_MAX_TOP_K}.",
+        raise ApplicationError("invalid_top_k", gettext("top_k must be an integer from 1 to %(k)s.")
+                                                % {"k": settings.RETRIEVAL_MAX_TOP_K},
                                details={"top_k": top_k, "max": settings.RETRIEVAL_MAX_TOP_K})
     return query, top_k, mode
 
@@ -175,9 +181,9 @@ def chunks_retrieve(*, user, query: str, knowledge_bases: list[str | int] | None
         kbs = list(knowledge_bases_visible(user=user).order_by("pk"))
     else:
         if not isinstance(knowledge_bases, (list, tuple)):
-            raise ApplicationError("invalid_knowledge_bases", "knowledge_bases must be a list of ids or slugs.")
+            raise ApplicationError("invalid_knowledge_bases", gettext("knowledge_bases must be a list of ids or slugs."))
         kbs = list({kb.pk: kb for kb in (knowledge_base_get(user=user, ref=ref) for ref in knowledge_bases)}.values())
-    held = [(kb, bundle) for kb in kbs if (bundle := registry.bundle(kb.pk)) is not None]
+    held = _held_bundles(kbs, explicit=knowledge_bases is not None)
     if not held:
         return []
     reranker = _reranker() if any(kb.use_reranker for kb, _ in held) else None
@@ -192,6 +198,28 @@ def chunks_retrieve(*, user, query: str, knowledge_bases: list[str | int] | None
     results = _materialize(ranked, top_k)
     retrieval_seconds.labels(mode=mode, cache=cache_result).observe(time.perf_counter() - started)
     return results
+
+
+def _held_bundles(kbs: list[KnowledgeBase], *, explicit: bool) -> list:
+    """(knowledge base, bundle) for each base with an index. A base whose index cannot be loaded here fails
+    the search with `index_unavailable` when it was named; a search over every readable base leaves it out."""
+    from .index_registry import IndexUnavailable
+
+    held = []
+    for kb in kbs:
+        try:
+            bundle = registry.bundle(kb.pk)
+        except IndexUnavailable as exc:
+            if explicit:
+                raise ApplicationError(
+                    "index_unavailable", f"The index of knowledge base '{kb.slug}' cannot be loaded right now.",
+                    details={"knowledge_base": kb.slug, "version": exc.failure.version}, status=503) from exc
+            logger.warning("knowledge base left out of a search: index unavailable",
+                           extra={"knowledge_base": kb.pk, "version": exc.failure.version})
+            continue
+        if bundle is not None:
+            held.append((kb, bundle))
+    return held
 
 
 def _hits_readable(ranked: list[dict[str, Any]], kb_ids: set[int]) -> list[dict[str, Any]]:
@@ -212,10 +240,10 @@ def ranked_chunk_ids(*, knowledge_base: KnowledgeBase, query: str, top_k: int, m
 
     For operator tools only (the evaluate command measures the same ranking users get).
     """
-    bundle = registry.bundle(knowledge_base.pk)
-    if bundle is None:
+    held = _held_bundles([knowledge_base], explicit=True)
+    if not held:
         return []
-    ranked = _rank(query, top_k, mode, [(knowledge_base, bundle)], None)
+    ranked = _rank(query, top_k, mode, held, None)
     return [(item["id"], item["score"]) for item in ranked[:top_k]]
 
 
@@ -326,11 +354,23 @@ def _rerank(reranker, query: str, candidates: list[dict]) -> list[dict]:
     return sorted(candidates, key=lambda item: (-item["score"], item["id"]))
 
 
+MATERIALIZED_FIELDS = ("id", "text", "page", "heading_path", "char_start", "char_end", "document__id",
+                       "document__title", "document__source_name", "document__knowledge_base__id",
+                       "document__knowledge_base__slug")
+
+
+def _document_title(document: Document) -> str:
+    return document.title or document.source_name or f"Document {document.pk}"
+
+
 def _materialize(ranked: list[dict[str, Any]], top_k: int) -> list[RetrievedChunk]:
     """Chunk rows for the ranked ids in one query; hits in documents deleted since are dropped."""
     ids = [item["id"] for item in ranked]
-    rows = {chunk.pk: chunk for chunk in Chunk.objects.filter(pk__in=ids, document__deleted_at__isnull=True)
-            .select_related("document__knowledge_base")}
+    # Only what a result shows: never Document.text (a whole parsed document per hit) nor embeddings.
+    rows = {chunk.pk: chunk for chunk in Chunk.objects.filter(pk__in=ids, document__deleted_at__isnull=True,
+                                                              document__knowledge_base__deleted_at__isnull=True)
+            .select_related("document__knowledge_base")
+            .only(*MATERIALIZED_FIELDS)}
     results = []
     for item in ranked:
         chunk = rows.get(item["id"])
@@ -338,7 +378,7 @@ def _materialize(ranked: list[dict[str, Any]], top_k: int) -> list[RetrievedChun
             continue
         document, kb = chunk.document, chunk.document.knowledge_base
         results.append(RetrievedChunk(
-            chunk_id=chunk.pk, document_id=document.pk, document_title=document.title or str(document),
+            chunk_id=chunk.pk, document_id=document.pk, document_title=_document_title(document),
             knowledge_base_id=kb.pk, knowledge_base_slug=kb.slug, text=chunk.text, page=chunk.page,
             heading_path=list(chunk.heading_path or []), char_start=chunk.char_start, char_end=chunk.char_end,
             score=float(item["score"]), scores={k: float(v) for k, v in item["scores"].items()},

@@ -24,9 +24,10 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.files.base import ContentFile, File
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Exists, F, OuterRef, Q, Subquery
 from django.utils import timezone
 from django.utils.text import get_valid_filename
+from django.utils.translation import gettext
 
 from apps.core import authz
 from apps.core.errors import ApplicationError, NotFound
@@ -41,10 +42,12 @@ from .rag.chunker import ChunkSpec, chunk_document
 from .rag.errors import IngestError
 from .rag.index import (
     MANIFEST_NAME,
+    delete_unreferenced_segments,
+    analyzer_manifest,
     delete_version,
     manifest_analyzer_matches,
+    referenced_segments,
     remove_stale_tmp,
-    write_index_version,
 )
 from .rag.parsers import ParseLimits, ParsedDocument, parse
 
@@ -89,7 +92,8 @@ def parse_limits() -> ParseLimits:
 def upload_size_validate(*, size: int, name: str = "") -> None:
     limit = settings.KNOWLEDGE_MAX_UPLOAD_BYTES
     if size > limit:
-        raise ApplicationError("too_large", f"{name or 'The file'} is {size} bytes; the limit is {limit} bytes.",
+        raise ApplicationError("too_large", gettext("%(name)s is %(size)s bytes; the limit is %(limit)s bytes.")
+                                            % {"name": name or gettext("The file"), "size": size, "limit": limit},
                                details={"size": size, "limit": limit, "name": name}, status=413)
 
 
@@ -112,9 +116,9 @@ def _kb_validate(kb: KnowledgeBase) -> None:
         fields = exc.message_dict
         code = next((codes[e.code] for errors in exc.error_dict.values() for e in errors if e.code in codes),
                     "validation_error")
-        raise ApplicationError(code, "The knowledge base is invalid; see details.", details={"fields": fields})
+        raise ApplicationError(code, gettext("The knowledge base is invalid; see details."), details={"fields": fields})
     if kb.chunk_overlap >= kb.chunk_tokens:
-        raise ApplicationError("validation_error", "chunk_overlap must be smaller than chunk_tokens.",
+        raise ApplicationError("validation_error", gettext("chunk_overlap must be smaller than chunk_tokens."),
                                details={"fields": {"chunk_overlap": ["must be smaller than chunk_tokens"]}})
 
 
@@ -124,7 +128,7 @@ def _groups_validate(group_ids: Sequence[int] | None) -> None:
     if group_ids:
         unknown = set(group_ids) - set(Group.objects.filter(pk__in=group_ids).values_list("pk", flat=True))
         if unknown:
-            raise ApplicationError("unknown_group", "Some allowed groups do not exist.",
+            raise ApplicationError("unknown_group", gettext("Some allowed groups do not exist."),
                                    details={"group_ids": sorted(unknown)})
 
 
@@ -133,7 +137,8 @@ def knowledge_base_create(*, user: User, slug: str, name: str, allowed_group_ids
     authz.require(user, "knowledge.create")
     unknown = set(fields) - set(KB_EDITABLE_FIELDS)
     if unknown:
-        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+        raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
+                                                   % {"fields": ', '.join(sorted(unknown))})
     kb = KnowledgeBase(slug=slug, name=name, owner=_actor(user), **fields)
     _kb_validate(kb)
     _groups_validate(allowed_group_ids)
@@ -153,7 +158,8 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
     authz.require(user, "knowledge.edit", kb)
     unknown = set(fields) - set(KB_EDITABLE_FIELDS)
     if unknown:
-        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+        raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
+                                                   % {"fields": ', '.join(sorted(unknown))})
     rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
     new_dictionary = "user_dictionary" in fields and fields["user_dictionary"] != kb.user_dictionary
     for name, value in fields.items():
@@ -183,13 +189,54 @@ def knowledge_base_rechunk(*, knowledge_base: KnowledgeBase) -> int:
 
 
 def knowledge_base_delete(*, user: User, knowledge_base: KnowledgeBase) -> None:
+    """Hide the knowledge base at once (every listing and search filters on deleted_at) and remove it in a
+    background task (`knowledge_base_purge`), which records its progress on the row."""
     kb = knowledge_base
     authz.require(user, "knowledge.delete", kb)
-    files = [name for name in kb.documents.exclude(file="").values_list("file", flat=True)]
-    root = kb_index_root(kb.id)
+    if kb.deleted_at is not None:
+        return
     with transaction.atomic():
-        kb.delete()
-        transaction.on_commit(lambda: _remove_artifacts(files, root))
+        live = KnowledgeBase.objects.select_for_update().filter(pk=kb.pk, deleted_at__isnull=True).first()
+        if live is None:
+            return
+        live.deleted_at = timezone.now()
+        # The slug is freed at once for a new base; the old one keeps a unique placeholder until it is gone.
+        live.slug = f"deleted-{live.pk}-{live.slug}"[:64]
+        live.delete_progress = {"state": "queued", "documents": live.documents.count(), "removed": 0}
+        live.save(update_fields=["deleted_at", "slug", "delete_progress"])  # a save: the audit log sees it
+        IndexVersion.objects.filter(knowledge_base=live, status=IndexVersion.Status.ACTIVE).update(
+            status=IndexVersion.Status.RETIRED, retired_at=live.deleted_at)
+        transaction.on_commit(lambda: _tasks().purge_knowledge_base.delay(live.pk))
+    kb.deleted_at, kb.slug = live.deleted_at, live.slug
+
+
+PURGE_BATCH_DOCUMENTS = 200
+
+
+def knowledge_base_purge(*, knowledge_base_id: int, on_progress: Callable[[int, int], None] | None = None) -> bool:
+    """Remove a deleted knowledge base in batches of documents (chunks cascade), then its files and indexes
+    and the row. Idempotent and resumable: a re-delivered task continues where the last one stopped."""
+    kb = KnowledgeBase.objects.filter(pk=knowledge_base_id, deleted_at__isnull=False).first()
+    if kb is None:
+        return False
+    total = int(kb.delete_progress.get("documents") or kb.documents.count())
+    removed = int(kb.delete_progress.get("removed") or 0)
+    while True:
+        batch = list(kb.documents.order_by("id").values_list("id", "file")[:PURGE_BATCH_DOCUMENTS])
+        if not batch:
+            break
+        with transaction.atomic():
+            Chunk.objects.filter(document_id__in=[d for d, _ in batch]).delete()
+            Document.objects.filter(pk__in=[d for d, _ in batch]).delete()
+        _remove_artifacts([f for _, f in batch if f], None)
+        removed += len(batch)
+        KnowledgeBase.objects.filter(pk=kb.pk).update(
+            delete_progress={"state": "removing", "documents": total, "removed": removed})
+        if on_progress is not None:
+            on_progress(removed, total)
+    _remove_artifacts([], kb_index_root(kb.pk))
+    kb.delete()
+    return True
 
 
 def _remove_artifacts(files: Iterable[str], index_root: Path | None) -> None:
@@ -270,7 +317,7 @@ def documents_upload(*, knowledge_base: KnowledgeBase, user: User, files: Sequen
     """
     _require_edit(user, knowledge_base)
     if not files:
-        raise ApplicationError("no_files", "Send at least one file in the multipart field 'files'.")
+        raise ApplicationError("no_files", gettext("Send at least one file in the multipart field 'files'."))
     outcomes: list[UploadOutcome] = []
     with transaction.atomic():
         for upload in files:
@@ -377,7 +424,7 @@ def document_move(*, document: Document, user: User, knowledge_base: KnowledgeBa
     _require_edit(user, old_kb)
     _require_edit(user, knowledge_base)
     if document.deleted_at is not None:
-        raise NotFound("No such document.", code="document_not_found")
+        raise NotFound(gettext("No such document."), code="document_not_found")
     if knowledge_base.pk == old_kb.pk:
         return document
     with transaction.atomic():
@@ -396,7 +443,7 @@ def document_save(*, document: Document, user: User, content_changed: bool) -> D
     if moved_from is not None:
         _require_edit(user, KnowledgeBase.objects.get(pk=moved_from))
     if not document.file and not document.source_url:
-        raise ApplicationError("no_content", "A document needs an uploaded file or a source URL.")
+        raise ApplicationError("no_content", gettext("A document needs an uploaded file or a source URL."))
     creating = document.pk is None
     if content_changed and document.file:
         upload = document.file
@@ -708,6 +755,7 @@ def _write(item: _Prepared, vectors, model_id: str, encoded: int) -> IngestOutco
         for spec, vector in zip(item.specs, vectors)
     ], batch_size=500)
     document.status, document.error_code, document.error_message = Document.Status.READY, "", ""
+    document.ingest_attempts = 0
     document.text, document.detected_type, document.page_count = parsed.text, parsed.type, parsed.page_count
     document.ingest_fingerprint = item.fingerprint
     if not document.title:
@@ -731,7 +779,9 @@ def document_mark_failed(*, document_id: int, code: str, message: str) -> None:
 
 @dataclass
 class IndexBuildResult:
-    """`status`: built (and active), unchanged, superseded (a newer version was already active) or missing."""
+    """`status`: built (and active), unchanged, superseded (a newer version was already active), missing,
+    deferred (documents are still being ingested; the last one triggers the build) or queued (another build
+    of this base is running and will go round once more)."""
 
     knowledge_base_id: int
     status: str
@@ -740,32 +790,199 @@ class IndexBuildResult:
     document_count: int = 0
     encoded: int = 0
     seconds: float = 0.0
+    kind: str = ""  # full, incremental or merge
+    written: int = 0  # chunks written into new segments
+    tombstoned: int = 0
 
 
-def index_rebuild_enqueue(knowledge_base_id: int, *, force: bool = False) -> None:
-    """After commit, a short delay lets a burst of ingests coalesce into one rebuild (the rest no-op)."""
-    delay = settings.KNOWLEDGE_REBUILD_DELAY_SECONDS
+def index_rebuild_enqueue(knowledge_base_id: int, *, force: bool = False, countdown: float | None = None) -> None:
+    """After commit, a short delay lets a burst of ingests coalesce into one build (the rest no-op)."""
+    delay = settings.KNOWLEDGE_REBUILD_DELAY_SECONDS if countdown is None else countdown
     transaction.on_commit(lambda: _tasks().rebuild_index.apply_async(
         args=[knowledge_base_id], kwargs={"force": force}, countdown=delay))
 
 
-def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildResult:
-    """Build a new index version from stored chunk vectors and activate it. Idempotent.
+def index_rebuild(*, knowledge_base_id: int, force: bool = False,
+                  on_progress: Callable[[int], None] | None = None) -> IndexBuildResult:
+    """Bring the knowledge base's index up to date with its documents and activate it. Idempotent.
 
-    Without `force`, nothing is done when the active version already covers the knowledge base's
-    current content revision with the current model and analyzer (its version and the base's user
-    dictionary). Concurrent rebuilds get distinct versions from the row-locked counter; activation
-    never replaces a newer active version with an older one.
+    Incremental: a new version reuses the active version's segments, tombstones the chunks of
+    documents that changed or went away, and writes one new segment with the changed documents'
+    chunks (plus, when `plan_merge` says so, one merged segment); only those chunks are read from
+    the database. `force` writes every chunk anew (a full build). Without `force`, nothing is done
+    when every document is as the active version saw it, and the build waits (`deferred`) while
+    documents of the base are still being ingested, so a bulk upload builds once at its end: at
+    most once per KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS while it lasts. One build per knowledge base
+    runs at a time; a request arriving meanwhile makes the running build go round once more.
     """
-    model = embedder()
-    kb = KnowledgeBase.objects.filter(pk=knowledge_base_id).first()
+    kb = KnowledgeBase.objects.filter(pk=knowledge_base_id, deleted_at__isnull=True).first()
     if kb is None:
         return IndexBuildResult(knowledge_base_id, "missing")
+    if not force and _rebuild_deferred(kb):
+        return IndexBuildResult(kb.pk, "deferred")
+    lock = _BuildLock(kb.pk)
+    if not lock.acquire():
+        lock.mark_dirty()
+        return IndexBuildResult(kb.pk, "queued")
+    try:
+        built = None
+        while True:
+            lock.clear_dirty()
+            result = _index_build(kb.pk, force=force, on_progress=on_progress)
+            built = result if result.status == "built" or built is None else built
+            if not lock.dirty():
+                return built
+            force = False
+    finally:
+        lock.release()
+
+
+class _BuildLock:
+    """At most one build per knowledge base in the cluster (a cache key with a timeout, so a worker that
+    dies holding it only delays the next build until the task time limit)."""
+
+    def __init__(self, kb_id: int) -> None:
+        self.key = f"knowledge:build-lock:{kb_id}"
+        self.dirty_key = f"knowledge:build-dirty:{kb_id}"
+        self.token = f"{settings.INSTANCE_ID}:{time.monotonic_ns()}"
+
+    def acquire(self) -> bool:
+        from django.core.cache import cache
+
+        try:
+            return bool(cache.add(self.key, self.token, timeout=int(settings.CELERY_TASK_TIME_LIMIT)))
+        except Exception:  # no cache: builds still serialise on the version counter, just not coalesced
+            logger.warning("index build lock unavailable", exc_info=True)
+            return True
+
+    def release(self) -> None:
+        from django.core.cache import cache
+
+        try:
+            if cache.get(self.key) == self.token:
+                cache.delete(self.key)
+        except Exception:
+            logger.warning("index build lock release failed", exc_info=True)
+
+    def mark_dirty(self) -> None:
+        from django.core.cache import cache
+
+        try:
+            cache.set(self.dirty_key, 1, timeout=int(settings.CELERY_TASK_TIME_LIMIT))
+        except Exception:
+            logger.warning("index build dirty flag failed", exc_info=True)
+
+    def dirty(self) -> bool:
+        from django.core.cache import cache
+
+        try:
+            return bool(cache.get(self.dirty_key))
+        except Exception:
+            return False
+
+    def clear_dirty(self) -> None:
+        from django.core.cache import cache
+
+        try:
+            cache.delete(self.dirty_key)
+        except Exception:
+            pass
+
+
+def _rebuild_deferred(kb: KnowledgeBase) -> bool:
+    """True while documents of the base are pending or processing and the last activation (or the start of
+    the burst) is younger than KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS. Each finishing ingest asks for a build, so
+    the last one of a burst builds; with a real broker a build is also scheduled for when the wait is over,
+    so a lost or stuck document delays the others' visibility by the wait at most."""
+    wait = settings.KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS
+    if wait <= 0:
+        return False
+    busy = Document.objects.filter(knowledge_base=kb, deleted_at__isnull=True,
+                                   status__in=[Document.Status.PENDING, Document.Status.PROCESSING])
+    oldest = busy.order_by("updated_at").values_list("updated_at", flat=True).first()
+    if oldest is None:
+        return False
+    activated = (IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE)
+                 .values_list("activated_at", flat=True).first())
+    since = max(t for t in (oldest, activated) if t is not None)
+    remaining = wait - (timezone.now() - since).total_seconds()
+    if remaining <= 0:
+        return False
+    from django.core.cache import cache
+
+    from kotaemon_site.celery import app
+
+    if not app.conf.task_always_eager:
+        try:
+            first = cache.add(f"knowledge:build-deferred:{kb.pk}", 1, timeout=max(1, int(remaining)))
+        except Exception:
+            first = True
+        if first:
+            _tasks().rebuild_index.apply_async(args=[kb.pk], countdown=remaining + 0.5)
+    return True
+
+
+_BUILD_BATCH = 4096
+
+
+def _stamp(value) -> int:
+    return int(value.timestamp() * 1_000_000) if value is not None else 0
+
+
+def _index_build(kb_id: int, *, force: bool, on_progress: Callable[[int], None] | None) -> IndexBuildResult:
+    import numpy as np
+
+    from .rag.errors import IndexLoadError
+    from .rag.index import ViewLayout, ViewSegment, plan_merge, write_segment, write_view
+
+    model = embedder()
+    kb = KnowledgeBase.objects.get(pk=kb_id)
     analyzer = kb_analyzer(kb)
+    revision = kb.content_revision
     active = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
-    if (not force and active is not None and active.source_revision == kb.content_revision
-            and active.embedding_model == model.model_id and Path(active.artifact_path).is_dir()
-            and manifest_analyzer_matches(_read_manifest(active.artifact_path), analyzer)):
+    parent = None
+    if not force and active is not None and active.embedding_model == model.model_id:
+        try:
+            parent = ViewLayout.read(active.artifact_path)
+        except IndexLoadError:
+            parent = None  # missing or of an older format: build everything anew
+        # Another analyzer (an upgrade, a new user dictionary) tokenizes differently: every segment anew.
+        if parent is not None and not manifest_analyzer_matches(parent.manifest, analyzer):
+            parent = None
+    docs = list(Document.objects.filter(knowledge_base_id=kb_id).values_list("id", "status", "deleted_at",
+                                                                             "ingested_at"))
+    live = {doc_id: _stamp(at) for doc_id, status, deleted, at in docs
+            if status == Document.Status.READY and deleted is None}
+    seen: dict[int, int] = {}
+    if parent is not None:
+        doc_ids, stamps = parent.array("doc_ids"), parent.array("doc_stamps")
+        if doc_ids is None or stamps is None:
+            parent = None
+        else:
+            seen = dict(zip(doc_ids.tolist(), stamps.tolist()))
+    changed = sorted(d for d, stamp in live.items() if seen.get(d) != stamp)
+    gone = sorted(d for d in seen if d not in live)
+    stale = np.asarray(sorted(set(changed) | set(gone)), dtype=np.int64)
+
+    # Tombstones: the chunks of changed and vanished documents, in every segment they are in.
+    kept: list[dict] = []
+    tombstoned = 0
+    if parent is not None:
+        for segment in parent.segments:
+            tombs = np.asarray(segment["tombstones"], dtype=np.int64)
+            if len(stale):
+                hit = np.isin(np.asarray(segment["doc_ids"]), stale)
+                if hit.any():
+                    tombs = np.union1d(tombs, np.asarray(segment["ids"])[hit])
+            tombstoned += len(tombs) - len(segment["tombstones"])
+            if len(tombs) < segment["count"]:  # a fully tombstoned segment is simply dropped
+                kept.append({"name": segment["name"], "count": segment["count"], "tombstones": tombs,
+                             "ids": segment["ids"]})
+    merge = plan_merge([{"name": s["name"], "count": s["count"], "tombstones": len(s["tombstones"])}
+                        for s in kept]) if parent is not None else []
+    if parent is not None and not changed and not gone and not merge:
+        if active.source_revision != revision:
+            IndexVersion.objects.filter(pk=active.pk).update(source_revision=revision)
         return IndexBuildResult(kb.pk, "unchanged", active.version, active.chunk_count, active.document_count)
 
     started = time.perf_counter()
@@ -775,18 +992,57 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
         KnowledgeBase.objects.filter(pk=kb.pk).update(last_index_version=F("last_index_version") + 1)
         kb = KnowledgeBase.objects.get(pk=kb.pk)
         version = IndexVersion.objects.create(knowledge_base=kb, version=kb.last_index_version,
-                                              source_revision=kb.content_revision, embedding_model=model.model_id)
+                                              source_revision=revision, embedding_model=model.model_id)
+    counters = {"encoded": 0, "written": 0}
+    root = kb_index_root(kb.pk)
+    options = {"dim": model.dim, "hnsw_threshold": settings.KNOWLEDGE_HNSW_THRESHOLD,
+               "compression": settings.KNOWLEDGE_DENSE_COMPRESSION, "analyzer": analyzer}
+
+    def progress(n: int) -> None:
+        counters["written"] += n
+        if on_progress is not None:
+            on_progress(n)
+
     try:
-        ids, texts, vectors, document_count, encoded = _index_inputs(kb.pk, model)
-        path = write_index_version(
-            kb_index_root(kb.pk), version.version, ids=ids, vectors=vectors, texts=texts,
+        stamps = {d: stamp for d, stamp in seen.items() if d in live and d not in set(changed)}
+        segments: list[ViewSegment] = []
+        if merge:
+            group = [s for s in kept if s["name"] in merge]
+            ids = np.concatenate([np.asarray(s["ids"])[~np.isin(np.asarray(s["ids"]), s["tombstones"])]
+                                  for s in group])
+            merged = write_segment(root, f"s{version.version:06d}m", _chunk_batches_by_ids(np.sort(ids), model,
+                                   counters), expected=len(ids), on_batch=progress, **options)
+        for segment in kept:
+            if segment["name"] in merge:
+                if segment["name"] == merge[0]:
+                    segments.append(ViewSegment(merged["name"]))
+                continue
+            segments.append(ViewSegment(segment["name"], segment["tombstones"]))
+        if changed:
+            expected = Chunk.objects.filter(document_id__in=changed, superseded_at__isnull=True).count()
+            fresh = write_segment(root, f"s{version.version:06d}",
+                                  _chunk_batches_by_documents(changed, model, counters, stamps),
+                                  expected=expected, on_batch=progress, **options)
+            if fresh["count"]:
+                segments.append(ViewSegment(fresh["name"]))
+        for doc_id in changed:  # ready documents without chunks (nothing indexable) are seen all the same
+            stamps.setdefault(doc_id, live[doc_id])
+        doc_ids = np.asarray(sorted(stamps), dtype=np.int64)
+        path = write_view(
+            root, version.version, segments,
             meta={"model_id": model.model_id, "knowledge_base": kb.pk, "slug": kb.slug,
-                  "source_revision": version.source_revision},
-            hnsw_threshold=settings.KNOWLEDGE_HNSW_THRESHOLD, analyzer=analyzer,
+                  "source_revision": revision, "build_kind": _build_kind(parent, merge)},
+            arrays={"doc_ids": doc_ids, "doc_stamps": np.asarray([stamps[d] for d in doc_ids.tolist()],
+                                                                 dtype=np.int64)},
+            dim=model.dim, fields=analyzer_manifest(analyzer),
         )
         manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
         version.artifact_path, version.dense_kind = str(path), manifest.get("dense_kind", "")
-        version.chunk_count, version.document_count, version.encoded_count = len(ids), document_count, encoded
+        version.chunk_count, version.document_count = int(manifest["count"]), len(doc_ids)
+        version.encoded_count, version.written_count = counters["encoded"], counters["written"]
+        version.segment_count = len(manifest["segments"])
+        version.tombstone_count = sum(e["tombstones"] for e in manifest["segments"])
+        version.build_kind = _build_kind(parent, merge)
         version.build_seconds = time.perf_counter() - started
         activated = _index_activate(version)
     except Exception as exc:
@@ -798,48 +1054,72 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
     index_build_seconds.observe(seconds)
     index_builds_total.labels(outcome="built" if activated else "superseded").inc()
     index_versions_cleanup(knowledge_base_id=kb.pk)
-    return IndexBuildResult(kb.pk, "built" if activated else "superseded", version.version, len(ids),
-                            document_count, encoded, seconds)
+    return IndexBuildResult(kb.pk, "built" if activated else "superseded", version.version, version.chunk_count,
+                            version.document_count, counters["encoded"], seconds, kind=version.build_kind,
+                            written=counters["written"], tombstoned=tombstoned)
 
 
-def _read_manifest(artifact_path: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(artifact_path) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+def _build_kind(parent, merge) -> str:
+    return "full" if parent is None else ("merge" if merge else "incremental")
 
 
-def _index_inputs(kb_id: int, model):
-    """Chunk ids, texts and vectors of every live chunk of ready documents, in id order.
+def _chunk_batches_by_documents(document_ids: Sequence[int], model, counters: dict, stamps: dict[int, int]):
+    """Live chunks of ready documents, in id order, as SegmentBatch streams of at most _BUILD_BATCH rows.
+    Each document's stamp is read in the same statement as its chunks, so a document re-ingested while
+    this runs is recorded as of the chunks taken (and redone by the next build)."""
+    for start in range(0, len(document_ids), 500):
+        rows = (Chunk.objects.filter(document_id__in=document_ids[start:start + 500], superseded_at__isnull=True,
+                                     document__status=Document.Status.READY, document__deleted_at__isnull=True)
+                .order_by("id").values_list("id", "document_id", "text", "content_hash", "embedding",
+                                            "embedding_model", "document__ingested_at"))
+        yield from _batches(rows.iterator(chunk_size=2000), model, counters, stamps)
 
-    Vectors come from storage; a chunk stored under another model (the model was changed) is
-    re-encoded once and its new vector stored, reusing any vector already known for its text.
-    """
+
+def _chunk_batches_by_ids(ids, model, counters: dict):
+    for start in range(0, len(ids), _BUILD_BATCH):
+        part = [int(i) for i in ids[start:start + _BUILD_BATCH]]
+        rows = (Chunk.objects.filter(pk__in=part).order_by("id")
+                .values_list("id", "document_id", "text", "content_hash", "embedding", "embedding_model",
+                             "document__ingested_at"))
+        yield from _batches(rows.iterator(chunk_size=2000), model, counters, None)
+
+
+def _batches(rows, model, counters: dict, stamps: dict[int, int] | None):
+    buffer: list = []
+    for row in rows:
+        buffer.append(row)
+        if stamps is not None:
+            stamps[row[1]] = _stamp(row[6])
+        if len(buffer) >= _BUILD_BATCH:
+            yield _segment_batch(buffer, model, counters)
+            buffer = []
+    if buffer:
+        yield _segment_batch(buffer, model, counters)
+
+
+def _segment_batch(rows: list, model, counters: dict):
+    """Vectors come from storage; a chunk stored under another model (the model was changed) is re-encoded
+    once and its new vector stored, reusing any vector already known for its text."""
     import numpy as np
 
-    rows = list(
-        Chunk.objects.filter(document__knowledge_base_id=kb_id, document__status=Document.Status.READY,
-                             document__deleted_at__isnull=True, superseded_at__isnull=True)
-        .order_by("id").values_list("id", "text", "content_hash", "embedding", "embedding_model", "document_id")
-    )
-    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-    texts = [row[1] for row in rows]
+    from .rag.index import SegmentBatch
+
     vectors = np.zeros((len(rows), model.dim), dtype=np.float32)
     stale: list[int] = []
-    for index, (_, _, _, data, model_id, _) in enumerate(rows):
-        if data is not None and model_id == model.model_id:
-            vectors[index] = vector_from_bytes(data)
+    for index, row in enumerate(rows):
+        if row[4] is not None and row[5] == model.model_id:
+            vectors[index] = vector_from_bytes(row[4])
         else:
             stale.append(index)
-    encoded = 0
     if stale:
-        fresh, encoded_hashes = vectors_for([rows[i][1] for i in stale], [rows[i][2] for i in stale], model=model)
-        encoded = len(encoded_hashes)
+        fresh, encoded_hashes = vectors_for([rows[i][2] for i in stale], [rows[i][3] for i in stale], model=model)
+        counters["encoded"] += len(encoded_hashes)
         vectors[stale] = fresh
         updates = [Chunk(pk=rows[i][0], embedding=vector_to_bytes(fresh[n]), embedding_model=model.model_id)
                    for n, i in enumerate(stale)]
         Chunk.objects.bulk_update(updates, ["embedding", "embedding_model"], batch_size=500)
-    return ids, texts, vectors, len({row[5] for row in rows}), encoded
+    return SegmentBatch(np.asarray([r[0] for r in rows], dtype=np.int64),
+                        np.asarray([r[1] for r in rows], dtype=np.int64), vectors, [r[2] for r in rows])
 
 
 def _lock_knowledge_base(knowledge_base_id: int) -> None:
@@ -899,7 +1179,81 @@ def index_versions_cleanup(*, knowledge_base_id: int | None = None, now=None) ->
                              superseded_at__lt=active.created_at).delete()
         root = kb_index_root(active.knowledge_base_id)
         remove_stale_tmp(root, older_than_s=float(settings.CELERY_TASK_TIME_LIMIT))
+    # Segments outlive the versions that wrote them while a later version still names them; a segment no
+    # version names is removed once it is older than a build can take (a running build's new segment is
+    # named by no version until its last step).
+    kb_ids = {knowledge_base_id} if knowledge_base_id is not None else set(
+        IndexVersion.objects.values_list("knowledge_base_id", flat=True).distinct())
+    for kb_id in kb_ids:
+        root = kb_index_root(kb_id)
+        delete_unreferenced_segments(root, referenced_segments(root),
+                                     older_than_s=float(settings.CELERY_TASK_TIME_LIMIT))
     return removed
+
+
+@dataclass
+class SweepReport:
+    requeued: list[int] = field(default_factory=list)
+    parked: list[int] = field(default_factory=list)
+    rebuilds: list[int] = field(default_factory=list)
+    purges: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"requeued": self.requeued, "parked": self.parked, "rebuilds": self.rebuilds, "purges": self.purges}
+
+
+def knowledge_sweep(*, now=None) -> SweepReport:
+    """The periodic healer (Celery beat, KNOWLEDGE_SWEEP_SECONDS). Re-enqueues documents stuck pending or
+    processing longer than KNOWLEDGE_INGEST_STUCK_SECONDS (a lost enqueue, a worker killed mid-ingest) and
+    parks one as failed after KNOWLEDGE_INGEST_MAX_ATTEMPTS; asks for a build of every base whose active
+    version is behind its documents (or that has ready documents and no version); resumes purges of
+    deleted knowledge bases that stopped. Every action is idempotent, so overlapping sweeps are harmless."""
+    from .metrics import documents_swept_total
+
+    now = now or timezone.now()
+    report = SweepReport()
+    stuck_before = now - timedelta(seconds=settings.KNOWLEDGE_INGEST_STUCK_SECONDS)
+    stuck = (Document.objects.filter(deleted_at__isnull=True, knowledge_base__deleted_at__isnull=True,
+                                     status__in=[Document.Status.PENDING, Document.Status.PROCESSING],
+                                     updated_at__lt=stuck_before)
+             .values_list("id", "status", "ingest_attempts", "error_message"))
+    for doc_id, status, attempts, error in stuck:
+        if attempts >= settings.KNOWLEDGE_INGEST_MAX_ATTEMPTS:
+            message = (f"Parked after {attempts} attempts: ingestion never finished (last state: {status})."
+                       + (f" Last error: {error}" if error else ""))
+            Document.objects.filter(pk=doc_id, status=status).update(
+                status=Document.Status.FAILED, error_code="ingest_stuck", error_message=message[:2000],
+                updated_at=now)
+            report.parked.append(doc_id)
+            documents_swept_total.labels(action="parked").inc()
+        elif Document.objects.filter(pk=doc_id, status=status, ingest_attempts=attempts).update(
+                ingest_attempts=attempts + 1, status=Document.Status.PENDING, updated_at=now):
+            report.requeued.append(doc_id)
+            documents_swept_total.labels(action="requeued").inc()
+    _enqueue_ingest(report.requeued)
+    if report.parked:
+        kb_ids = set(Document.objects.filter(pk__in=report.parked).values_list("knowledge_base_id", flat=True))
+        for kb_id in sorted(kb_ids):
+            index_rebuild_enqueue(kb_id)
+    active = IndexVersion.objects.filter(knowledge_base=OuterRef("pk"), status=IndexVersion.Status.ACTIVE)
+    building = IndexVersion.objects.filter(knowledge_base=OuterRef("pk"), status=IndexVersion.Status.BUILDING,
+                                           created_at__gte=now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT))
+    behind = (KnowledgeBase.objects.filter(deleted_at__isnull=True)
+              .annotate(active_revision=Subquery(active.values("source_revision")[:1]), busy=Exists(building),
+                        has_ready=Exists(Document.objects.filter(knowledge_base=OuterRef("pk"), deleted_at__isnull=True,
+                                                                 status=Document.Status.READY)))
+              .filter(busy=False)
+              .filter(Q(active_revision__lt=F("content_revision")) | Q(active_revision__isnull=True, has_ready=True)))
+    for kb_id in behind.values_list("id", flat=True):
+        if kb_id not in report.rebuilds:
+            report.rebuilds.append(kb_id)
+            index_rebuild_enqueue(kb_id, countdown=0)
+    abandoned = KnowledgeBase.objects.filter(
+        deleted_at__lt=now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)).values_list("id", flat=True)
+    for kb_id in abandoned:
+        report.purges.append(kb_id)
+        transaction.on_commit(lambda kb_id=kb_id: _tasks().purge_knowledge_base.delay(kb_id))
+    return report
 
 
 @dataclass

@@ -5,6 +5,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import SuspiciousOperation
 from django.http import Http404
 from django.shortcuts import render
+from django.utils.translation import gettext
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
@@ -40,7 +41,7 @@ def _paginate(view: APIView, request, queryset, serializer_class):
 def _kb_with_stats(user, kb_id: int):
     kb = selectors.knowledge_bases_with_stats(user=user).filter(pk=kb_id).first()
     if kb is None:
-        raise NotFound("No such knowledge base.", code="knowledge_base_not_found")
+        raise NotFound(gettext("No such knowledge base."), code="knowledge_base_not_found")
     return kb
 
 
@@ -113,7 +114,7 @@ class DocumentListUploadView(APIView):
         outcomes = services.documents_upload(knowledge_base=kb, user=request.user, files=files)
         results = [outcome.to_dict() for outcome in outcomes]
         if all(outcome.error_code == "too_large" for outcome in outcomes):
-            raise ApplicationError("too_large", "Every file is over the size limit.", details={"results": results},
+            raise ApplicationError("too_large", gettext("Every file is over the size limit."), details={"results": results},
                                    status=413)
         documents = [outcome.document for outcome in outcomes if outcome.document is not None]
         created = any(outcome.status == "created" for outcome in outcomes)

@@ -42,6 +42,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.duration import duration_iso_string
 from django.db import DEFAULT_DB_ALIAS, connection, models, transaction
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from apps.core.errors import ApplicationError
 
@@ -72,8 +73,8 @@ def parse_age(text: str) -> dt.timedelta:
     """'90d', '12h', '2w', '30m', '45s' -> timedelta. Zero or malformed ages are refused."""
     match = _AGE_RE.match(str(text or ""))
     if not match or int(match.group(1)) <= 0:
-        raise ApplicationError("invalid_age", "Give an age like 90d, 12h, 2w, 30m or 45s (a positive number and "
-                               "a unit).", details={"value": str(text)[:40]})
+        raise ApplicationError("invalid_age", gettext("Give an age like 90d, 12h, 2w, 30m or 45s (a positive number and "
+                               "a unit)."), details={"value": str(text)[:40]})
     return dt.timedelta(**{_UNITS[match.group(2).lower()]: int(match.group(1))})
 
 
@@ -83,8 +84,8 @@ def _signing_key() -> bytes:
     key = getattr(settings, "ARCHIVE_SIGNING_KEY", "")
     if not key:
         raise ApplicationError("archive_signing_key_missing",
-                               "Set ARCHIVE_SIGNING_KEY (a long random value, kept apart from SECRET_KEY) to write "
-                               "or restore conversation archives.")
+                               gettext("Set ARCHIVE_SIGNING_KEY (a long random value, kept apart from SECRET_KEY) to write or "
+                                       "restore conversation archives."))
     return key.encode("utf-8")
 
 
@@ -112,17 +113,17 @@ def _verify_signature(handle: IO[bytes]) -> None:
                     signer.update(previous.encode("utf-8"))
                 previous = line
     except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise ApplicationError("archive_corrupt", "The archive is not a readable gzip JSON Lines file.") from exc
+        raise ApplicationError("archive_corrupt", gettext("The archive is not a readable gzip JSON Lines file.")) from exc
     try:
         trailer = json.loads(previous or "")
     except ValueError:
         trailer = None
     if not isinstance(trailer, dict) or set(trailer) != {"signature"} or not isinstance(trailer["signature"], str):
-        raise ApplicationError("archive_unsigned", "The archive carries no signature; only archives written by "
-                               "archive_conversations with this ARCHIVE_SIGNING_KEY can be restored.")
+        raise ApplicationError("archive_unsigned", gettext("The archive carries no signature; only archives written by archive_conversations with "
+                                                           "this ARCHIVE_SIGNING_KEY can be restored."))
     if not hmac.compare_digest(signer.hexdigest(), trailer["signature"]):
-        raise ApplicationError("archive_signature_invalid", "The archive's signature does not match: it was "
-                               "altered, or signed with another ARCHIVE_SIGNING_KEY. Nothing was restored.")
+        raise ApplicationError("archive_signature_invalid", gettext("The archive's signature does not match: it was altered, or signed with another "
+                                                                    "ARCHIVE_SIGNING_KEY. Nothing was restored."))
 
 
 # --- storage ----------------------------------------------------------------------------------
@@ -148,7 +149,8 @@ class FileArchiveStorage(ArchiveStorage):
         self.root.mkdir(parents=True, exist_ok=True)
         target = self._path(name)
         if target.exists():
-            raise ApplicationError("archive_exists", f"An archive named {name} already exists.")
+            raise ApplicationError("archive_exists", gettext("An archive named %(name)s already exists.")
+                                                     % {"name": name})
         # Copy under a temporary name then rename: a crash never leaves a half file under the real name.
         partial = target.with_name(target.name + ".partial")
         with open(local_path, "rb") as src, open(partial, "wb") as dst:
@@ -162,7 +164,8 @@ class FileArchiveStorage(ArchiveStorage):
     def open(self, name: str) -> IO[bytes]:
         path = self._path(name)
         if not path.is_file():
-            raise ApplicationError("archive_not_found", f"No archive file {name}.", status=404)
+            raise ApplicationError("archive_not_found", gettext("No archive file %(name)s.")
+                                                        % {"name": name}, status=404)
         return open(path, "rb")
 
     def size(self, name: str) -> int:
@@ -194,7 +197,8 @@ class S3ArchiveStorage(ArchiveStorage):
         key = self._key(name)
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)
-            raise ApplicationError("archive_exists", f"An archive named {name} already exists.")
+            raise ApplicationError("archive_exists", gettext("An archive named %(name)s already exists.")
+                                                     % {"name": name})
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
                 raise
@@ -211,7 +215,8 @@ class S3ArchiveStorage(ArchiveStorage):
             self.client.download_fileobj(self.bucket, key, buffer)
         except ClientError as exc:
             buffer.close()
-            raise ApplicationError("archive_not_found", f"No archive {name} in {self.location}.", status=404) from exc
+            raise ApplicationError("archive_not_found", gettext("No archive %(name)s in %(location)s.")
+                                                        % {"name": name, "location": self.location}, status=404) from exc
         buffer.seek(0)
         return buffer
 
@@ -227,7 +232,7 @@ class S3ArchiveStorage(ArchiveStorage):
 def _checked_name(name: str) -> str:
     base = str(name)
     if "/" in base or "\\" in base or not _SAFE_NAME_RE.match(base):
-        raise ApplicationError("invalid_archive_name", "Archive names are plain file names (letters, digits, . _ -).",
+        raise ApplicationError("invalid_archive_name", gettext("Archive names are plain file names (letters, digits, . _ -)."),
                                details={"name": str(name)[:100]})
     return base
 
@@ -248,7 +253,7 @@ def _conversation_model():
     try:
         return apps.get_model("conversations", "Conversation")
     except LookupError as exc:
-        raise ApplicationError("conversations_not_installed", "The conversations app is not installed.") from exc
+        raise ApplicationError("conversations_not_installed", gettext("The conversations app is not installed.")) from exc
 
 
 def _collect(conversation) -> tuple[list[Any], list[dict[str, Any]]]:
@@ -302,8 +307,9 @@ def _read_lines(handle: IO[bytes]) -> Iterator[dict[str, Any]]:
                 if line.strip():
                     yield json.loads(line)
     except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:  # BadGzipFile is an OSError
-        raise ApplicationError("archive_corrupt", f"The archive is not a readable gzip JSON Lines file "
-                               f"(line {number + 1}: {exc.__class__.__name__}).") from exc
+        raise ApplicationError("archive_corrupt", gettext("The archive is not a readable gzip JSON Lines file "
+                                                           "(line %(line)s: %(error)s).")
+                                                  % {"line": number + 1, "error": exc.__class__.__name__}) from exc
 
 
 @dataclass
@@ -363,8 +369,9 @@ def conversations_archive(*, older_than: dt.timedelta, dry_run: bool = False, ba
         result.location = storage.save(name, local)
         result.name = name
     if storage.size(name) != result.bytes:
-        raise ApplicationError("archive_store_failed", f"The stored archive {name} does not have the size written; "
-                               "nothing was deleted.")
+        raise ApplicationError("archive_store_failed", gettext("The stored archive %(name)s does not have the size written; "
+                                                                "nothing was deleted.")
+                                                       % {"name": name})
     result.archived = len(digests)
     logger.info("conversations archived", extra={"archive": result.location, "conversations": result.archived,
                                                    "bytes": result.bytes})
@@ -389,18 +396,18 @@ def _verify(local: Path, digests: dict[int, str]) -> None:
         lines = _read_lines(handle)
         header = next(lines, None)
         if not header or header.get("format") != FORMAT:
-            raise ApplicationError("archive_verify_failed", "The archive written has no valid header; nothing was deleted.")
+            raise ApplicationError("archive_verify_failed", gettext("The archive written has no valid header; nothing was deleted."))
         for line in lines:
             if "session_id" not in line:  # the signature trailer
                 continue
             canonical = json.dumps({"objects": line["objects"], "relinks": line["relinks"]}, sort_keys=True,
                                    cls=_LosslessEncoder)
             if hashlib.sha256(canonical.encode()).hexdigest() != line["digest"]:
-                raise ApplicationError("archive_verify_failed", "A line of the archive does not match its digest.")
+                raise ApplicationError("archive_verify_failed", gettext("A line of the archive does not match its digest."))
             seen[int(line["pk"])] = line["digest"]
     if seen != digests:
-        raise ApplicationError("archive_verify_failed", "The archive read back differs from what was written; "
-                               "nothing was deleted.")
+        raise ApplicationError("archive_verify_failed", gettext("The archive read back differs from what was written; "
+                               "nothing was deleted."))
 
 
 def _delete_if_unchanged(pk: int, digest: str) -> str | None:
@@ -446,14 +453,15 @@ class RestoreResult:
 
 def _checked_header(header: Any, name: str) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ApplicationError("archive_corrupt", f"{name} is not a conversation archive.")
+        raise ApplicationError("archive_corrupt", gettext("%(name)s is not a conversation archive.") % {"name": name})
     version = header.get("version")
     if not isinstance(version, int) or version > VERSION:
         raise ApplicationError("archive_version_unsupported",
-                               f"{name} was written by a newer version (format {header.get('version')}).")
+                               gettext("%(name)s was written by a newer version (format %(version)s).")
+                               % {"name": name, "version": header.get('version')})
     if version < 2:
-        raise ApplicationError("archive_unsigned", f"{name} is an unsigned (format 1) archive; restore accepts only "
-                               "signed archives.")
+        raise ApplicationError("archive_unsigned", gettext("%(name)s is an unsigned (format 1) archive; restore accepts only signed archives.")
+                                                   % {"name": name})
     return header
 
 
@@ -469,26 +477,25 @@ def _restorable(line: dict[str, Any]) -> list[Any]:
     ids, only rows of this line's one conversation. Runs before anything of the line is written."""
     objects = line.get("objects")
     if not isinstance(objects, list) or not objects:
-        raise ApplicationError("archive_invalid_line", "A line holds no rows.")
+        raise ApplicationError("archive_invalid_line", gettext("A line holds no rows."))
     labels = {str(obj.get("model", "")).lower() if isinstance(obj, dict) else "" for obj in objects}
     foreign = sorted(labels - RESTORABLE_MODELS)
     if foreign:
-        raise ApplicationError("archive_forbidden_model", "The archive line holds rows that a conversation archive "
-                               "never contains.", details={"models": foreign})
+        raise ApplicationError("archive_forbidden_model", gettext("The archive line holds rows that a conversation archive never contains."), details={"models": foreign})
     rows = [item.object for item in serializers.deserialize("python", objects)]
     conversations = [r for r in rows if r._meta.label_lower == "conversations.conversation"]
     if len(conversations) != 1 or conversations[0].session_id != line.get("session_id"):
-        raise ApplicationError("archive_invalid_line", "A line holds exactly its one conversation.")
+        raise ApplicationError("archive_invalid_line", gettext("A line holds exactly its one conversation."))
     conversation = conversations[0]
     message_ids = {r.pk for r in rows if r._meta.label_lower == "conversations.message"}
     for row in rows:
         label = row._meta.label_lower
         if label == "conversations.message" and row.conversation_id != conversation.pk:
-            raise ApplicationError("archive_invalid_line", "A message belongs to another conversation.")
+            raise ApplicationError("archive_invalid_line", gettext("A message belongs to another conversation."))
         if label == "conversations.feedback" and row.message_id not in message_ids:
-            raise ApplicationError("archive_invalid_line", "Feedback belongs to another conversation.")
+            raise ApplicationError("archive_invalid_line", gettext("Feedback belongs to another conversation."))
         if row.pk is None or type(row)._base_manager.filter(pk=row.pk).exists():
-            raise ApplicationError("archive_id_taken", "A row of the archive would overwrite an existing row.",
+            raise ApplicationError("archive_id_taken", gettext("A row of the archive would overwrite an existing row."),
                                    details={"model": label, "pk": row.pk})
     return rows
 

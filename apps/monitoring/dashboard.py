@@ -21,6 +21,7 @@ from django.conf import settings
 from django.db.models import Count, OuterRef, Q, Subquery, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from apps.core import authz
 from apps.core.errors import ApplicationError
@@ -93,7 +94,8 @@ def parse_days(raw: Any, default: int | None = None) -> int:
     except (TypeError, ValueError):
         days = -1
     if not 1 <= days <= MAX_DAYS:
-        raise ApplicationError("invalid_days", f"days must be a whole number from 1 to {MAX_DAYS}.",
+        raise ApplicationError("invalid_days", gettext("days must be a whole number from 1 to %(max_days)s.")
+                                               % {"max_days": MAX_DAYS},
                                details={"days": str(raw)[:20]})
     return days
 
@@ -331,7 +333,8 @@ def _cluster_figures(board: Dashboard) -> None:
     try:
         rows = instances_list()
     except Exception as exc:  # Redis down: say so on the page instead of failing it
-        board.instances_error = f"The instance registry could not be read ({exc.__class__.__name__})."
+        board.instances_error = gettext("The instance registry could not be read (%(error)s).") % {
+            "error": exc.__class__.__name__}
         return
     slugs = {str(kb["id"]): kb["slug"] for kb in board.knowledge_bases}
     for row in rows:

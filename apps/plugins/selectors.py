@@ -9,6 +9,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from apps.core import authz
 
@@ -126,7 +127,8 @@ def router_evaluation(labelled: dict[str, list[str]]) -> dict[str, Any]:
     if unknown:
         from apps.core.errors import ApplicationError
 
-        raise ApplicationError("unknown_intents", f"The data names intents no installed plugin has: {unknown}",
+        raise ApplicationError("unknown_intents", gettext("The data names intents no installed plugin has: %(unknown)s")
+                                                  % {"unknown": unknown},
                                details={"unknown": unknown, "available": router.intents})
     report = evaluate(router, labelled)
     texts = [t for items in labelled.values() for t in items]

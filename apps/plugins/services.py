@@ -22,6 +22,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, Group
 from django.core.cache import cache
 from django.db import transaction
+from django.utils.translation import gettext
 
 from apps.core import authz
 from apps.core.errors import ApplicationError, NotFound, PermissionDenied
@@ -65,8 +66,7 @@ def secrets_decrypt(token: str) -> dict[str, str]:
     try:
         return json.loads(_fernet().decrypt(token.encode()))
     except (InvalidToken, ValueError):
-        raise ApplicationError("secrets_unreadable", "The plugin's stored secrets cannot be decrypted "
-                                                     "(SECRET_KEY changed?); enter them again.") from None
+        raise ApplicationError("secrets_unreadable", gettext("The plugin's stored secrets cannot be decrypted (SECRET_KEY changed?); enter them again.")) from None
 
 
 # --- runtime ----------------------------------------------------------------------------------------
@@ -387,11 +387,11 @@ _UNSET: Any = object()
 
 def _clean_hosts(hosts: Any) -> list[str]:
     if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
-        raise ApplicationError("invalid_allowed_hosts", "allowed_hosts must be a list of host names.")
+        raise ApplicationError("invalid_allowed_hosts", gettext("allowed_hosts must be a list of host names."))
     cleaned = [h.strip().lower() for h in hosts if h.strip()]
     bad = [h for h in cleaned if not HOST_ENTRY_RE.match(h)]
     if bad:
-        raise ApplicationError("invalid_allowed_hosts", "Use host, host:port or *.domain entries.",
+        raise ApplicationError("invalid_allowed_hosts", gettext("Use host, host:port or *.domain entries."),
                                details={"invalid": bad})
     return sorted(set(cleaned))
 
@@ -412,16 +412,16 @@ def plugin_config_validate(*, name: str, enabled: bool | None = None, config: di
     snap = plugins_snapshot(need_catalogue=True)
     view = snap.plugins.get(name)
     if view is None:
-        raise NotFound(f"No plugin named {name!r}.", code="plugin_not_found")
+        raise NotFound(gettext("No plugin named %(name)r.") % {"name": name}, code="plugin_not_found")
     meta = view.meta
     row = PluginConfig.objects.filter(name=name).first() or PluginConfig(name=name)
     will_enable = row.enabled if enabled is None else bool(enabled)
     if meta is None and will_enable:
-        raise ApplicationError("plugin_not_installed", f"Plugin {name!r} is not installed (or failed to load); "
-                                                        "it can only be disabled.")
+        raise ApplicationError("plugin_not_installed", gettext("Plugin %(name)r is not installed (or failed to load); it can only be disabled.")
+                                                       % {"name": name})
     new_config = dict(row.config) if config is None else config
     if not isinstance(new_config, dict):
-        raise ApplicationError("invalid_plugin_config", "The config must be a JSON object.",
+        raise ApplicationError("invalid_plugin_config", gettext("The config must be a JSON object."),
                                details={"problems": [{"field": "(config)", "message": "must be a JSON object"}]})
     try:
         stored_secrets = secrets_decrypt(row.secrets_encrypted)
@@ -432,7 +432,7 @@ def plugin_config_validate(*, name: str, enabled: bool | None = None, config: di
         secret_names = set(schema.secret_fields(config_schema))
         unknown = sorted(set(secrets or {}) - secret_names)
         if unknown:
-            raise ApplicationError("invalid_plugin_config", "Unknown secret fields.",
+            raise ApplicationError("invalid_plugin_config", gettext("Unknown secret fields."),
                                    details={"problems": [{"field": k, "message": "is not a secret field of this plugin"}
                                                          for k in unknown]})
         for key, value in (secrets or {}).items():
@@ -447,12 +447,13 @@ def plugin_config_validate(*, name: str, enabled: bool | None = None, config: di
             problems = [p for p in problems if p["message"] != "is required"]
         if problems:
             raise ApplicationError("invalid_plugin_config",
-                                   f"The configuration of {name!r} is invalid: {schema.format_problems(problems)}",
+                                   gettext("The configuration of %(name)r is invalid: %(problems)s")
+                                   % {"name": name, "problems": schema.format_problems(problems)},
                                    details={"problems": problems})
     if timeout_seconds is not _UNSET and timeout_seconds is not None:
         if isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, (int, float)) \
                 or not 0 < timeout_seconds <= 60:
-            raise ApplicationError("invalid_timeout", "timeout_seconds must be between 0 and 60.")
+            raise ApplicationError("invalid_timeout", gettext("timeout_seconds must be between 0 and 60."))
     hosts = _clean_hosts(allowed_hosts) if allowed_hosts is not None else None
     return _Prepared(row, will_enable, new_config, stored_secrets, hosts)
 
@@ -789,12 +790,15 @@ def plugin_test(*, name: str, utterance: str, user: AbstractBaseUser) -> dict[st
     snap = plugins_snapshot(need_catalogue=True)
     view = snap.plugins.get(name)
     if view is None or view.meta is None:
-        raise NotFound(f"No installed plugin named {name!r}.", code="plugin_not_found")
+        raise NotFound(gettext("No installed plugin named %(name)r.") % {"name": name}, code="plugin_not_found")
     if not view.active:
-        raise ApplicationError("plugin_not_enabled", f"Plugin {name!r} is {view.status.replace('_', ' ')}: "
-                                                     f"{schema.format_problems(view.problems) or 'enable it first'}.")
+        raise ApplicationError("plugin_not_enabled", gettext("Plugin %(name)r is %(status)s: %(problems)s.")
+                                                     % {"name": name, "status": view.status.replace('_', ' '),
+                                                        "problems": schema.format_problems(view.problems)
+                                                        or gettext("enable it first")})
     if not user_may_use(view, user):
-        raise PermissionDenied(f"{user.get_username()} is not in the allowed groups of {name!r}.",
+        raise PermissionDenied(gettext("%(user)s is not in the allowed groups of %(name)r.")
+                               % {"user": user.get_username(), "name": name},
                                code="group_not_allowed")
     decision = build_router(view.intents()).route(utterance)
     out: dict[str, Any] = {"plugin": name, "route": decision.to_dict()}
@@ -821,9 +825,10 @@ def ticket_create(*, user: AbstractBaseUser, subject: str, description: str = ""
                   session_id: str = "", source_plugin: str = "") -> Ticket:
     subject = " ".join(subject.split())[:200]
     if not subject:
-        raise ApplicationError("invalid_ticket", "A ticket needs a subject.")
+        raise ApplicationError("invalid_ticket", gettext("A ticket needs a subject."))
     if priority not in dict(Ticket.PRIORITIES):
-        raise ApplicationError("invalid_ticket", f"priority must be one of {[p for p, _ in Ticket.PRIORITIES]}.")
+        raise ApplicationError("invalid_ticket", gettext("priority must be one of %(priorities)s.")
+                                                 % {"priorities": [p for p, _ in Ticket.PRIORITIES]})
     with transaction.atomic():
         ticket = Ticket.objects.create(user=user, subject=subject, description=description[:20_000],
                                        priority=priority, transcript=list(transcript or [])[-50:],

@@ -1,4 +1,5 @@
 from django.contrib.auth.models import Group
+from django.utils.translation import gettext
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -29,7 +30,7 @@ class PluginDetailView(APIView):
             groups = list(Group.objects.filter(name__in=names))
             missing = sorted(set(names) - {g.name for g in groups})
             if missing:
-                raise ApplicationError("unknown_groups", "No such groups.", details={"groups": missing})
+                raise ApplicationError("unknown_groups", gettext("No such groups."), details={"groups": missing})
             data["allowed_groups"] = groups
         plugin_config_update(name=name, actor=request.user, **data)
         listing = plugin_list_for(user=request.user)
@@ -50,7 +51,7 @@ class PluginStatsView(APIView):
     def get(self, request):
         raw = request.query_params.get("days")
         if raw is not None and (not raw.isdigit() or not 1 <= int(raw) <= 90):
-            raise ApplicationError("invalid_days", "days must be an integer from 1 to 90.")
+            raise ApplicationError("invalid_days", gettext("days must be an integer from 1 to 90."))
         return Response({"plugins": invocation_stats_for(user=request.user, days=int(raw) if raw else None)})
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
 
 from ._output import progress, table
 from ._process import prepare_process
@@ -13,24 +14,25 @@ MODES = ["dense", "bm25", "hybrid"]
 
 
 class Command(BaseCommand):
-    help = ("Evaluate retrieval. With --dataset: a BEIR dataset (e.g. ../shared/datasets/scifact) is ingested into "
-            "a scratch knowledge base and nDCG@10, Recall@100 and MRR@10 are printed beside the published figures. "
-            "With --questions: a labelled JSONL question set (question, document, passage) is run against a "
-            "knowledge base (--kb) or the documents of a folder (--documents, ingested into a scratch base) and "
-            "hit@1/3/5/10 and MRR@10 are printed per mode and per subset. Stored embeddings are reused on later runs.")
+    help = (gettext_lazy("Evaluate retrieval. With --dataset: a BEIR dataset (e.g. ../shared/datasets/scifact) is "
+                         "ingested into a scratch knowledge base and nDCG@10, Recall@100 and MRR@10 are printed "
+                         "beside the published figures. With --questions: a labelled JSONL question set (question, "
+                         "document, passage) is run against a knowledge base (--kb) or the documents of a folder "
+                         "(--documents, ingested into a scratch base) and hit@1/3/5/10 and MRR@10 are printed per "
+                         "mode and per subset. Stored embeddings are reused on later runs."))
 
     def add_arguments(self, parser):
         source = parser.add_mutually_exclusive_group(required=True)
-        source.add_argument("--dataset", help="BEIR folder: corpus.jsonl[.gz], queries.jsonl, qrels/")
-        source.add_argument("--questions", help="Labelled question set (JSONL: question, document, passage)")
-        parser.add_argument("--documents", help="With --questions: folder of the documents, ingested first "
-                                                "(names relative to it are what 'document' refers to)")
-        parser.add_argument("--mode", action="append", choices=MODES, help="Repeatable; default: all three")
-        parser.add_argument("--split", default="test", help="BEIR qrels split (default: test)")
-        parser.add_argument("--kb", help="Knowledge base slug (default: a scratch base eval-<name>)")
+        source.add_argument("--dataset", help=_("BEIR folder: corpus.jsonl[.gz], queries.jsonl, qrels/"))
+        source.add_argument("--questions", help=_("Labelled question set (JSONL: question, document, passage)"))
+        parser.add_argument("--documents", help=_("With --questions: folder of the documents, ingested first "
+                                                  "(names relative to it are what 'document' refers to)"))
+        parser.add_argument("--mode", action="append", choices=MODES, help=_("Repeatable; default: all three"))
+        parser.add_argument("--split", default="test", help=_("BEIR qrels split (default: test)"))
+        parser.add_argument("--kb", help=_("Knowledge base slug (default: a scratch base eval-<name>)"))
         parser.add_argument("--chunk-tokens", type=int)
         parser.add_argument("--chunk-overlap", type=int)
-        parser.add_argument("--json", action="store_true", help="One JSON object on stdout instead of tables")
+        parser.add_argument("--json", action="store_true", help=_("One JSON object on stdout instead of tables"))
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, dataset, questions, documents, mode, split, kb, chunk_tokens, chunk_overlap, json,
