@@ -10,6 +10,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.text import Truncator
+from django.utils.translation import gettext_lazy as _
 
 from apps.core.errors import ApplicationError
 
@@ -37,10 +38,10 @@ class IndexVersionInline(admin.TabularInline):
     max_num = 0
     can_delete = False
     ordering = ["-version"]
-    fields = ["version", "status_badge", "chunk_count", "document_count", "dense_kind", "encoded_count",
-              "build_seconds", "created_at", "activated_at", "retired_at"]
+    fields = ["version", "status_badge", "embedding", "progress", "chunk_count", "document_count", "dense_kind",
+              "encoded_count", "build_seconds", "created_at", "activated_at", "retired_at"]
     readonly_fields = fields
-    verbose_name_plural = "Index versions (newest first)"
+    verbose_name_plural = _("Index versions (newest first)")
 
     def get_queryset(self, request):
         return super().get_queryset(request).order_by("-version")
@@ -48,6 +49,31 @@ class IndexVersionInline(admin.TabularInline):
     @admin.display(description="status")
     def status_badge(self, obj):
         return badge(obj.status, title=obj.error_message)
+
+    @admin.display(description=_("embedding model"))
+    def embedding(self, obj):
+        return embedding_label(obj)
+
+    @admin.display(description=_("encoding progress"))
+    def progress(self, obj):
+        return encode_progress(obj)
+
+
+def embedding_label(version: IndexVersion) -> str:
+    if not version.embedding_key:
+        return version.embedding_model
+    return f"{version.embedding_key} · {version.embedding_backend} · {version.embedding_dimension or '?'}d"
+
+
+def encode_progress(version: IndexVersion):
+    """Chunks encoded of those this build must encode (a model change re-encodes all of them)."""
+    if not version.encode_total:
+        return "–"
+    if version.status == IndexVersion.Status.BUILDING:
+        percent = 100 * version.encoded_count // max(1, version.encode_total)
+        return format_html('<progress value="{}" max="{}"></progress> {} / {} ({}%)', version.encoded_count,
+                           version.encode_total, version.encoded_count, version.encode_total, percent)
+    return f"{version.encoded_count} / {version.encode_total}"
 
 
 @admin.register(KnowledgeBase)
@@ -64,6 +90,10 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["name", "slug", "description"]}),
         ("Access", {"fields": ["owner", "is_public", "allowed_groups"]}),
+        (_("Embedding model"), {"fields": ["embedding_model"],
+                                "description": _("Changing the model re-embeds every chunk in the background; "
+                                                 "searches keep using the current index version (and its model) "
+                                                 "until the new one is built. Progress shows under Index versions.")}),
         ("Chunking", {"fields": ["chunk_tokens", "chunk_overlap"],
                       "description": "Sizes are in the embedding model's tokens; changing them re-chunks every "
                                      "document (unchanged text keeps its stored embedding)."}),
@@ -121,6 +151,10 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         if change and {"chunk_tokens", "chunk_overlap"} & set(form.changed_data):
             count = services.knowledge_base_rechunk(knowledge_base=obj)
             messages.info(request, f"Chunk sizes changed: {count} document(s) queued for re-chunking.")
+        if change and "embedding_model" in form.changed_data:
+            services.knowledge_base_reembed(knowledge_base=obj)
+            messages.info(request, _("Embedding model changed: every chunk is being re-embedded in the background; "
+                                     "searches use the current index until the new version is active."))
 
     def delete_model(self, request, obj):
         services.knowledge_base_delete(user=request.user, knowledge_base=obj)
@@ -328,8 +362,9 @@ class DocumentAdmin(admin.ModelAdmin):
 
 @admin.register(IndexVersion)
 class IndexVersionAdmin(admin.ModelAdmin):
-    list_display = ["knowledge_base", "version", "status_badge", "chunk_count", "document_count", "dense_kind",
-                    "encoded_count", "build_seconds", "created_at", "activated_at", "retired_at"]
+    list_display = ["knowledge_base", "version", "status_badge", "embedding", "progress", "chunk_count",
+                    "document_count", "dense_kind", "encoded_count", "build_seconds", "created_at", "activated_at",
+                    "retired_at"]
     list_filter = ["status", "knowledge_base"]
     list_select_related = ["knowledge_base"]
 
@@ -345,3 +380,11 @@ class IndexVersionAdmin(admin.ModelAdmin):
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj):
         return badge(obj.status, title=obj.error_message)
+
+    @admin.display(description=_("embedding model"))
+    def embedding(self, obj):
+        return embedding_label(obj)
+
+    @admin.display(description=_("encoding progress"))
+    def progress(self, obj):
+        return encode_progress(obj)

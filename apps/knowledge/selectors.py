@@ -262,15 +262,17 @@ def _reranker():
 def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, Any]]:
     """Ranked [{"id", "kb", "version", "score", "scores"}]: a few more than top_k, so that hits in documents
     deleted since can be dropped without returning short."""
-    from .embeddings import embedder
     from .rag.fusion import mmr, rrf, weighted_fusion
 
     needs_vector = mode != "bm25" or any(kb.mmr_lambda is not None for kb, _ in held)
-    query_vec = embedder().encode_query(query) if needs_vector else None
+    # Each version is searched with the query vector of the model that built it (encoded once per model).
+    query_vecs = _query_vectors(query, [bundle for _, bundle in held]) if needs_vector else {}
     pool: dict[int, dict[str, Any]] = {}
     for kb, bundle in held:
         n = max(kb.candidates, top_k)
-        dense = bundle.dense_search(query_vec, n) if mode in ("hybrid", "dense") else []
+        query_vec = query_vecs.get(bundle.model_id)
+        dense = (bundle.dense_search(query_vec, n, model_id=bundle.model_id)
+                 if mode in ("hybrid", "dense") and query_vec is not None else [])
         bm25 = bundle.bm25_search(query, n) if mode in ("hybrid", "bm25") else []
         if mode == "hybrid":
             fused = (rrf([dense, bm25], k=kb.rrf_k) if kb.fusion == KnowledgeBase.Fusion.RRF
@@ -292,13 +294,29 @@ def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, A
     ranked = sorted(pool.values(), key=lambda item: (-item["score"], item["id"]))
     want = top_k * 2
     lambdas = [kb.mmr_lambda for kb, _ in held if kb.mmr_lambda is not None]
-    if lambdas and query_vec is not None and len(ranked) > 1:
-        ranked = _diversify(ranked[:max(want * 3, 30)], query_vec, min(lambdas), want, mmr)
+    models = {bundle.model_id for _, bundle in held}
+    # MMR compares stored vectors with each other: only meaningful within one model's vector space.
+    if lambdas and len(models) == 1 and query_vecs.get(next(iter(models))) is not None and len(ranked) > 1:
+        ranked = _diversify(ranked[:max(want * 3, 30)], query_vecs[next(iter(models))], min(lambdas), want, mmr)
     if reranker is not None:
         ranked = _rerank(reranker, query, ranked[:max(want * 2, 20)])
     for item in ranked:
         item.pop("_bundle", None)
     return ranked[:want]
+
+
+def _query_vectors(query: str, bundles) -> dict[str | None, Any]:
+    """{model id: query vector} for the models that built these versions; a model this process cannot
+    run is left out (its versions answer from BM25 only, never with another model's vector)."""
+    from .embeddings import query_encoder_for
+
+    vectors: dict[str | None, Any] = {}
+    for bundle in bundles:
+        if bundle.model_id in vectors:
+            continue
+        encoder = query_encoder_for(bundle.embedding)
+        vectors[bundle.model_id] = encoder.encode_query(query) if encoder is not None else None
+    return vectors
 
 
 def _diversify(candidates: list[dict], query_vec, lambda_: float, want: int, mmr) -> list[dict]:

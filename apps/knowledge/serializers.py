@@ -15,8 +15,8 @@ class KnowledgeBaseSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = KnowledgeBase
-        fields = ["id", "slug", "name", "description", "owner", "is_public", "allowed_groups", "chunk_tokens",
-                  "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker",
+        fields = ["id", "slug", "name", "description", "owner", "is_public", "allowed_groups", "embedding_model",
+                  "chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker",
                   "document_count", "active_version", "last_build_at", "can_edit", "created_at", "updated_at"]
 
     def get_can_edit(self, obj) -> bool:
@@ -34,6 +34,8 @@ class KnowledgeBaseWriteSerializer(serializers.Serializer):
     description = serializers.CharField(required=False, allow_blank=True)
     is_public = serializers.BooleanField(required=False)
     allowed_group_ids = serializers.ListField(child=serializers.IntegerField(), required=False)
+    # A key of the installation's model catalog (checked by the service): changing it re-embeds in the background.
+    embedding_model = serializers.CharField(max_length=64, required=False)
     chunk_tokens = serializers.IntegerField(required=False)
     chunk_overlap = serializers.IntegerField(required=False)
     fusion = serializers.ChoiceField(choices=KnowledgeBase.Fusion.choices, required=False)

@@ -32,10 +32,11 @@ from apps.core.errors import ApplicationError, PermissionDenied
 from apps.core.events import publish_on_commit
 
 from . import selectors
-from .embeddings import embedder, vector_from_bytes, vector_to_bytes, vectors_for
+from .embeddings import embedder_for_kb, model_catalog, vector_from_bytes, vector_to_bytes, vectors_for
 from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
 from .rag.chunker import ChunkSpec, chunk_document
+from .rag.embedder import BaseEmbedder
 from .rag.errors import IngestError
 from .rag.index import MANIFEST_NAME, delete_version, remove_stale_tmp, write_index_version
 from .rag.parsers import ParseLimits, ParsedDocument, parse
@@ -91,7 +92,7 @@ def upload_size_validate(*, size: int, name: str = "") -> None:
 
 KB_SETTINGS_FIELDS = ("chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates",
                       "mmr_lambda", "use_reranker")
-KB_EDITABLE_FIELDS = ("slug", "name", "description", "is_public") + KB_SETTINGS_FIELDS
+KB_EDITABLE_FIELDS = ("slug", "name", "description", "is_public", "embedding_model") + KB_SETTINGS_FIELDS
 
 
 def _kb_validate(kb: KnowledgeBase) -> None:
@@ -108,6 +109,10 @@ def _kb_validate(kb: KnowledgeBase) -> None:
     if kb.chunk_overlap >= kb.chunk_tokens:
         raise ApplicationError("validation_error", "chunk_overlap must be smaller than chunk_tokens.",
                                details={"fields": {"chunk_overlap": ["must be smaller than chunk_tokens"]}})
+    catalog = model_catalog()
+    if kb.embedding_model not in catalog:
+        raise ApplicationError("validation_error", "Unknown embedding model.", details={"fields": {
+            "embedding_model": [f"must be one of: {', '.join(catalog)}"]}})
 
 
 def _groups_validate(group_ids: Sequence[int] | None) -> None:
@@ -146,6 +151,7 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
     if unknown:
         raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
     rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
+    model_changed = "embedding_model" in fields and fields["embedding_model"] != kb.embedding_model
     for name, value in fields.items():
         setattr(kb, name, value)
     _kb_validate(kb)
@@ -156,7 +162,16 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
             kb.allowed_groups.set(allowed_group_ids)
         if rechunk:
             knowledge_base_rechunk(knowledge_base=kb)
+        if model_changed:
+            knowledge_base_reembed(knowledge_base=kb)
     return kb
+
+
+def knowledge_base_reembed(*, knowledge_base: KnowledgeBase) -> None:
+    """After a model change: a background build re-encodes every chunk with the new model (progress on its
+    building IndexVersion) and is activated like any other; until then searches use the old version,
+    and its queries the old model. Chunk boundaries are kept; a re-ingest re-chunks in the new tokens."""
+    index_rebuild_enqueue(knowledge_base.pk, force=True, delay=0)
 
 
 def knowledge_base_rechunk(*, knowledge_base: KnowledgeBase) -> int:
@@ -527,11 +542,10 @@ def documents_ingest(*, document_ids: Sequence[int], force: bool = False, rebuil
     so only text never seen before is encoded, in large batches across documents. With `rebuild`,
     an index rebuild is enqueued after commit for every knowledge base that changed.
     """
-    model = embedder()
     outcomes: list[IngestOutcome] = []
     ids = list(dict.fromkeys(document_ids))
     for start in range(0, len(ids), INGEST_BATCH_DOCUMENTS):
-        batch = _ingest_batch(ids[start:start + INGEST_BATCH_DOCUMENTS], model, force, raise_transient)
+        batch = _ingest_batch(ids[start:start + INGEST_BATCH_DOCUMENTS], force, raise_transient)
         outcomes.extend(batch)
         for outcome in batch:
             documents_ingested_total.labels(outcome=outcome.status).inc()
@@ -543,39 +557,48 @@ def documents_ingest(*, document_ids: Sequence[int], force: bool = False, rebuil
     return outcomes
 
 
-def _ingest_batch(ids: list[int], model, force: bool, raise_transient: bool) -> list[IngestOutcome]:
+def _ingest_batch(ids: list[int], force: bool, raise_transient: bool) -> list[IngestOutcome]:
     documents = {d.pk: d for d in Document.objects.select_related("knowledge_base").filter(pk__in=ids)}
     outcomes: dict[int, IngestOutcome] = {}
-    prepared: list[_Prepared] = []
+    prepared: list[tuple[_Prepared, BaseEmbedder]] = []
+    models: dict[str, BaseEmbedder] = {}  # each knowledge base's own model
     for document_id in ids:
         document = documents.get(document_id)
         if document is None or document.deleted_at is not None:
             continue
+        key = document.knowledge_base.embedding_model
+        model = models.get(key) or models.setdefault(key, embedder_for_kb(document.knowledge_base))
         item = _prepare(document, model, force, raise_transient)
         if item is None:
             outcomes[document_id] = IngestOutcome(document_id, document.knowledge_base_id, "unchanged",
                                                   name=str(document))
         else:
-            prepared.append(item)
-    Document.objects.filter(pk__in=[p.document.pk for p in prepared], status__in=["pending", "ready", "failed"]
+            prepared.append((item, model))
+    Document.objects.filter(pk__in=[p.document.pk for p, _ in prepared], status__in=["pending", "ready", "failed"]
                             ).update(status=Document.Status.PROCESSING)
     # The chunker measures a block, then the chunks cut from it: often the same text twice.
-    count_tokens = functools.lru_cache(maxsize=16384)(model.count_tokens)
-    for item in prepared:
+    counters = {id(model): functools.lru_cache(maxsize=16384)(model.count_tokens) for model in models.values()}
+    for item, model in prepared:
         if item.error is None:
-            _parse_and_chunk(item, count_tokens)
+            _parse_and_chunk(item, counters[id(model)])
 
-    specs = [spec for item in prepared for spec in item.specs]
-    vectors, encoded_hashes = vectors_for([s.text for s in specs], [s.content_hash for s in specs], model=model)
-    with transaction.atomic():
-        offset = 0
-        counted: set[str] = set()
-        for item in prepared:
-            item_vectors = vectors[offset:offset + len(item.specs)]
+    # One encode per model over all its documents' chunks: large batches, each text encoded once.
+    encoded_vectors: dict[int, Any] = {}
+    new_hashes_by_item: dict[int, set[str]] = {}
+    for model in models.values():
+        items = [item for item, m in prepared if m is model]
+        specs = [spec for item in items for spec in item.specs]
+        vectors, encoded_hashes = vectors_for([s.text for s in specs], [s.content_hash for s in specs], model=model)
+        offset, counted = 0, set()
+        for item in items:
+            encoded_vectors[id(item)] = vectors[offset:offset + len(item.specs)]
             offset += len(item.specs)
-            new_hashes = {s.content_hash for s in item.specs} & (encoded_hashes - counted)
-            counted |= new_hashes
-            outcomes[item.document.pk] = _write(item, item_vectors, model.model_id, len(new_hashes))
+            new_hashes_by_item[id(item)] = {s.content_hash for s in item.specs} & (encoded_hashes - counted)
+            counted |= new_hashes_by_item[id(item)]
+    with transaction.atomic():
+        for item, model in prepared:
+            outcomes[item.document.pk] = _write(item, encoded_vectors[id(item)], model.model_id,
+                                                len(new_hashes_by_item[id(item)]))
     return [outcomes[i] for i in ids if i in outcomes]
 
 
@@ -674,9 +697,9 @@ class IndexBuildResult:
     seconds: float = 0.0
 
 
-def index_rebuild_enqueue(knowledge_base_id: int, *, force: bool = False) -> None:
+def index_rebuild_enqueue(knowledge_base_id: int, *, force: bool = False, delay: float | None = None) -> None:
     """After commit, a short delay lets a burst of ingests coalesce into one rebuild (the rest no-op)."""
-    delay = settings.KNOWLEDGE_REBUILD_DELAY_SECONDS
+    delay = settings.KNOWLEDGE_REBUILD_DELAY_SECONDS if delay is None else delay
     transaction.on_commit(lambda: _tasks().rebuild_index.apply_async(
         args=[knowledge_base_id], kwargs={"force": force}, countdown=delay))
 
@@ -688,10 +711,10 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
     current content revision with the current model. Concurrent rebuilds get distinct versions from
     the row-locked counter; activation never replaces a newer active version with an older one.
     """
-    model = embedder()
     kb = KnowledgeBase.objects.filter(pk=knowledge_base_id).first()
     if kb is None:
         return IndexBuildResult(knowledge_base_id, "missing")
+    model = embedder_for_kb(kb)  # read once: the whole version is built with this one model
     active = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
     if (not force and active is not None and active.source_revision == kb.content_revision
             and active.embedding_model == model.model_id and Path(active.artifact_path).is_dir()):
@@ -703,14 +726,17 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
         # (SQLite) before anything is read, so concurrent rebuilds queue here and get distinct numbers.
         KnowledgeBase.objects.filter(pk=kb.pk).update(last_index_version=F("last_index_version") + 1)
         kb = KnowledgeBase.objects.get(pk=kb.pk)
-        version = IndexVersion.objects.create(knowledge_base=kb, version=kb.last_index_version,
-                                              source_revision=kb.content_revision, embedding_model=model.model_id)
+        described = model.describe()
+        version = IndexVersion.objects.create(
+            knowledge_base=kb, version=kb.last_index_version, source_revision=kb.content_revision,
+            embedding_model=model.model_id, embedding_key=described["model"] or kb.embedding_model,
+            embedding_backend=model.backend, embedding_dimension=model.dimension)
     try:
-        ids, texts, vectors, document_count, encoded = _index_inputs(kb.pk, model)
+        ids, texts, vectors, document_count, encoded = _index_inputs(kb.pk, model, version=version)
         path = write_index_version(
             kb_index_root(kb.pk), version.version, ids=ids, vectors=vectors, texts=texts,
-            meta={"model_id": model.model_id, "knowledge_base": kb.pk, "slug": kb.slug,
-                  "source_revision": version.source_revision},
+            meta={"model_id": model.model_id, "embedding": {**described, "model": version.embedding_key},
+                  "knowledge_base": kb.pk, "slug": kb.slug, "source_revision": version.source_revision},
             hnsw_threshold=settings.KNOWLEDGE_HNSW_THRESHOLD,
         )
         manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
@@ -731,11 +757,17 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
                             document_count, encoded, seconds)
 
 
-def _index_inputs(kb_id: int, model):
+REEMBED_BATCH = 256
+
+
+def _index_inputs(kb_id: int, model: BaseEmbedder, *, version: IndexVersion | None = None):
     """Chunk ids, texts and vectors of every live chunk of ready documents, in id order.
 
     Vectors come from storage; a chunk stored under another model (the model was changed) is
-    re-encoded once and its new vector stored, reusing any vector already known for its text.
+    re-encoded and its new vector stored, reusing any vector already known for its text. Encoding goes
+    in batches, each stored as it finishes, so progress shows on the building `version`
+    (`encoded_count` of `encode_total`) and a redelivered task resumes where a crashed one stopped.
+    Every vector returned is `model`'s: two models' vectors never share a version.
     """
     import numpy as np
 
@@ -746,7 +778,7 @@ def _index_inputs(kb_id: int, model):
     )
     ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
     texts = [row[1] for row in rows]
-    vectors = np.zeros((len(rows), model.dim), dtype=np.float32)
+    vectors = np.zeros((len(rows), model.dimension), dtype=np.float32)
     stale: list[int] = []
     for index, (_, _, _, data, model_id, _) in enumerate(rows):
         if data is not None and model_id == model.model_id:
@@ -754,13 +786,20 @@ def _index_inputs(kb_id: int, model):
         else:
             stale.append(index)
     encoded = 0
-    if stale:
-        fresh, encoded_hashes = vectors_for([rows[i][1] for i in stale], [rows[i][2] for i in stale], model=model)
-        encoded = len(encoded_hashes)
-        vectors[stale] = fresh
+    if version is not None and stale:
+        IndexVersion.objects.filter(pk=version.pk).update(encode_total=len(stale), encoded_count=0)
+    for start in range(0, len(stale), REEMBED_BATCH):
+        batch = stale[start:start + REEMBED_BATCH]
+        fresh, encoded_hashes = vectors_for([rows[i][1] for i in batch], [rows[i][2] for i in batch], model=model)
+        encoded += len(encoded_hashes)
+        vectors[batch] = fresh
         updates = [Chunk(pk=rows[i][0], embedding=vector_to_bytes(fresh[n]), embedding_model=model.model_id)
-                   for n, i in enumerate(stale)]
+                   for n, i in enumerate(batch)]
         Chunk.objects.bulk_update(updates, ["embedding", "embedding_model"], batch_size=500)
+        if version is not None:
+            IndexVersion.objects.filter(pk=version.pk).update(encoded_count=start + len(batch))
+    if version is not None:
+        version.encode_total, version.encoded_count = len(stale), len(stale)
     return ids, texts, vectors, len({row[5] for row in rows}), encoded
 
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import IndexLoadError
+from .errors import IndexLoadError, QueryModelMismatch
 from .fusion import rrf
 
 DEFAULT_HNSW_THRESHOLD = 50_000
@@ -298,7 +298,9 @@ def write_index_version(
     Idempotent: if the version already exists with the same content (same ids, vectors, texts,
     meta and index kinds) it is reused untouched, so a re-delivered Celery task is harmless; if it
     exists with different content it is replaced in one rename. ``meta`` must be JSON-serialisable
-    and should carry ``model_id``.
+    and should carry ``model_id`` and ``embedding`` (``Embedder.describe()``: model, model_id,
+    dimension, backend), which the manifest records so that a loader can refuse to search the version
+    with another model's query vectors.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -334,12 +336,22 @@ def _manifest(
         "count": int(len(ids)),
         "dim": int(vectors.shape[1]),
         "model_id": meta.get("model_id"),
+        "embedding": _embedding_record(meta, int(vectors.shape[1])),
         "dense_kind": "hnsw" if len(ids) >= hnsw_threshold else "flat",
         "bm25_kind": BM25_KIND,
         "content_sha256": _fingerprint(ids, vectors, texts),
         "meta": json.loads(json.dumps(meta)),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _embedding_record(meta: dict[str, Any], dim: int) -> dict[str, Any]:
+    record = dict(meta.get("embedding") or {})
+    record.setdefault("model_id", meta.get("model_id"))
+    if record.get("dimension") not in (None, dim):
+        raise ValueError(f"embedding dimension {record['dimension']} but vectors have {dim}")
+    record["dimension"] = dim
+    return json.loads(json.dumps(record))
 
 
 def _fingerprint(ids: np.ndarray, vectors: np.ndarray, texts: Sequence[str]) -> str:
@@ -506,10 +518,24 @@ class IndexBundle:
             )
         if self.dense.dim != int(self.manifest["dim"]):
             raise IndexLoadError(f"{self.path}: manifest dim {self.manifest['dim']}, dense {self.dense.dim}")
+        recorded = self.embedding.get("dimension")
+        if recorded is not None and int(recorded) != self.dense.dim:
+            raise IndexLoadError(f"{self.path}: embedding dimension {recorded}, dense {self.dense.dim}")
 
     @property
     def model_id(self) -> str | None:
         return self.manifest.get("model_id")
+
+    @property
+    def embedding(self) -> dict[str, Any]:
+        """The model that built the dense index: model (catalog key), model_id, dimension, backend.
+        Versions written before this was recorded carry only ``model_id``."""
+        return self.manifest.get("embedding") or {"model_id": self.model_id, "dimension": self.dim}
+
+    def check_query_model(self, model_id: str | None) -> None:
+        """Raise :class:`QueryModelMismatch` unless query vectors of ``model_id`` may search this version."""
+        if not model_id or model_id != self.model_id:
+            raise QueryModelMismatch(f"{self.path}: built with {self.model_id!r}, query encoder is {model_id!r}")
 
     @property
     def count(self) -> int:
@@ -519,7 +545,10 @@ class IndexBundle:
     def dim(self) -> int:
         return self.dense.dim
 
-    def dense_search(self, query_vec: np.ndarray, k: int) -> list[tuple[int, float]]:
+    def dense_search(self, query_vec: np.ndarray, k: int, *, model_id: str | None = None) -> list[tuple[int, float]]:
+        """``model_id``: the query encoder's; given, a version built with another model is refused."""
+        if model_id is not None:
+            self.check_query_model(model_id)
         return self.dense.search(query_vec, k)
 
     def bm25_search(self, query: str, k: int) -> list[tuple[int, float]]:
