@@ -10,6 +10,9 @@ PORT ?= 8000
 .PHONY: install install-llm system-deps demo test worker beat clean
 
 $(STAMP): requirements.txt
+	@# python-ldap (LDAP sign-in) compiles against OpenLDAP's headers.
+	@test -f /usr/include/ldap.h || { echo "Installing OpenLDAP and SASL headers for python-ldap"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libldap2-dev libsasl2-dev; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, from the local CPU build; otherwise pip fetches a multi-gigabyte CUDA build.
@@ -29,10 +32,17 @@ demo: install
 	$(DEMO_ENV) $(PY) manage.py demo_setup
 	$(DEMO_ENV) $(VENV)/bin/uvicorn kotaemon_site.asgi:application --host $(HOST) --port $(PORT)
 
-# Browser tests drive Debian's chromium (no browser download): installed once if missing.
+# Browser tests drive Debian's chromium (no browser download); sign-in tests run OpenLDAP's slapd and
+# an OpenID provider on Node.js (its npm packages from tests/accounts/idp/package-lock.json).
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { echo "Installing Debian's chromium for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@test -x /usr/sbin/slapd || { echo "Installing OpenLDAP's slapd for the LDAP sign-in tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd; }
+	@command -v npm >/dev/null 2>&1 || { echo "Installing Node.js for the OpenID provider of the sign-in tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
+	@test -d tests/accounts/idp/node_modules/oidc-provider || \
+	  (cd tests/accounts/idp && npm ci --no-audit --no-fund --loglevel=error)
 
 test: install system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -10,9 +10,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kotaemon_site.settings")
 django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
-
-from apps.core.ws_auth import ApiKeyOrSessionAuthMiddlewareStack  # noqa: E402
+from apps.core.ws_auth import ApiKeyOrSessionAuthMiddlewareStack, CookieOriginValidator  # noqa: E402
 from kotaemon_site.routing import websocket_urlpatterns  # noqa: E402
 from apps.core.runtime import configure_process  # noqa: E402
 from apps.core.cluster import ClusterLifespan  # noqa: E402
@@ -26,7 +24,8 @@ application = ClusterLifespan(ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": WebsocketMetricsMiddleware(
-            AllowedHostsOriginValidator(ApiKeyOrSessionAuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
+            # The Origin check guards cookie sessions; bearer-key clients may omit Origin (apps/core/ws_auth.py).
+            CookieOriginValidator(ApiKeyOrSessionAuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
         ),
     }
 ))

@@ -66,6 +66,7 @@ INSTALLED_APPS = [
     "apps.conversations",
     "apps.plugins",
     "apps.monitoring",
+    "apps.accounts",
 ]
 
 MIDDLEWARE = [
@@ -74,6 +75,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    # After sessions, before common: the language comes from the user's choice (cookie), else Accept-Language.
+    "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -96,6 +99,8 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "apps.accounts.context_processors.sign_in",
+                "django.template.context_processors.i18n",
             ],
         },
     },
@@ -191,12 +196,99 @@ LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 
+# --- Sign-in: local passwords, OpenID Connect, LDAP (see docs/operations.md) -----------------
+# `all`: everyone may sign in with a local password; `superusers`: only superusers may (break-glass),
+# everyone else signs in through single sign-on or LDAP.
+PASSWORD_LOGIN = env("PASSWORD_LOGIN", default="all")
+if PASSWORD_LOGIN not in ("all", "superusers"):
+    raise ImproperlyConfigured("PASSWORD_LOGIN must be `all` or `superusers`")
+AUTHENTICATION_BACKENDS = ["apps.accounts.backends.PasswordBackend"]
+# Directory groups -> Django groups (apps/accounts/directory.py), shared by OpenID Connect and LDAP.
+SSO_GROUP_RULES = env("SSO_GROUP_RULES", default="")
+SSO_STAFF_GROUPS = env.list("SSO_STAFF_GROUPS", default=[])
+SSO_SUPERUSER_GROUPS = env.list("SSO_SUPERUSER_GROUPS", default=[])
+
+# OpenID Connect (authorization code + PKCE; endpoints from the issuer's discovery document).
+OIDC_ISSUER = env("OIDC_ISSUER", default="").rstrip("/")
+OIDC_PROVIDER_NAME = env("OIDC_PROVIDER_NAME", default="")
+OIDC_RP_CLIENT_ID = env("OIDC_CLIENT_ID", default="")
+OIDC_RP_CLIENT_SECRET = env("OIDC_CLIENT_SECRET", default="")
+OIDC_RP_SCOPES = env("OIDC_SCOPES", default="openid email profile")
+OIDC_RP_SIGN_ALGO = env("OIDC_SIGN_ALGO", default="RS256")
+OIDC_GROUPS_CLAIM = env("OIDC_GROUPS_CLAIM", default="groups")
+OIDC_USERNAME_CLAIM = env("OIDC_USERNAME_CLAIM", default="preferred_username")
+OIDC_CREATE_USER = env.bool("OIDC_CREATE_USER", default=True)
+OIDC_USE_PKCE = True
+OIDC_STORE_ID_TOKEN = True  # the id_token_hint of RP-initiated logout
+OIDC_TIMEOUT = env.float("OIDC_TIMEOUT_SECONDS", default=10.0)
+OIDC_VERIFY_SSL = env("OIDC_CA_BUNDLE", default="") or env.bool("OIDC_VERIFY_SSL", default=True)
+OIDC_AUTHENTICATION_CALLBACK_URL = "oidc_authentication_callback"
+LOGIN_REDIRECT_URL_FAILURE = LOGIN_URL
+if OIDC_ISSUER:
+    if not (OIDC_RP_CLIENT_ID and OIDC_RP_CLIENT_SECRET):
+        raise ImproperlyConfigured("OIDC_ISSUER is set: OIDC_CLIENT_ID and OIDC_CLIENT_SECRET are required too")
+    AUTHENTICATION_BACKENDS.append("apps.accounts.oidc.Backend")
+
+# LDAP / Active Directory (django-auth-ldap), on when LDAP_SERVER_URI is set.
+AUTH_LDAP_SERVER_URI = env("LDAP_SERVER_URI", default="")
+AUTH_LDAP_BIND_DN = env("LDAP_BIND_DN", default="")
+AUTH_LDAP_BIND_PASSWORD = env("LDAP_BIND_PASSWORD", default="")
+AUTH_LDAP_START_TLS = env.bool("LDAP_START_TLS", default=False)
+AUTH_LDAP_USER_ATTR_MAP = {"first_name": "givenName", "last_name": "sn", "email": "mail"}
+AUTH_LDAP_ALWAYS_UPDATE_USER = True
+AUTH_LDAP_GROUP_SEARCH = None
+LDAP_LINK_EXISTING_USERS = env.bool("LDAP_LINK_EXISTING_USERS", default=False)
+if AUTH_LDAP_SERVER_URI:
+    import ldap as _ldap
+    from django_auth_ldap import config as _ldap_config
+
+    _tls_require = {"demand": _ldap.OPT_X_TLS_DEMAND, "hard": _ldap.OPT_X_TLS_HARD,
+                    "allow": _ldap.OPT_X_TLS_ALLOW, "never": _ldap.OPT_X_TLS_NEVER}
+    _tls_mode = env("LDAP_TLS_REQUIRE_CERT", default="demand")
+    if _tls_mode not in _tls_require:
+        raise ImproperlyConfigured("LDAP_TLS_REQUIRE_CERT must be demand, hard, allow or never")
+    AUTH_LDAP_CONNECTION_OPTIONS = {
+        _ldap.OPT_REFERRALS: 0,  # Active Directory: never chase referrals with our credentials
+        _ldap.OPT_NETWORK_TIMEOUT: env.float("LDAP_TIMEOUT_SECONDS", default=5.0),
+        _ldap.OPT_TIMEOUT: env.float("LDAP_TIMEOUT_SECONDS", default=5.0),
+        _ldap.OPT_X_TLS_REQUIRE_CERT: _tls_require[_tls_mode],
+    }
+    if env("LDAP_CA_CERT_FILE", default=""):
+        AUTH_LDAP_CONNECTION_OPTIONS[_ldap.OPT_X_TLS_CACERTFILE] = env("LDAP_CA_CERT_FILE")
+    # Must come last: it applies the TLS options above to this connection's context.
+    AUTH_LDAP_CONNECTION_OPTIONS[_ldap.OPT_X_TLS_NEWCTX] = 0
+    if env("LDAP_USER_DN_TEMPLATE", default=""):
+        AUTH_LDAP_USER_DN_TEMPLATE = env("LDAP_USER_DN_TEMPLATE")
+    else:
+        AUTH_LDAP_USER_SEARCH = _ldap_config.LDAPSearch(
+            env("LDAP_USER_SEARCH_BASE"), _ldap.SCOPE_SUBTREE, env("LDAP_USER_FILTER", default="(uid=%(user)s)"))
+    if env("LDAP_GROUP_SEARCH_BASE", default=""):
+        _group_types = {
+            "groupOfNames": _ldap_config.GroupOfNamesType, "groupOfUniqueNames": _ldap_config.GroupOfUniqueNamesType,
+            "posixGroup": _ldap_config.PosixGroupType, "activeDirectory": _ldap_config.ActiveDirectoryGroupType,
+            "nestedGroupOfNames": _ldap_config.NestedGroupOfNamesType,
+            "nestedActiveDirectory": _ldap_config.NestedActiveDirectoryGroupType,
+        }
+        _group_type = env("LDAP_GROUP_TYPE", default="groupOfNames")
+        if _group_type not in _group_types:
+            raise ImproperlyConfigured(f"LDAP_GROUP_TYPE must be one of {', '.join(_group_types)}")
+        AUTH_LDAP_GROUP_TYPE = _group_types[_group_type]()
+        AUTH_LDAP_GROUP_SEARCH = _ldap_config.LDAPSearch(
+            env("LDAP_GROUP_SEARCH_BASE"), _ldap.SCOPE_SUBTREE,
+            env("LDAP_GROUP_FILTER", default="(objectClass=*)"))
+    if env("LDAP_REQUIRE_GROUP", default=""):
+        AUTH_LDAP_REQUIRE_GROUP = env("LDAP_REQUIRE_GROUP")
+    AUTHENTICATION_BACKENDS.append("apps.accounts.ldap.Backend")
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "apps.core.authentication.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Every endpoint checks the API-key scope it needs (apps/core/scopes.py); permissions proper are the
+    # services' business (apps/core/authz.py).
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated",
+                                   "apps.core.scopes.ApiKeyScopePermission"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "apps.core.errors.api_exception_handler",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
@@ -243,7 +335,15 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 DATA_UPLOAD_MAX_NUMBER_FILES = env.int("DATA_UPLOAD_MAX_NUMBER_FILES", default=200)
 
 # --- i18n, static, media ---------------------------------------------------------------
-LANGUAGE_CODE = "en-us"
+# English stays the default; Chinese (simplified) is chosen on the chat page (a cookie) or by the
+# browser's Accept-Language (zh, zh-CN, zh-SG fall back to zh-hans). Compiled catalogs are committed
+# (locale/*/LC_MESSAGES/*.mo, kept in sync with the .po files by a test), so no gettext is needed to run.
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+LANGUAGE_COOKIE_NAME = "kotaemon_language"
+LANGUAGE_COOKIE_AGE = 365 * 24 * 3600
+LANGUAGE_COOKIE_SAMESITE = "Lax"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
@@ -311,6 +411,14 @@ CELERY_BEAT_SCHEDULE["knowledge-index-cleanup"] = {
     "task": "knowledge.cleanup_indexes", "schedule": float(max(60, KNOWLEDGE_INDEX_GRACE_SECONDS // 2)),
 }
 
+# --- Outbound requests (apps/core/outbound.py: document URLs, plugins' HTTP, connectors) --
+# Internal hosts the platform may fetch from (names, *.domain, IPs, CIDRs, each optionally :port);
+# everything that resolves to loopback/private/link-local/metadata ranges is refused otherwise.
+OUTBOUND_ALLOWED_HOSTS = env.list("OUTBOUND_ALLOWED_HOSTS", default=[])
+OUTBOUND_TIMEOUT_SECONDS = env.float("OUTBOUND_TIMEOUT_SECONDS", default=10.0)
+OUTBOUND_MAX_BYTES = env.int("OUTBOUND_MAX_BYTES", default=10 * 1024 * 1024)
+OUTBOUND_MAX_REDIRECTS = env.int("OUTBOUND_MAX_REDIRECTS", default=5)
+
 # --- Conversations (apps/conversations) ------------------------------------------------
 SESSION_STORE_BACKEND = env("SESSION_STORE_BACKEND", default="redis" if REDIS_URL else "memory")
 SESSION_STATE_TTL_SECONDS = env.int("SESSION_STATE_TTL_SECONDS", default=24 * 3600)
@@ -329,6 +437,13 @@ GENERATOR_BY_KNOWLEDGE_BASE = env.dict("GENERATOR_BY_KNOWLEDGE_BASE", default={}
 CHAT_TOP_K = env.int("CHAT_TOP_K", default=6)
 LLM_MAX_TOKENS = env.int("LLM_MAX_TOKENS", default=512)
 LLM_PROMPT_MAX_CHARS = env.int("LLM_PROMPT_MAX_CHARS", default=6000)
+# Resumable answers (apps/conversations/turn_stream.py): event logs, leases, takeover.
+TURN_STREAM_BACKEND = env("TURN_STREAM_BACKEND", default="redis" if REDIS_URL else "memory")
+TURN_STREAM_TTL_SECONDS = env.int("TURN_STREAM_TTL_SECONDS", default=3600)  # a log lives this long after its last event
+TURN_STREAM_MAXLEN = env.int("TURN_STREAM_MAXLEN", default=10000)  # events kept per turn
+TURN_LEASE_SECONDS = env.float("TURN_LEASE_SECONDS", default=5.0)  # a dead generator is taken over after this
+TURN_PERSIST_SECONDS = env.float("TURN_PERSIST_SECONDS", default=0.5)  # partial answer saved this often
+OPENAI_ALL_MODEL = env("OPENAI_ALL_MODEL", default="kotaemon-all")  # /v1/ model id searching every readable base
 
 # --- Plugins (apps/plugins) ------------------------------------------------------------
 PLUGINS_DIR = Path(env("PLUGINS_DIR", default=str(BASE_DIR / "plugins_local")))
@@ -354,6 +469,7 @@ METRICS_TOKEN = env("METRICS_TOKEN", default="")
 # Audit log: every create/update/delete (and many-to-many change) of these models is recorded.
 AUDITED_MODELS = env.list("AUDITED_MODELS", default=[
     "knowledge.KnowledgeBase", "knowledge.Document", "plugins.PluginConfig", "core.ApiKey", "auth.User", "auth.Group",
+    "accounts.ExternalIdentity",
 ])
 # Fields whose changes alone do not make an audit row ("*": every model). Auto-stamped (auto_now) and
 # non-editable fields are always ignored; the document processing status is the ingest task's bookkeeping.
@@ -373,6 +489,10 @@ DASHBOARD_DAYS = env.int("DASHBOARD_DAYS", default=30)
 # Conversation archives (manage.py archive_conversations / restore_conversations): gzip JSON Lines files
 # under ARCHIVE_ROOT, or in an S3-compatible bucket when ARCHIVE_S3_BUCKET is set.
 ARCHIVE_ROOT = Path(env("ARCHIVE_ROOT", default=str(DATA_DIR / "archive")))
+# Archives are signed (HMAC-SHA256) with this dedicated key and restore refuses anything it did not sign.
+# Kept apart from SECRET_KEY so rotating one does not invalidate the other. Required to archive or restore
+# with DEBUG off (the commands say so); development and tests get a fixed insecure key.
+ARCHIVE_SIGNING_KEY = env("ARCHIVE_SIGNING_KEY", default="" if not _DEV_DEFAULTS else "insecure-dev-archive-signing-key")
 ARCHIVE_S3_BUCKET = env("ARCHIVE_S3_BUCKET", default="")
 ARCHIVE_S3_PREFIX = env("ARCHIVE_S3_PREFIX", default="conversations/")
 ARCHIVE_S3_ENDPOINT_URL = env("ARCHIVE_S3_ENDPOINT_URL", default="")  # MinIO, Ceph, ...; empty: AWS

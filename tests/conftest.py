@@ -58,6 +58,27 @@ def staff_user(django_user_model):
     return django_user_model.objects.create_user(username="editor", password="pw-editor-123", is_staff=True)
 
 
+def _in_role(user, role: str):
+    from django.contrib.auth.models import Group
+
+    user.groups.add(Group.objects.get(name=role))
+    return type(user).objects.get(pk=user.pk)  # permissions are cached on the instance
+
+
+@pytest.fixture
+def auditor(django_user_model):
+    """Staff in the Auditors role (audit log, dashboard, cluster page); apps.core.authz.ROLES."""
+    return _in_role(django_user_model.objects.create_user(username="auditor", password="pw-auditor-123",
+                                                          is_staff=True), "Auditors")
+
+
+@pytest.fixture
+def plugin_admin(django_user_model):
+    """Staff in the Plugin administrators role."""
+    return _in_role(django_user_model.objects.create_user(username="plugadmin", password="pw-plugadmin-123",
+                                                          is_staff=True), "Plugin administrators")
+
+
 @pytest.fixture
 def api_client():
     from rest_framework.test import APIClient

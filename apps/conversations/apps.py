@@ -8,6 +8,7 @@ class ConversationsConfig(AppConfig):
     verbose_name = "Conversations"
 
     def ready(self) -> None:
+        from apps.core.cluster import register_reconciler
         from apps.core.events import register_handler
 
         from . import metrics  # noqa: F401  (registers the metrics on the monitoring registry)
@@ -15,3 +16,11 @@ class ConversationsConfig(AppConfig):
 
         # Another instance changed a session: drop our cached copy (the cluster listener delivers it).
         register_handler("session_updated", on_session_updated)
+        # An instance died while generating a turn: whoever notices first after its lease expired finishes it.
+        register_reconciler("chat_turn_takeover", _turns_reconcile)
+
+
+def _turns_reconcile() -> None:
+    from .services import turns_reconcile
+
+    turns_reconcile()

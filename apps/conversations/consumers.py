@@ -1,7 +1,10 @@
 """Websocket chat: /ws/chat/<session_id>/ (session cookie or API key).
 
-Client -> server: {"type": "message", "message": "...", "knowledge_bases": [...]} or {"type": "ping"}.
-Server -> client: {"type": "token", "text": "..."} while the answer is generated, then one
+Client -> server: {"type": "message", "message": "...", "knowledge_bases": [...]}, {"type": "ping"}, or
+{"type": "resume", "turn_id"?: "...", "offset": n} after a reconnect (any instance).
+Server -> client, each answer event with its "offset" in the turn's event log: {"type": "turn", "turn_id",
+"session_id", "user_message_id", "message_id"}, {"type": "token", "text": "..."} while the answer is
+generated, {"type": "reset"} (drop the text so far: a takeover regenerated it differently), then one
 {"type": "answer", ...same payload as POST /api/v1/chat/}; or {"type": "error", "code", "message",
 "details"}. Recoverable errors (bad frames, throttling, a failed generation) keep the connection;
 a bad or foreign session id closes it after the error frame.
@@ -16,9 +19,13 @@ from typing import Any
 
 from channels.db import DatabaseSyncToAsync
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.utils import translation
+from django.utils.translation import gettext
 
-from apps.core.errors import ApplicationError
+from apps.core.errors import SERVER_ERROR, ApplicationError
+from apps.core.i18n import language_from_scope
 from apps.core.throttling import ChatRateThrottle
+from apps.core.ws_auth import CLOSE_IDENTITY_GONE, ws_identity_recheck
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +57,17 @@ def _throttle_wait(user, api_key, client_ip: str) -> float | None:
     return throttle.wait() or 1.0
 
 
-def _run_turn(user, session_id: str, message: Any, knowledge_bases: Any, on_token):
-    from .services import chat_turn
+def _start_turn(user, session_id: str, message: Any, knowledge_bases: Any):
+    from .services import turn_start
 
-    return chat_turn(user=user, session_id=session_id, message=message, knowledge_bases=knowledge_bases,
-                     on_token=on_token, channel="websocket")
+    return turn_start(user=user, session_id=session_id, message=message, knowledge_bases=knowledge_bases,
+                      channel="websocket")
+
+
+def _resume_target(user, session_id: str, turn_id: Any) -> str:
+    from .services import turn_for_resume
+
+    return turn_for_resume(user=user, turn_id=turn_id, session_id=session_id)
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -62,6 +75,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
     # events go through apps.core.cluster), and with channels-redis every idle socket would otherwise
     # hold a blocking Redis receive that must be cancelled on disconnect (connection churn, stuck teardown).
     channel_layer_alias = None
+
+    async def dispatch(self, message):
+        # No LocaleMiddleware here: every frame is handled (and every turn run, its task inheriting the
+        # context) in the language of the handshake's cookie or Accept-Language, as the page is served.
+        if not hasattr(self, "language"):
+            self.language = language_from_scope(self.scope)
+        with translation.override(self.language):
+            await super().dispatch(message)
 
     async def connect(self):
         from apps.monitoring.metrics import websocket_connections_total
@@ -85,76 +106,94 @@ class ChatConsumer(AsyncWebsocketConsumer):
         websocket_connections_total.labels("chat", "accepted").inc()
 
     async def disconnect(self, code):
-        # A turn in flight finishes in its thread and is saved; only its frames are dropped.
+        # The answer goes on in its own thread and is saved; only this socket's reading stops.
         self.closed = True
+        if getattr(self, "turn", None) is not None and not self.turn.done():
+            self.turn.cancel()
 
     async def receive(self, text_data=None, bytes_data=None):
         if text_data is None:
-            await self.send_error("bad_frame", "Send JSON text frames, not binary.")
+            await self.send_error("bad_frame", gettext("Send JSON text frames, not binary."))
             return
         if len(text_data.encode("utf-8")) > MAX_FRAME_BYTES:
-            await self.send_error("frame_too_large", f"A frame is at most {MAX_FRAME_BYTES // 1024} KiB.")
+            await self.send_error("frame_too_large", gettext("A frame is at most %(kib)d KiB.")
+                                  % {"kib": MAX_FRAME_BYTES // 1024})
             return
         try:
             payload = json.loads(text_data)
         except ValueError:
-            await self.send_error("malformed_json", "The frame is not valid JSON.")
+            await self.send_error("malformed_json", gettext("The frame is not valid JSON."))
             return
         if not isinstance(payload, dict):
-            await self.send_error("invalid_frame", 'A frame is a JSON object with a "type".')
+            await self.send_error("invalid_frame", gettext('A frame is a JSON object with a "type".'))
             return
         kind = payload.get("type")
         if kind == "ping":
             await self.send_json({"type": "pong"})
             return
-        if kind != "message":
-            await self.send_error("unknown_type", 'Unknown frame type; send {"type": "message", "message": "..."}.',
+        if kind not in ("message", "resume"):
+            await self.send_error("unknown_type",
+                                  gettext('Unknown frame type; send {"type": "message", "message": "..."}.'),
                                   details={"type": str(kind)[:40]})
             return
         if self.turn is not None and not self.turn.done():
-            await self.send_error("turn_in_progress", "Wait for the answer before sending the next message.")
+            await self.send_error("turn_in_progress", gettext("Wait for the answer before sending the next message."))
+            return
+        # Every turn: the key or session still valid, the user still active, groups as they are now.
+        identity = await ws_identity_recheck(self.scope)
+        if not identity.ok:
+            await self.send_error(identity.code, identity.message)
+            await self.close(code=CLOSE_IDENTITY_GONE)
+            return
+        self.user = identity.user
+        if kind == "resume":
+            offset = payload.get("offset", 0)
+            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+                await self.send_error("invalid_frame", gettext("offset is the last offset received (0 for all)."))
+                return
+            try:
+                turn_id = await in_thread(_resume_target)(self.user, self.session_id, payload.get("turn_id"))
+            except ApplicationError as exc:
+                await self.send_error(exc.code, exc.message, details=exc.details)
+                return
+            self.turn = asyncio.ensure_future(self._follow(turn_id, offset))
             return
         client = self.scope.get("client") or ("", 0)
         wait = await in_thread(_throttle_wait)(self.user, self.scope.get("api_key"), client[0] or "")
         if wait is not None:
             retry = int(wait + 0.999)
-            await self.send_error("throttled", f"Too many messages; retry in {retry} s.",
+            await self.send_error("throttled", gettext("Too many messages; retry in %(seconds)d s.") % {"seconds": retry},
                                   details={"retry_after_seconds": retry})
             return
         self.turn = asyncio.ensure_future(self._turn(payload.get("message"), payload.get("knowledge_bases")))
 
     async def _turn(self, message: Any, knowledge_bases: Any) -> None:
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue[str] = asyncio.Queue()
-
-        def on_token(text: str) -> None:
-            loop.call_soon_threadsafe(tokens.put_nowait, text)
-
-        work = asyncio.ensure_future(in_thread(_run_turn)(self.user, self.session_id, message, knowledge_bases,
-                                                          on_token))
         try:
-            while True:
-                getter = asyncio.ensure_future(tokens.get())
-                done, _ = await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    await self.send_json({"type": "token", "text": getter.result()})
-                    continue
-                getter.cancel()
-                break
-            while not tokens.empty():
-                await self.send_json({"type": "token", "text": tokens.get_nowait()})
-            result = work.result()
+            handle = await in_thread(_start_turn)(self.user, self.session_id, message, knowledge_bases)
         except ApplicationError as exc:
             await self.send_error(exc.code, exc.message, details=exc.details)
             return
         except Exception:
             logger.exception("chat turn failed on the websocket")
-            await self.send_error("server_error", "An unexpected error occurred; it has been logged.")
+            await self.send_error("server_error", str(SERVER_ERROR))
             return
-        await self.send_json({"type": "answer", **result.to_dict()})
+        await self._follow(handle.turn_id, 0)
+
+    async def _follow(self, turn_id: str, after: int) -> None:
+        from .services import turn_takeover
+        from .turn_stream import turn_follow
+
+        try:
+            async for offset, event in turn_follow(turn_id, after=after, on_orphan=turn_takeover):
+                await self.send_json({**event, "offset": offset})
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("following a chat turn failed on the websocket")
+            await self.send_error("server_error", str(SERVER_ERROR))
 
     async def send_error(self, code: str, message: str, *, details: dict | None = None) -> None:
-        await self.send_json({"type": "error", "code": code, "message": message, "details": details or {}})
+        await self.send_json({"type": "error", "code": code, "message": str(message), "details": details or {}})
 
     async def send_json(self, content: dict) -> None:
         if getattr(self, "closed", False):

@@ -34,3 +34,7 @@ llm_tokens_total = Counter(
     "kotaemon_llm_tokens_total", "Tokens used by generator and kind (prompt, completion)", ["generator", "kind"],
     registry=REGISTRY,
 )
+turn_takeovers_total = Counter(
+    "kotaemon_chat_turn_takeovers_total", "Chat turns this instance took over after their generator's lease expired",
+    registry=REGISTRY,
+)

@@ -40,6 +40,15 @@ class Message(models.Model):
     latency_ms = models.FloatField(null=True, blank=True)
     # Set when generation failed (e.g. "llm_unavailable"); the turn is still recorded.
     error_code = models.CharField(max_length=64, blank=True)
+
+    class Status(models.TextChoices):
+        COMPLETE = "complete", "Complete"
+        STREAMING = "streaming", "Streaming"
+
+    # An answer is saved as it is generated ("streaming", content = the text so far) and completed
+    # exactly once; turn_id names its event stream (apps/conversations/turn_stream.py).
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.COMPLETE)
+    turn_id = models.CharField(max_length=32, blank=True, db_index=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

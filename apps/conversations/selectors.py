@@ -7,6 +7,7 @@ from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Count, QuerySet
+from django.utils.translation import gettext
 
 from apps.core.errors import ApplicationError, NotFound
 
@@ -23,7 +24,7 @@ STATE_TURN_CHARS = 2000
 def session_id_validate(session_id: Any) -> str:
     if not isinstance(session_id, str) or not SESSION_ID_RE.match(session_id):
         raise ApplicationError("invalid_session_id",
-                               "A session id is 8 to 64 characters: letters, digits, '-' and '_'.",
+                               gettext("A session id is 8 to 64 characters: letters, digits, '-' and '_'."),
                                details={"session_id": str(session_id)[:80]})
     return session_id
 
@@ -41,14 +42,14 @@ def conversation_find(*, user: AbstractBaseUser, session_id: str) -> Conversatio
     session_id_validate(session_id)
     conversation = Conversation.objects.filter(session_id=session_id).first()
     if conversation is not None and conversation.owner_id != user.pk:
-        raise NotFound("No such conversation.", code="conversation_not_found")
+        raise NotFound(gettext("No such conversation."), code="conversation_not_found")
     return conversation
 
 
 def conversation_get(*, user: AbstractBaseUser, session_id: str) -> Conversation:
     conversation = conversation_find(user=user, session_id=session_id)
     if conversation is None:
-        raise NotFound("No such conversation.", code="conversation_not_found")
+        raise NotFound(gettext("No such conversation."), code="conversation_not_found")
     return conversation
 
 
@@ -61,9 +62,9 @@ def message_get_for_feedback(*, user: AbstractBaseUser, message_id: int) -> Mess
     message = (Message.objects.select_related("conversation")
                .filter(pk=message_id, conversation__owner=user).first())
     if message is None:
-        raise NotFound("No such message.", code="message_not_found")
+        raise NotFound(gettext("No such message."), code="message_not_found")
     if message.role != Message.Role.ASSISTANT:
-        raise ApplicationError("feedback_not_allowed", "Feedback is given on the assistant's answers only.",
+        raise ApplicationError("feedback_not_allowed", gettext("Feedback is given on the assistant's answers only."),
                                details={"message_id": message_id})
     return message
 
@@ -79,7 +80,10 @@ def session_state_matches(data: dict[str, Any] | None, conversation: Conversatio
 
 
 def session_state_from_database(*, conversation: Conversation) -> dict[str, Any]:
-    recent = list(conversation.messages.order_by("-id").values("role", "content", "query")[:STATE_TURNS])
+    # A turn still being answered is not history yet (its answer is partial); it joins when completed.
+    unfinished = conversation.messages.filter(status=Message.Status.STREAMING).exclude(turn_id="").values("turn_id")
+    recent = list(conversation.messages.exclude(turn_id__in=unfinished).order_by("-id")
+                  .values("role", "content", "query")[:STATE_TURNS])
     recent.reverse()
     last_query = next((m["query"] or m["content"] for m in reversed(recent) if m["role"] == "user"), "")
     return {
@@ -108,3 +112,16 @@ def session_state_get(*, conversation: Conversation) -> SessionState:
         return built
 
     return store.update(conversation.session_id, keep_or_build) or SessionState(0, built)
+
+
+def conversation_find_by_answer(*, user: AbstractBaseUser, answer: str) -> str | None:
+    """The session id of the user's conversation whose answer is `answer` (the newest such), or None.
+    OpenAI-style clients send the whole dialogue back instead of a conversation id; the last answer
+    they quote identifies the conversation they continue."""
+    answer = (answer or "").strip()
+    if not answer:
+        return None
+    found = (Message.objects.filter(conversation__owner=user, conversation__archived=False,
+                                    role=Message.Role.ASSISTANT, content=answer)
+             .order_by("-id").values_list("conversation__session_id", flat=True).first())
+    return found

@@ -14,6 +14,9 @@ class ChatRequestSerializer(serializers.Serializer):
                                             allow_null=True, max_length=20,
                                             help_text="Slugs or ids to search; omit for every knowledge base "
                                                       "you can read.")
+    stream = serializers.BooleanField(required=False, default=False,
+                                      help_text="Stream the answer as server-sent events (also with Accept: "
+                                                "text/event-stream): turn, token..., then answer or error.")
 
 
 class ChunkCitationSerializer(serializers.Serializer):
@@ -79,7 +82,7 @@ class MessageSerializer(serializers.ModelSerializer):
     class Meta:
         model = Message
         fields = ["id", "role", "content", "citations", "plugin_results", "generator", "prompt_tokens",
-                  "completion_tokens", "latency_ms", "error_code", "created_at", "feedback"]
+                  "completion_tokens", "latency_ms", "error_code", "status", "turn_id", "created_at", "feedback"]
 
     def get_feedback(self, message) -> str | None:
         """Your rating of this answer ("up", "down"), if any."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from django.conf import settings
+from django.utils.translation import gettext
 
 from apps.core.errors import ApplicationError
 
@@ -160,7 +161,7 @@ class SessionStore(ABC):
 
 
 def _busy(session_id: str) -> ApplicationError:
-    return ApplicationError("session_busy", "The conversation is being updated by too many requests at once; retry.",
+    return ApplicationError("session_busy", gettext("The conversation is being updated by too many requests at once; retry."),
                             details={"session_id": session_id}, status=409)
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from django.utils.translation import gettext
 from apps.core.errors import ApplicationError
 from apps.core.throttling import ChatRateThrottle, UserOrKeyRateThrottle
 
@@ -14,7 +16,8 @@ from .selectors import conversation_get, conversation_list, message_list
 from .serializers import (ChatRequestSerializer, ChatResponseSerializer, ConversationSerializer,
                           ConversationUpdateSerializer, FeedbackRequestSerializer, FeedbackSerializer,
                           MessageSerializer)
-from .services import chat_turn, conversation_delete, conversation_update, feedback_submit
+from .services import chat_turn, conversation_delete, conversation_update, feedback_submit, turn_for_resume, turn_start
+from .streaming import EventStreamRenderer, event_stream_response, last_event_id, rest_events
 
 _ERRORS = {400: OpenApiResponse(description="Invalid input: error.code names the problem"),
            404: OpenApiResponse(description="conversation_not_found / knowledge_base_not_found"),
@@ -22,7 +25,9 @@ _ERRORS = {400: OpenApiResponse(description="Invalid input: error.code names the
 
 
 class ChatView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     throttle_classes = [UserOrKeyRateThrottle, ChatRateThrottle]
+    renderer_classes = [JSONRenderer, EventStreamRenderer]
 
     @extend_schema(
         request=ChatRequestSerializer,
@@ -38,12 +43,35 @@ class ChatView(APIView):
         params = ChatRequestSerializer(data=request.data)
         params.is_valid(raise_exception=True)
         data = params.validated_data
+        if data.get("stream") or "text/event-stream" in request.headers.get("Accept", ""):
+            handle = turn_start(user=request.user, session_id=data.get("session_id"), message=data["message"],
+                                knowledge_bases=data.get("knowledge_bases") or None, channel="rest")
+            return event_stream_response(rest_events(handle.turn_id), X_Session_ID=handle.session_id,
+                                         X_Turn_ID=handle.turn_id)
         result = chat_turn(user=request.user, session_id=data.get("session_id"), message=data["message"],
                            knowledge_bases=data.get("knowledge_bases") or None, channel="rest")
         return Response(result.to_dict())
 
 
+class TurnEventsView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
+    throttle_classes = [UserOrKeyRateThrottle]
+    renderer_classes = [JSONRenderer, EventStreamRenderer]
+
+    @extend_schema(
+        parameters=[OpenApiParameter("after", int, description="Offset already received (or the Last-Event-ID "
+                                                               "header); 0 replays the whole answer")],
+        responses={(200, "text/event-stream"): OpenApiResponse(description="The rest of the turn's events"),
+                   404: OpenApiResponse(description="turn_not_found (another user's, expired or unknown)")},
+        summary="Resume a streamed answer from an offset, on any instance", tags=["chat"],
+    )
+    def get(self, request, turn_id: str):
+        turn_id = turn_for_resume(user=request.user, turn_id=turn_id)
+        return event_stream_response(rest_events(turn_id, last_event_id(request)), X_Turn_ID=turn_id)
+
+
 class ConversationListView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(
         parameters=[OpenApiParameter("archived", str, enum=["false", "true", "all"],
                                      description="Which conversations to list (default: not archived)")],
@@ -52,7 +80,7 @@ class ConversationListView(APIView):
     def get(self, request):
         raw = request.query_params.get("archived", "false").lower()
         if raw not in ("false", "true", "all"):
-            raise ApplicationError("invalid_parameter", "archived is one of false, true, all.",
+            raise ApplicationError("invalid_parameter", gettext("archived is one of false, true, all."),
                                    details={"archived": raw})
         qs = conversation_list(user=request.user, archived=None if raw == "all" else raw == "true")
         paginator = LimitOffsetPagination()
@@ -61,6 +89,7 @@ class ConversationListView(APIView):
 
 
 class ConversationDetailView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(responses={200: ConversationSerializer, 404: _ERRORS[404]}, summary="One conversation",
                    tags=["chat"])
     def get(self, request, session_id: str):
@@ -82,6 +111,7 @@ class ConversationDetailView(APIView):
 
 
 class MessageListView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(responses={200: MessageSerializer(many=True), 404: _ERRORS[404]},
                    summary="Messages of a conversation, oldest first", tags=["chat"])
     def get(self, request, session_id: str):
@@ -94,6 +124,7 @@ class MessageListView(APIView):
 
 
 class FeedbackView(APIView):
+    api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(request=FeedbackRequestSerializer, responses={200: FeedbackSerializer, 404: _ERRORS[404]},
                    summary="Rate an answer (up or down, optional comment); again replaces it", tags=["chat"])
     def post(self, request, message_id: int):

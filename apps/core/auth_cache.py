@@ -56,6 +56,15 @@ def drop_key(key_id: int) -> int:
     return len(stale)
 
 
+def drop_user(user_id: int) -> int:
+    """Forget every cached key of user `user_id` (its cached user object is stale after a user change)."""
+    with _lock:
+        stale = [h for h, (_, key) in _entries.items() if key.user_id == user_id]
+        for key_hash in stale:
+            del _entries[key_hash]
+    return len(stale)
+
+
 def clear() -> None:
     with _lock:
         _entries.clear()

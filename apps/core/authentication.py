@@ -1,6 +1,7 @@
 """DRF authentication by API key: `Authorization: Bearer <key>`."""
 from __future__ import annotations
 
+from django.utils.translation import gettext
 from rest_framework import authentication, exceptions
 
 from .services import KEY_PREFIX, api_key_authenticate
@@ -23,10 +24,10 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         if token is None:
             return None
         if not token.startswith(KEY_PREFIX):
-            raise exceptions.AuthenticationFailed("Malformed API key.")
+            raise exceptions.AuthenticationFailed(gettext("Malformed API key."))
         key = api_key_authenticate(raw_key=token)
         if key is None:
-            raise exceptions.AuthenticationFailed("Invalid, expired or revoked API key.")
+            raise exceptions.AuthenticationFailed(gettext("Invalid, expired or revoked API key."))
         request.api_key = key
         return key.user, key
 

@@ -2,6 +2,8 @@
 
 Every API error is {"error": {"code": str, "message": str, "details": dict}}. Codes are stable:
 clients switch on them. Services raise ApplicationError; DRF and Django errors are mapped here.
+Messages are for people and come in the request's language (gettext; LocaleMiddleware for HTTP, the
+websocket consumer for its frames); the code never changes with the language.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest, JsonResponse
+from django.utils.translation import gettext, gettext_lazy
 from rest_framework import exceptions as drf_exceptions
 
 logger = logging.getLogger(__name__)
@@ -33,15 +36,15 @@ class ApplicationError(Exception):
 class NotFound(ApplicationError):
     status_code = 404
 
-    def __init__(self, message: str = "Not found.", *, code: str = "not_found", details=None):
-        super().__init__(code, message, details=details)
+    def __init__(self, message: str | None = None, *, code: str = "not_found", details=None):
+        super().__init__(code, message if message is not None else gettext("Not found."), details=details)
 
 
 class PermissionDenied(ApplicationError):
     status_code = 403
 
-    def __init__(self, message: str = "You do not have permission to perform this action.", *,
-                 code: str = "permission_denied", details=None):
+    def __init__(self, message: str | None = None, *, code: str = "permission_denied", details=None):
+        message = message if message is not None else gettext("You do not have permission to perform this action.")
         super().__init__(code, message, details=details)
 
 
@@ -80,12 +83,17 @@ def unavailable_dependency(exc: BaseException) -> str | None:
 
 
 def unavailable_body(dependency: str) -> dict[str, Any]:
-    return error_body("service_unavailable", "A backing service is unavailable; please retry shortly.",
+    return error_body("service_unavailable", gettext("A backing service is unavailable; please retry shortly."),
                       {"dependency": dependency})
 
 
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details or {}}}
+    # str(): a lazy translation becomes text in the active language, and JSON encoders see a plain str.
+    return {"error": {"code": code, "message": str(message), "details": details or {}}}
+
+
+INVALID_REQUEST = gettext_lazy("The request is invalid; see details.")
+SERVER_ERROR = gettext_lazy("An unexpected error occurred; it has been logged.")
 
 
 def _drf_code(exc: drf_exceptions.APIException) -> str:
@@ -98,12 +106,12 @@ def _drf_code(exc: drf_exceptions.APIException) -> str:
 
 def _message_for(exc: drf_exceptions.APIException) -> str:
     if isinstance(exc, drf_exceptions.ValidationError):
-        return "The request is invalid; see details."
+        return str(INVALID_REQUEST)
     detail = exc.detail
     if isinstance(detail, (list, tuple)) and detail:
         return str(detail[0])
     if isinstance(detail, dict):
-        return "The request is invalid; see details."
+        return str(INVALID_REQUEST)
     return str(detail)
 
 
@@ -140,7 +148,7 @@ def api_exception_handler(exc: Exception, context: dict):
         headers["Retry-After"] = "5"
     else:
         logger.exception("Unhandled error in API view", extra={"view": str(context.get("view"))})
-        body, status = error_body("server_error", "An unexpected error occurred; it has been logged."), 500
+        body, status = error_body("server_error", SERVER_ERROR), 500
     set_rollback()
     return Response(body, status=status, headers=headers)
 
@@ -152,7 +160,7 @@ def _is_api_request(request: HttpRequest) -> bool:
 
 def handler404(request: HttpRequest, exception: Exception | None = None):
     if _is_api_request(request):
-        return JsonResponse(error_body("not_found", "No such endpoint or object."), status=404)
+        return JsonResponse(error_body("not_found", gettext("No such endpoint or object.")), status=404)
     from django.views.defaults import page_not_found
 
     return page_not_found(request, exception)
@@ -160,7 +168,7 @@ def handler404(request: HttpRequest, exception: Exception | None = None):
 
 def handler500(request: HttpRequest):
     if _is_api_request(request):
-        return JsonResponse(error_body("server_error", "An unexpected error occurred; it has been logged."), status=500)
+        return JsonResponse(error_body("server_error", SERVER_ERROR), status=500)
     from django.views.defaults import server_error
 
     return server_error(request)

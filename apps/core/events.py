@@ -34,7 +34,7 @@ from apps.monitoring.metrics import REGISTRY
 logger = logging.getLogger(__name__)
 
 CLUSTER_GROUP = "kotaemon.cluster"
-EVENT_TYPES = ("knowledge_updated", "plugin_config_updated", "api_key_revoked", "session_updated")
+EVENT_TYPES = ("knowledge_updated", "plugin_config_updated", "api_key_revoked", "session_updated", "user_changed")
 # Which payload field names the thing a version belongs to; the first present one wins. A type whose
 # payload has none of them has one key ("") for all its events, i.e. one global version.
 KEY_FIELDS: dict[str, tuple[str, ...]] = {
@@ -43,6 +43,8 @@ KEY_FIELDS: dict[str, tuple[str, ...]] = {
     "plugin_config_updated": (),
     "api_key_revoked": ("key_id", "prefix"),
     "session_updated": ("session_id", "session", "conversation_id"),
+    # A user's account, groups or permissions changed (user_id None: a group's permissions, i.e. anyone).
+    "user_changed": ("user_id",),
 }
 MAX_ID_LENGTH = 64
 

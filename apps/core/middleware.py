@@ -7,7 +7,7 @@ import uuid
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from .errors import error_body, unavailable_body, unavailable_dependency
+from .errors import SERVER_ERROR, error_body, unavailable_body, unavailable_dependency
 from .logging import current_request_var, request_id_var, session_id_var
 
 logger = logging.getLogger(__name__)
@@ -87,4 +87,4 @@ class ApiErrorMiddleware:
             response["Retry-After"] = "5"
             return response
         logger.exception("Unhandled error in %s %s", request.method, request.path)
-        return JsonResponse(error_body("server_error", "An unexpected error occurred; it has been logged."), status=500)
+        return JsonResponse(error_body("server_error", SERVER_ERROR), status=500)

@@ -5,10 +5,26 @@ from django.db import models
 from django.utils import timezone
 
 
+# What an API key may be used for; each endpoint names the scope it needs (apps/core/scopes.py).
+SCOPES: dict[str, str] = {
+    "read": "read knowledge bases, documents, conversations and one's own profile",
+    "search": "search knowledge bases",
+    "chat": "chat (REST, websocket) and manage one's conversations and feedback",
+    "manage": "change knowledge bases, documents and plugins (still within the user's permissions)",
+    "keys": "create and revoke API keys (never wider or longer-lived than the key itself)",
+}
+
+
+def all_scopes() -> list[str]:
+    return list(SCOPES)
+
+
 class ApiKey(models.Model):
     """A personal API key. Only the SHA-256 of the secret is stored; `prefix` identifies it to humans.
 
     Keys carry 256 bits of randomness, so a fast hash is sufficient (nothing to brute-force).
+    A key minted with another key records it as `parent`: its scopes and life are within the parent's,
+    and revoking (or deleting) the parent revokes (deletes) it.
     """
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
@@ -19,10 +35,16 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    scopes = models.JSONField(default=all_scopes, blank=True)
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="children",
+                               help_text="The key this key was created with (if any).")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+", help_text="Who issued the key, when not its own user.")
 
     class Meta:
         ordering = ["-created_at"]
         verbose_name = "API key"
+        permissions = [("revoke_any_apikey", "Can revoke any user's API keys")]
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.name or 'unnamed'}, {self.user})"
@@ -39,3 +61,24 @@ class ApiKey(models.Model):
         if self.expires_at is not None and self.expires_at <= timezone.now():
             return "expired"
         return "active"
+
+
+class ParkedTask(models.Model):
+    """A Celery task delivery given up on after CELERY_MAX_DELIVERIES deliveries (e.g. it kept killing
+    its worker). Kept for an operator to inspect and, once the cause is fixed, re-queue."""
+
+    task_id = models.CharField(max_length=255, unique=True)
+    task_name = models.CharField(max_length=255, db_index=True)
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    deliveries = models.PositiveIntegerField(default=0)
+    reason = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    requeued_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "parked task"
+
+    def __str__(self) -> str:
+        return f"{self.task_name} {self.task_id}"

@@ -22,7 +22,7 @@ from django.conf import settings
 
 logger = logging.getLogger(__name__)
 
-JOURNALED_TYPES = ("knowledge_updated", "plugin_config_updated", "api_key_revoked")
+JOURNALED_TYPES = ("knowledge_updated", "plugin_config_updated", "api_key_revoked", "user_changed")
 
 # Keep the journal entry only if it is newer than the stored one (per field), atomically: two publishers
 # racing must not let an older version overwrite a newer one.

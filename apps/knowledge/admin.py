@@ -12,6 +12,7 @@ from django.utils.html import format_html
 from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 
+from apps.core import authz
 from apps.core.errors import ApplicationError
 
 from . import selectors, services
@@ -32,6 +33,11 @@ def badge(value: str, label: str | None = None, title: str = ""):
                        title, ink, background, label or value)
 
 
+def _kb_admin_visible(user) -> bool:
+    return (authz.can(user, "knowledge.create") or authz.can(user, "knowledge.read_all")
+            or authz.knowledge_bases_editable(user).exists())
+
+
 class IndexVersionInline(admin.TabularInline):
     model = IndexVersion
     extra = 0
@@ -43,10 +49,14 @@ class IndexVersionInline(admin.TabularInline):
     readonly_fields = fields
     verbose_name_plural = _("Index versions (newest first)")
 
+    def has_view_permission(self, request, obj=None) -> bool:  # obj: the knowledge base being shown
+        return obj is None or authz.can(request.user, "knowledge.edit", obj) or authz.can(request.user,
+                                                                                        "knowledge.read_all")
+
     def get_queryset(self, request):
         return super().get_queryset(request).order_by("-version")
 
-    @admin.display(description="status")
+    @admin.display(description=_("status"))
     def status_badge(self, obj):
         return badge(obj.status, title=obj.error_message)
 
@@ -84,26 +94,57 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
     list_filter = ["is_public"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
-    filter_horizontal = ["allowed_groups"]
+    filter_horizontal = ["allowed_groups", "editor_groups"]
     inlines = [IndexVersionInline]
     actions = ["rebuild_indexes", "reindex_documents"]
     fieldsets = [
         (None, {"fields": ["name", "slug", "description"]}),
-        ("Access", {"fields": ["owner", "is_public", "allowed_groups"]}),
+        (_("Access"), {"fields": ["owner", "is_public", "allowed_groups", "editor_groups"]}),
         (_("Embedding model"), {"fields": ["embedding_model"],
                                 "description": _("Changing the model re-embeds every chunk in the background; "
                                                  "searches keep using the current index version (and its model) "
                                                  "until the new one is built. Progress shows under Index versions.")}),
-        ("Chunking", {"fields": ["chunk_tokens", "chunk_overlap"],
-                      "description": "Sizes are in the embedding model's tokens; changing them re-chunks every "
-                                     "document (unchanged text keeps its stored embedding)."}),
-        ("Retrieval", {"fields": ["fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker"]}),
+        (_("Chunking"), {"fields": ["chunk_tokens", "chunk_overlap"],
+                         "description": _("Sizes are in the embedding model's tokens; changing them re-chunks every "
+                                          "document (unchanged text keeps its stored embedding).")}),
+        (_("Retrieval"), {"fields": ["fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker"]}),
+        (_("Keyword search"), {"fields": ["user_dictionary"],
+                               "description": _("Terms listed here are kept whole by the keyword (BM25) analyzer "
+                                                "for documents and questions alike; saving a change rebuilds "
+                                                "the index.")}),
     ]
+
+    # Permissions come from apps.core.authz: per-base editors (owner, editor groups), knowledge
+    # administrators (model permissions), readers of every base (view permission). Staff alone: nothing.
+    def has_module_permission(self, request) -> bool:
+        return _kb_admin_visible(request.user)
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        if obj is None:
+            return _kb_admin_visible(request.user)
+        return authz.can(request.user, "knowledge.edit", obj) or authz.can(request.user, "knowledge.read_all")
+
+    def has_add_permission(self, request) -> bool:
+        return authz.can(request.user, "knowledge.create")
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        if obj is None:
+            return authz.knowledge_bases_editable(request.user).exists()
+        return authz.can(request.user, "knowledge.edit", obj)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        if obj is None:
+            return authz.can(request.user, "knowledge.delete_all") or (
+                authz.active(request.user) and KnowledgeBase.objects.filter(owner=request.user).exists())
+        return authz.can(request.user, "knowledge.delete", obj)
 
     def get_queryset(self, request):
         active = IndexVersion.objects.filter(knowledge_base=OuterRef("pk"), status=IndexVersion.Status.ACTIVE)
         live = Q(documents__deleted_at__isnull=True)
-        return super().get_queryset(request).select_related("owner").annotate(
+        qs = super().get_queryset(request)
+        if not authz.can(request.user, "knowledge.read_all"):
+            qs = qs.filter(pk__in=authz.knowledge_bases_editable(request.user).values("pk"))
+        return qs.select_related("owner").annotate(
             n_documents=Count("documents", filter=live, distinct=True),
             n_ready=Count("documents", filter=live & Q(documents__status="ready"), distinct=True),
             n_failed=Count("documents", filter=live & Q(documents__status="failed"), distinct=True),
@@ -112,45 +153,50 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
             last_build_at=Max("index_versions__created_at"),
         )
 
-    @admin.display(description="visibility")
+    @admin.display(description=_("visibility"))
     def visibility(self, obj):
         if obj.is_public:
-            return badge("ready", "public")
-        return badge("pending", "restricted")
+            return badge("ready", _("public"))
+        return badge("pending", _("restricted"))
 
-    @admin.display(description="documents", ordering="n_documents")
+    @admin.display(description=_("documents"), ordering="n_documents")
     def documents_total(self, obj):
         url = reverse("admin:knowledge_document_changelist") + f"?knowledge_base__id__exact={obj.pk}"
         return format_html('<a href="{}">{}</a>', url, obj.n_documents)
 
-    @admin.display(description="ready", ordering="n_ready")
+    @admin.display(description=_("ready"), ordering="n_ready")
     def documents_ready(self, obj):
         return obj.n_ready
 
-    @admin.display(description="failed", ordering="n_failed")
+    @admin.display(description=_("failed"), ordering="n_failed")
     def documents_failed(self, obj):
         if not obj.n_failed:
             return 0
         url = reverse("admin:knowledge_document_changelist") + f"?knowledge_base__id__exact={obj.pk}&status__exact=failed"
         return format_html('<a href="{}" style="color:#c92a2a;font-weight:600">{}</a>', url, obj.n_failed)
 
-    @admin.display(description="active index", ordering="active_version")
+    @admin.display(description=_("active index"), ordering="active_version")
     def active_index(self, obj):
         if obj.active_version is None:
-            return badge("pending", "none")
-        return format_html("v{} · {} chunks", obj.active_version, obj.active_chunks)
+            return badge("pending", _("none"))
+        return format_html(_("v{} · {} chunks"), obj.active_version, obj.active_chunks)
 
-    @admin.display(description="last build", ordering="last_build_at")
+    @admin.display(description=_("last build"), ordering="last_build_at")
     def last_build(self, obj):
         return obj.last_build_at
 
     def save_model(self, request, obj, form, change):
+        # The admin checked has_add/change_permission already; this re-asks the same module (defence in depth).
+        authz.require(request.user, "knowledge.edit" if change else "knowledge.create", obj if change else None)
         if not change and obj.owner_id is None:
             obj.owner = request.user
         super().save_model(request, obj, form, change)
         if change and {"chunk_tokens", "chunk_overlap"} & set(form.changed_data):
             count = services.knowledge_base_rechunk(knowledge_base=obj)
-            messages.info(request, f"Chunk sizes changed: {count} document(s) queued for re-chunking.")
+            messages.info(request, _("Chunk sizes changed: %(count)d document(s) queued for re-chunking.") % {"count": count})
+        elif change and "user_dictionary" in form.changed_data:
+            services.index_rebuild_enqueue(obj.pk)
+            messages.info(request, _("User dictionary changed: the index is being rebuilt with it."))
         if change and "embedding_model" in form.changed_data:
             services.knowledge_base_reembed(knowledge_base=obj)
             messages.info(request, _("Embedding model changed: every chunk is being re-embedded in the background; "
@@ -163,17 +209,17 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         for kb in queryset:
             services.knowledge_base_delete(user=request.user, knowledge_base=kb)
 
-    @admin.action(description="Rebuild the index of selected knowledge bases")
+    @admin.action(description=_("Rebuild the index of selected knowledge bases"))
     def rebuild_indexes(self, request, queryset):
         for kb in queryset:
             services.index_rebuild_enqueue(kb.pk, force=True)
-        messages.success(request, f"Index rebuild queued for {queryset.count()} knowledge base(s).")
+        messages.success(request, _("Index rebuild queued for %(count)d knowledge base(s).") % {"count": queryset.count()})
 
-    @admin.action(description="Re-ingest every document of selected knowledge bases")
+    @admin.action(description=_("Re-ingest every document of selected knowledge bases"))
     def reindex_documents(self, request, queryset):
         documents = Document.objects.filter(knowledge_base__in=queryset, deleted_at__isnull=True)
         count = services.document_reindex(documents=documents.select_related("knowledge_base"), user=request.user)
-        messages.success(request, f"{count} document(s) queued for re-ingestion.")
+        messages.success(request, _("%(count)d document(s) queued for re-ingestion.") % {"count": count})
 
     # -- extra pages ---------------------------------------------------------------------------
 
@@ -191,7 +237,7 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         if request.method != "POST" or not self.has_change_permission(request, kb):
             return HttpResponseRedirect(reverse("admin:knowledge_knowledgebase_change", args=[kb.pk]))
         services.index_rebuild_enqueue(kb.pk, force=True)
-        messages.success(request, f"Index rebuild of “{kb}” queued.")
+        messages.success(request, _("Index rebuild of “%(kb)s” queued.") % {"kb": kb})
         return HttpResponseRedirect(reverse("admin:knowledge_knowledgebase_change", args=[kb.pk]))
 
     def test_retrieval_view(self, request, kb_id: int):
@@ -210,7 +256,7 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         active = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
         context = {
             **self.admin_site.each_context(request), "opts": self.model._meta, "original": kb, "kb": kb,
-            "title": f"Test retrieval · {kb}", "form": form, "results": results, "error": error, "active": active,
+            "title": _("Test retrieval · %(kb)s") % {"kb": kb}, "form": form, "results": results, "error": error, "active": active,
         }
         return TemplateResponse(request, "admin/knowledge/test_retrieval.html", context)
 
@@ -222,21 +268,24 @@ class ChunkInline(admin.TabularInline):
     can_delete = False
     fields = ["position", "page", "heading", "token_count", "char_span", "preview"]
     readonly_fields = fields
-    verbose_name_plural = "Chunks (read-only preview)"
+    verbose_name_plural = _("Chunks (read-only preview)")
+
+    def has_view_permission(self, request, obj=None) -> bool:  # obj: the document being shown
+        return obj is None or authz.can(request.user, "knowledge.edit", obj.knowledge_base)
     classes = ["collapse"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).filter(superseded_at__isnull=True).order_by("position")
 
-    @admin.display(description="heading path")
+    @admin.display(description=_("heading path"))
     def heading(self, obj):
         return " › ".join(obj.heading_path or [])
 
-    @admin.display(description="characters")
+    @admin.display(description=_("characters"))
     def char_span(self, obj):
         return f"{obj.char_start}–{obj.char_end}"
 
-    @admin.display(description="text")
+    @admin.display(description=_("text"))
     def preview(self, obj):
         return format_html('<div style="max-width:60em;white-space:pre-wrap">{}</div>',
                            Truncator(obj.text).chars(600))
@@ -254,15 +303,39 @@ class DocumentAdmin(admin.ModelAdmin):
                        "created_by", "created_at", "updated_by", "updated_at", "ingested_at", "source_link"]
     fieldsets = [
         (None, {"fields": ["knowledge_base", "title", "file", "source_url"]}),
-        ("Ingestion", {"fields": ["status_badge", "error", "detected_type", "page_count", "size", "sha256",
+        (_("Ingestion"), {"fields": ["status_badge", "error", "detected_type", "page_count", "size", "sha256",
                                   "version", "ingested_at", "source_link"]}),
-        ("History", {"fields": ["created_by", "created_at", "updated_by", "updated_at"]}),
+        (_("History"), {"fields": ["created_by", "created_at", "updated_by", "updated_at"]}),
     ]
     inlines = [ChunkInline]
     actions = ["reindex", "delete_documents"]
 
+    # A document belongs to its knowledge base's editors (apps.core.authz); moving one needs both bases.
+    def has_module_permission(self, request) -> bool:
+        return authz.knowledge_bases_editable(request.user).exists()
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        return self.has_change_permission(request, obj)
+
+    def has_add_permission(self, request) -> bool:
+        return authz.knowledge_bases_editable(request.user).exists()
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        if obj is None:
+            return authz.knowledge_bases_editable(request.user).exists()
+        return authz.can(request.user, "knowledge.edit", obj.knowledge_base)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return self.has_change_permission(request, obj)
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "knowledge_base":
+            kwargs["queryset"] = authz.knowledge_bases_editable(request.user)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
     def get_queryset(self, request):
-        return super().get_queryset(request).filter(deleted_at__isnull=True).annotate(
+        return super().get_queryset(request).filter(
+            deleted_at__isnull=True, knowledge_base__in=authz.knowledge_bases_editable(request.user)).annotate(
             n_chunks=Count("chunks", filter=Q(chunks__superseded_at__isnull=True)))
 
     def get_actions(self, request):
@@ -270,37 +343,37 @@ class DocumentAdmin(admin.ModelAdmin):
         actions.pop("delete_selected", None)  # deletion goes through the service (index rebuild)
         return actions
 
-    @admin.display(description="title", ordering="title")
+    @admin.display(description=_("title"), ordering="title")
     def display_title(self, obj):
-        return obj.title or obj.source_name or f"Document {obj.pk}"
+        return obj.title or obj.source_name or _("Document %(id)s") % {"id": obj.pk}
 
-    @admin.display(description="status", ordering="status")
+    @admin.display(description=_("status"), ordering="status")
     def status_badge(self, obj):
         return badge(obj.status, obj.get_status_display(), title=obj.error_message)
 
-    @admin.display(description="error", ordering="error_code")
+    @admin.display(description=_("error"), ordering="error_code")
     def error(self, obj):
         if not obj.error_code:
             return "—"
         return format_html('<code style="color:#c92a2a">{}</code> {}', obj.error_code,
                            Truncator(obj.error_message).chars(160))
 
-    @admin.display(description="chunks", ordering="n_chunks")
+    @admin.display(description=_("chunks"), ordering="n_chunks")
     def chunk_count(self, obj):
         return getattr(obj, "n_chunks", None)
 
-    @admin.display(description="size", ordering="size_bytes")
+    @admin.display(description=_("size"), ordering="size_bytes")
     def size(self, obj):
         from django.template.defaultfilters import filesizeformat
 
         return filesizeformat(obj.size_bytes)
 
-    @admin.display(description="source view")
+    @admin.display(description=_("source view"))
     def source_link(self, obj):
         if obj.pk is None or obj.status != Document.Status.READY:
             return "—"
-        return format_html('<a href="{}" target="_blank">open the parsed text</a>',
-                           reverse("knowledge-source", args=[obj.pk]))
+        return format_html('<a href="{}" target="_blank">{}</a>',
+                           reverse("knowledge-source", args=[obj.pk]), _("open the parsed text"))
 
     def save_model(self, request, obj, form, change):
         content_changed = not change or bool({"file", "source_url"} & set(form.changed_data))
@@ -309,18 +382,18 @@ class DocumentAdmin(admin.ModelAdmin):
     def delete_model(self, request, obj):
         services.document_delete(document=obj, user=request.user)
 
-    @admin.action(description="Re-ingest selected documents")
+    @admin.action(description=_("Re-ingest selected documents"))
     def reindex(self, request, queryset):
         count = services.document_reindex(documents=queryset.select_related("knowledge_base"), user=request.user)
-        messages.success(request, f"{count} document(s) queued for re-ingestion.")
+        messages.success(request, _("%(count)d document(s) queued for re-ingestion.") % {"count": count})
 
-    @admin.action(description="Delete selected documents (and update the index)", permissions=["delete"])
+    @admin.action(description=_("Delete selected documents (and update the index)"), permissions=["delete"])
     def delete_documents(self, request, queryset):
         count = 0
         for document in queryset.select_related("knowledge_base"):
             services.document_delete(document=document, user=request.user)
             count += 1
-        messages.success(request, f"{count} document(s) deleted; the index is being updated.")
+        messages.success(request, _("%(count)d document(s) deleted; the index is being updated.") % {"count": count})
 
     # -- multi-file upload ----------------------------------------------------------------------
 
@@ -331,9 +404,7 @@ class DocumentAdmin(admin.ModelAdmin):
     def upload_view(self, request):
         if not self.has_add_permission(request):
             return HttpResponseRedirect(reverse("admin:index"))
-        editable = [kb.pk for kb in KnowledgeBase.objects.all()
-                    if selectors.knowledge_base_can_edit(user=request.user, knowledge_base=kb)]
-        knowledge_bases = KnowledgeBase.objects.filter(pk__in=editable)
+        knowledge_bases = authz.knowledge_bases_editable(request.user)
         initial = {"knowledge_base": request.GET.get("knowledge_base")}
         form = UploadForm(request.POST or None, request.FILES or None, knowledge_bases=knowledge_bases,
                           initial=initial)
@@ -347,16 +418,18 @@ class DocumentAdmin(admin.ModelAdmin):
             else:
                 created = [o for o in outcomes if o.status == "created"]
                 if created:
-                    messages.success(request, f"{len(created)} file(s) uploaded to “{kb}”; ingestion has started.")
+                    messages.success(request, _("%(count)d file(s) uploaded to “%(kb)s”; ingestion has started.")
+                                     % {"count": len(created), "kb": kb})
                 for outcome in outcomes:
                     if outcome.status == "duplicate":
-                        messages.warning(request, f"{outcome.name}: identical to “{outcome.document}”, not added.")
+                        messages.warning(request, _("%(name)s: identical to “%(document)s”, not added.")
+                                         % {"name": outcome.name, "document": outcome.document})
                     elif outcome.status == "rejected":
                         messages.error(request, f"{outcome.name}: {outcome.error_code}: {outcome.error_message}")
                 url = reverse("admin:knowledge_document_changelist") + f"?knowledge_base__id__exact={kb.pk}"
                 return HttpResponseRedirect(url)
         context = {**self.admin_site.each_context(request), "opts": self.model._meta, "form": form,
-                   "title": "Upload documents"}
+                   "title": _("Upload documents")}
         return TemplateResponse(request, "admin/knowledge/upload.html", context)
 
 
@@ -368,6 +441,21 @@ class IndexVersionAdmin(admin.ModelAdmin):
     list_filter = ["status", "knowledge_base"]
     list_select_related = ["knowledge_base"]
 
+    def has_module_permission(self, request) -> bool:
+        return _kb_admin_visible(request.user)
+
+    def has_view_permission(self, request, obj=None) -> bool:
+        if obj is None:
+            return _kb_admin_visible(request.user)
+        return (authz.can(request.user, "knowledge.read_all")
+                or authz.can(request.user, "knowledge.edit", obj.knowledge_base))
+
+    def get_queryset(self, request):
+        qs = super().get_queryset(request)
+        if authz.can(request.user, "knowledge.read_all"):
+            return qs
+        return qs.filter(knowledge_base__in=authz.knowledge_bases_editable(request.user))
+
     def has_add_permission(self, request):
         return False
 
@@ -377,7 +465,7 @@ class IndexVersionAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None):
         return False
 
-    @admin.display(description="status", ordering="status")
+    @admin.display(description=_("status"), ordering="status")
     def status_badge(self, obj):
         return badge(obj.status, title=obj.error_message)
 

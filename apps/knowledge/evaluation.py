@@ -1,6 +1,13 @@
-"""Retrieval quality on a BEIR-format dataset, measured through the platform's own ingestion and ranking.
+"""Retrieval quality measured through the platform's own ingestion and ranking.
 
-The corpus goes into a scratch knowledge base (one Document per corpus document, text = title +
+Two kinds of evaluation set:
+
+- a BEIR-format dataset (`beir_corpus_load`, `beir_evaluate`): nDCG@10, Recall@100, MRR@10;
+- a labelled question set for any knowledge base (`labelled_documents_load`, `labelled_evaluate`): JSONL
+  lines of question, expected document and a passage of the expected answer; hit@1/3/5/10 and MRR@10
+  (the hit rule is defined in `rag.evaluation`).
+
+For BEIR, the corpus goes into a scratch knowledge base (one Document per corpus document, text = title +
 blank line + text), so later runs find every document unchanged and encode nothing. Queries use
 only their `text`. Chunk hits are aggregated to documents by their best chunk (max score).
 """
@@ -15,9 +22,10 @@ from pathlib import Path
 from django.db import transaction
 
 from .models import Chunk, Document, KnowledgeBase
-from .rag.evaluation import evaluate_run, load_beir
+from .rag.evaluation import (PASSAGE_COVERAGE, LabelledQuestion, evaluate_run, first_hit_rank, hit_metrics, load_beir, load_questions,
+                             question_subsets)
 from .selectors import ranked_chunk_ids
-from .services import IngestOutcome, document_import, documents_ingest, index_rebuild
+from .services import IngestOutcome, document_import, documents_ingest, files_ingest, index_rebuild
 
 # Published figures for SciFact (see ../shared/datasets/scifact/SOURCE.md): nDCG@10.
 REFERENCE_NDCG10 = {"dense": 0.645, "bm25": 0.665}
@@ -127,4 +135,89 @@ def beir_evaluate(*, knowledge_base: KnowledgeBase, queries: dict[str, str], qre
     return EvaluationResult(mode, metrics, len(queries), time.perf_counter() - started, REFERENCE_NDCG10.get(mode))
 
 
-__all__ = ["beir_corpus_load", "beir_evaluate", "load_beir", "scratch_knowledge_base", "REFERENCE_NDCG10"]
+# ------------------------------------------------------------------------------------------
+# Labelled question sets
+# ------------------------------------------------------------------------------------------
+
+LABELLED_DEPTH = 10
+
+
+def files_under(root: Path) -> list[tuple[str, Path]]:
+    """(source name relative to `root`, path) of every non-hidden file below `root`, sorted."""
+    files = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            files.append((relative.as_posix(), path))
+    return files
+
+
+def labelled_documents_load(*, knowledge_base: KnowledgeBase, root: Path,
+                            on_progress: Callable[[int], None] | None = None) -> LoadStats:
+    """Ingest every file below `root` (named by its relative path) and rebuild the index once.
+
+    The usual ingestion path: unchanged files are skipped and stored embeddings reused, so a second
+    run encodes nothing. Documents of the base that are not below `root` are left alone.
+    """
+    started = time.perf_counter()
+    files = files_under(root)
+    report = files_ingest(knowledge_base=knowledge_base, files=files, on_progress=on_progress)
+    counts = report.counts()
+    stats = LoadStats(documents=len(files), imported=counts.get("ready", 0) + counts.get("failed", 0),
+                      unchanged=counts.get("unchanged", 0), ingested=counts.get("ready", 0),
+                      failed=counts.get("failed", 0) + counts.get("rejected", 0), encoded=report.encoded,
+                      reused=report.reused)
+    stats.failures = [o for o in report.outcomes if o.status in ("failed", "rejected")]
+    if report.build is not None:
+        stats.index_version, stats.chunks = report.build.version, report.build.chunk_count
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+@dataclass
+class LabelledResult:
+    mode: str
+    metrics: dict[str, float]
+    subsets: dict[str, dict[str, float]]
+    per_question: list[dict]
+    seconds: float
+    cpu_seconds: float
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "metrics": self.metrics, "subsets": self.subsets,
+                "ms_per_query": 1000 * self.seconds / max(len(self.per_question), 1),
+                "cpu_ms_per_query": 1000 * self.cpu_seconds / max(len(self.per_question), 1),
+                "questions": self.per_question}
+
+
+def labelled_evaluate(*, knowledge_base: KnowledgeBase, questions: list[LabelledQuestion], mode: str,
+                      on_progress: Callable[[int], None] | None = None) -> LabelledResult:
+    """hit@1/3/5/10, MRR@10 and document-only hit@3 of `mode`, overall and per subset (language, tag).
+
+    Ranks with exactly the ranking users get (`selectors.ranked_chunk_ids`, the base's own fusion and
+    ranking settings), without the cache; the top LABELLED_DEPTH chunks are judged.
+    """
+    ranks: list[tuple[int | None, int | None]] = []
+    per_question: list[dict] = []
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for question in questions:
+        ranked = ranked_chunk_ids(knowledge_base=knowledge_base, query=question.question, top_k=LABELLED_DEPTH,
+                                  mode=mode)
+        ids = [chunk_id for chunk_id, _ in ranked]
+        rows = {row[0]: row[1:] for row in Chunk.objects.filter(pk__in=ids)
+                .values_list("id", "document__source_name", "document__title", "text")}
+        judged = [rows[chunk_id] for chunk_id in ids if chunk_id in rows]
+        hit, doc = first_hit_rank(question, judged)
+        ranks.append((hit, doc))
+        per_question.append({"id": question.id, "rank": hit, "doc_rank": doc,
+                             "top": judged[0][0] if judged else None})
+        if on_progress is not None:
+            on_progress(1)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    subsets = {name: hit_metrics([ranks[i] for i in members])
+               for name, members in question_subsets(questions).items()}
+    return LabelledResult(mode, hit_metrics(ranks), subsets, per_question, seconds, cpu)
+
+
+__all__ = ["beir_corpus_load", "beir_evaluate", "labelled_documents_load", "labelled_evaluate", "load_beir",
+           "load_questions", "scratch_knowledge_base", "REFERENCE_NDCG10"]

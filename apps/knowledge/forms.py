@@ -1,5 +1,6 @@
 from django import forms
 from django.conf import settings
+from django.utils.translation import gettext, gettext_lazy
 
 from .models import Document, KnowledgeBase
 from .selectors import MODES
@@ -24,8 +25,9 @@ class MultipleFileField(forms.FileField):
 
 
 class UploadForm(forms.Form):
-    knowledge_base = forms.ModelChoiceField(queryset=KnowledgeBase.objects.all())
-    files = MultipleFileField(help_text="Select many files at once: PDF, DOCX, HTML, Markdown, CSV or text.")
+    knowledge_base = forms.ModelChoiceField(queryset=KnowledgeBase.objects.all(), label=gettext_lazy("Knowledge base"))
+    files = MultipleFileField(label=gettext_lazy("Files"), help_text=gettext_lazy(
+        "Select many files at once: PDF, DOCX, HTML, Markdown, CSV or text."))
 
     def __init__(self, *args, knowledge_bases=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -35,7 +37,8 @@ class UploadForm(forms.Form):
 
 class DocumentAdminForm(forms.ModelForm):
     source_url = forms.URLField(max_length=1000, required=False, assume_scheme="https",
-                                help_text="Instead of a file: the page or file to fetch and ingest.")
+                                label=gettext_lazy("Source URL"),
+                                help_text=gettext_lazy("Instead of a file: the page or file to fetch and ingest."))
 
     class Meta:
         model = Document
@@ -45,11 +48,11 @@ class DocumentAdminForm(forms.ModelForm):
         cleaned = super().clean()
         upload, url = cleaned.get("file"), cleaned.get("source_url")
         if not upload and not url:
-            raise forms.ValidationError("Upload a file or give a source URL.", code="no_content")
+            raise forms.ValidationError(gettext("Upload a file or give a source URL."), code="no_content")
         size = getattr(upload, "size", None)
         if upload and "file" in self.changed_data and size is not None and size > settings.KNOWLEDGE_MAX_UPLOAD_BYTES:
             self.add_error("file", forms.ValidationError(
-                "too_large: the file is %(size)s bytes; the limit is %(limit)s bytes.", code="too_large",
+                gettext("too_large: the file is %(size)s bytes; the limit is %(limit)s bytes."), code="too_large",
                 params={"size": size, "limit": settings.KNOWLEDGE_MAX_UPLOAD_BYTES}))
         return cleaned
 
@@ -72,11 +75,11 @@ class KnowledgeBaseAdminForm(forms.ModelForm):
         cleaned = super().clean()
         tokens, overlap = cleaned.get("chunk_tokens"), cleaned.get("chunk_overlap")
         if tokens is not None and overlap is not None and overlap >= tokens:
-            self.add_error("chunk_overlap", "Must be smaller than the chunk size.")
+            self.add_error("chunk_overlap", gettext("Must be smaller than the chunk size."))
         return cleaned
 
 
 class TestRetrievalForm(forms.Form):
-    q = forms.CharField(label="Query", max_length=2000, widget=forms.TextInput(attrs={"size": 80, "autofocus": True}))
+    q = forms.CharField(label=gettext_lazy("Query"), max_length=2000, widget=forms.TextInput(attrs={"size": 80, "autofocus": True}))
     mode = forms.ChoiceField(choices=[(m, m) for m in MODES], initial="hybrid")
     top_k = forms.IntegerField(min_value=1, max_value=50, initial=10)

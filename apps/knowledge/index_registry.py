@@ -36,6 +36,7 @@ class IndexRegistry:
         self._checked_at = float("-inf")
         self._lock = threading.Lock()
         self._load_locks: dict[int, threading.Lock] = {}
+        self._rebuild_requested: set[tuple[int, int]] = set()
 
     # -- the authoritative version map ------------------------------------------------------
 
@@ -96,7 +97,25 @@ class IndexRegistry:
             index_loads_total.labels(trigger=trigger).inc()
             logger.info("index version loaded", extra={"knowledge_base": knowledge_base_id,
                                                        "version": bundle.version, "trigger": trigger})
-            return bundle
+        if not bundle.analyzer_current:  # outside the lock: an eager rebuild loads its version here
+            self._rebuild_for_analyzer(knowledge_base_id, bundle.version)
+        return bundle
+
+    def _rebuild_for_analyzer(self, knowledge_base_id: int, version: int) -> None:
+        """The version's BM25 was built by another analyzer (an upgrade changed tokenization): it
+        answers no keyword query until rebuilt, so a rebuild is requested once per version."""
+        with self._lock:
+            if (knowledge_base_id, version) in self._rebuild_requested:
+                return
+            self._rebuild_requested.add((knowledge_base_id, version))
+        logger.warning("index version built by another analyzer; rebuilding",
+                       extra={"knowledge_base": knowledge_base_id, "version": version})
+        from .services import index_rebuild_enqueue
+
+        try:
+            index_rebuild_enqueue(knowledge_base_id)
+        except Exception:
+            logger.exception("rebuild request failed", extra={"knowledge_base": knowledge_base_id})
 
     def on_knowledge_updated(self, event: dict) -> None:
         """Event handler: record the newer version; pre-load it only if this process serves that base."""
@@ -124,6 +143,7 @@ class IndexRegistry:
             self._held.clear()
             self._active.clear()
             self._checked_at = float("-inf")
+            self._rebuild_requested.clear()
 
 
 registry = IndexRegistry()

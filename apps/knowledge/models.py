@@ -10,6 +10,7 @@ from django.contrib.auth.models import Group
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+from django.utils.translation import gettext_lazy as _
 
 
 def default_embedding_model() -> str:
@@ -32,6 +33,10 @@ class KnowledgeBase(models.Model):
     allowed_groups = models.ManyToManyField(Group, blank=True, related_name="knowledge_bases",
                                             help_text="Members of these groups may search this knowledge base.")
     is_public = models.BooleanField(default=False, help_text="Everyone who can use the assistant may search it.")
+    # The per-base knowledge editor role (apps/core/authz.py): members edit this base and its documents.
+    editor_groups = models.ManyToManyField(Group, blank=True, related_name="edited_knowledge_bases",
+                                           help_text="Members of these groups may edit this knowledge base and "
+                                                     "its documents (and search it).")
 
     # Embedding model (a key of embeddings.model_catalog()). Changing it re-embeds in the background and
     # swaps in a version built with the new model; searches use the old version and model meanwhile.
@@ -55,6 +60,12 @@ class KnowledgeBase(models.Model):
                                    help_text="Set (e.g. 0.7) to diversify results with MMR; empty disables it.")
     use_reranker = models.BooleanField(default=True,
                                        help_text="Rerank with the cross-encoder when RERANKER_MODEL_PATH is set.")
+
+    # Keyword search: domain terms (product and policy names) the BM25 analyzer keeps whole.
+    user_dictionary = models.TextField(
+        _("user dictionary"), blank=True,
+        help_text=_("Domain terms for keyword search, one per line (product and policy names, e.g. 安心保障计划 "
+                  "or Premium Care Plus); lines starting with # are comments. Applied at the next index rebuild."))
 
     # Bumped in the same transaction as every chunk change, so an index records exactly what it covers.
     content_revision = models.PositiveBigIntegerField(default=0, editable=False)

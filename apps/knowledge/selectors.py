@@ -1,8 +1,9 @@
 """Reads for knowledge: access rules, listings, and retrieval (`chunks_retrieve`).
 
-Access is decided here and nowhere else. A knowledge base is readable by its owner, members of
-its allowed groups, everyone when it is public, and staff; it is editable by its owner and staff.
-Callers never filter chunks themselves: `chunks_retrieve` searches only readable knowledge bases.
+Who may read or edit a knowledge base is decided by apps.core.authz (owner, editor and reader groups,
+public bases, Django permissions); these selectors apply it. Callers never filter chunks themselves:
+`chunks_retrieve` searches only readable knowledge bases, and drops any hit whose document is no longer
+in one of them (a stale index version can still hold a document moved or made private since).
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db.models import Count, Max, OuterRef, Q, QuerySet, Subquery
 from django.urls import reverse
+from django.utils.translation import gettext
 
+from apps.core import authz
 from apps.core.errors import ApplicationError, NotFound
 
 from .index_registry import registry
@@ -35,31 +38,17 @@ MAX_QUERY_CHARS = 2000
 # ------------------------------------------------------------------------------------------
 
 
-def _is_staff(user) -> bool:
-    return bool(getattr(user, "is_authenticated", False) and (user.is_staff or user.is_superuser))
-
-
 def knowledge_bases_visible(*, user) -> QuerySet[KnowledgeBase]:
-    """Knowledge bases `user` may read (anonymous users: public ones only)."""
-    qs = KnowledgeBase.objects.all()
-    if _is_staff(user):
-        return qs
-    if not getattr(user, "is_authenticated", False):
-        return qs.filter(is_public=True)
-    readable = Q(is_public=True) | Q(owner=user) | Q(allowed_groups__in=user.groups.all())
-    return qs.filter(pk__in=KnowledgeBase.objects.filter(readable).values("pk"))
+    """Knowledge bases `user` may read (anonymous users: public ones only); the rule is apps.core.authz's."""
+    return authz.knowledge_bases_readable(user)
 
 
 def knowledge_base_can_edit(*, user, knowledge_base: KnowledgeBase) -> bool:
-    if not getattr(user, "is_authenticated", False) or not user.is_active:
-        return False
-    return _is_staff(user) or knowledge_base.owner_id == user.pk
+    return authz.can(user, "knowledge.edit", knowledge_base)
 
 
 def knowledge_base_can_create(*, user) -> bool:
-    if not getattr(user, "is_authenticated", False) or not user.is_active:
-        return False
-    return _is_staff(user) or user.has_perm("knowledge.add_knowledgebase")
+    return authz.can(user, "knowledge.create")
 
 
 def knowledge_base_get(*, user, ref: int | str) -> KnowledgeBase:
@@ -71,7 +60,7 @@ def knowledge_base_get(*, user, ref: int | str) -> KnowledgeBase:
     if kb is None and isinstance(ref, str):
         kb = visible.filter(slug=ref).first()
     if kb is None:
-        raise NotFound("No such knowledge base.", code="knowledge_base_not_found", details={"knowledge_base": ref})
+        raise NotFound(gettext("No such knowledge base."), code="knowledge_base_not_found", details={"knowledge_base": ref})
     return kb
 
 
@@ -86,12 +75,13 @@ def knowledge_bases_with_stats(*, user) -> QuerySet[KnowledgeBase]:
 
 def documents_for(*, user, knowledge_base: KnowledgeBase, status: str | None = None) -> QuerySet[Document]:
     if not knowledge_bases_visible(user=user).filter(pk=knowledge_base.pk).exists():
-        raise NotFound("No such knowledge base.", code="knowledge_base_not_found")
+        raise NotFound(gettext("No such knowledge base."), code="knowledge_base_not_found")
     qs = knowledge_base.documents.filter(deleted_at__isnull=True).annotate(
         chunk_count=Count("chunks", filter=Q(chunks__superseded_at__isnull=True)))
     if status:
         if status not in Document.Status.values:
-            raise ApplicationError("invalid_status", f"status must be one of {', '.join(Document.Status.values)}.",
+            raise ApplicationError("invalid_status", gettext("status must be one of %(values)s.")
+                                                     % {"values": ', '.join(Document.Status.values)},
                                    details={"status": status})
         qs = qs.filter(status=status)
     return qs.order_by("-updated_at", "-id")
@@ -102,7 +92,7 @@ def document_get(*, user, document_id: int) -> Document:
                 .filter(pk=document_id, deleted_at__isnull=True,
                         knowledge_base__in=knowledge_bases_visible(user=user)).first())
     if document is None:
-        raise NotFound("No such document.", code="document_not_found")
+        raise NotFound(gettext("No such document."), code="document_not_found")
     return document
 
 
@@ -159,15 +149,18 @@ class RetrievedChunk:
 
 def _validate(query: Any, top_k: Any, mode: Any) -> tuple[str, int, str]:
     if not isinstance(query, str) or not query.strip():
-        raise ApplicationError("invalid_query", "The query is empty.")
+        raise ApplicationError("invalid_query", gettext("The query is empty."))
     query = " ".join(query.split())
     if len(query) > MAX_QUERY_CHARS:
-        raise ApplicationError("query_too_long", f"The query is longer than {MAX_QUERY_CHARS} characters.",
+        raise ApplicationError("query_too_long", gettext("The query is longer than %(max)s characters.")
+                                                 % {"max": MAX_QUERY_CHARS},
                                details={"max_chars": MAX_QUERY_CHARS})
     if mode not in MODES:
-        raise ApplicationError("invalid_mode", f"mode must be one of {', '.join(MODES)}.", details={"mode": mode})
+        raise ApplicationError("invalid_mode", gettext("mode must be one of %(modes)s.")
+                                               % {"modes": ', '.join(MODES)}, details={"mode": mode})
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= settings.RETRIEVAL_MAX_TOP_K:
-        raise ApplicationError("invalid_top_k", f"top_k must be an integer from 1 to {settings.RETRIEVAL_MAX_TOP_K}.",
+        raise ApplicationError("invalid_top_k", gettext("top_k must be an integer from 1 to %(k)s.")
+                                                % {"k": settings.RETRIEVAL_MAX_TOP_K},
                                details={"top_k": top_k, "max": settings.RETRIEVAL_MAX_TOP_K})
     return query, top_k, mode
 
@@ -187,7 +180,7 @@ def chunks_retrieve(*, user, query: str, knowledge_bases: list[str | int] | None
         kbs = list(knowledge_bases_visible(user=user).order_by("pk"))
     else:
         if not isinstance(knowledge_bases, (list, tuple)):
-            raise ApplicationError("invalid_knowledge_bases", "knowledge_bases must be a list of ids or slugs.")
+            raise ApplicationError("invalid_knowledge_bases", gettext("knowledge_bases must be a list of ids or slugs."))
         kbs = list({kb.pk: kb for kb in (knowledge_base_get(user=user, ref=ref) for ref in knowledge_bases)}.values())
     held = [(kb, bundle) for kb in kbs if (bundle := registry.bundle(kb.pk)) is not None]
     if not held:
@@ -200,9 +193,22 @@ def chunks_retrieve(*, user, query: str, knowledge_bases: list[str | int] | None
         cache_result = "miss"
         ranked = _rank(query, top_k, mode, held, reranker)
         _cache_set(key, ranked)
+    ranked = _hits_readable(ranked, {kb.pk for kb, _ in held})
     results = _materialize(ranked, top_k)
     retrieval_seconds.labels(mode=mode, cache=cache_result).observe(time.perf_counter() - started)
     return results
+
+
+def _hits_readable(ranked: list[dict[str, Any]], kb_ids: set[int]) -> list[dict[str, Any]]:
+    """The access filter: only hits whose document is, now, live in one of the bases being searched (all of
+    them readable by the caller). An index version, or a cached ranking, can be older than a move or a
+    delete; this reads current rows, so what it lets through is decided by the database, not the index.
+    One query on ids: chunk -> (document's knowledge base)."""
+    if not ranked:
+        return ranked
+    current = dict(Chunk.objects.filter(pk__in=[item["id"] for item in ranked], document__deleted_at__isnull=True)
+                   .values_list("id", "document__knowledge_base_id"))
+    return [item for item in ranked if current.get(item["id"]) in kb_ids]
 
 
 def ranked_chunk_ids(*, knowledge_base: KnowledgeBase, query: str, top_k: int, mode: str = "hybrid"

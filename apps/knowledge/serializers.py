@@ -8,6 +8,7 @@ from .selectors import MAX_QUERY_CHARS, MODES
 class KnowledgeBaseSerializer(serializers.ModelSerializer):
     owner = serializers.SlugRelatedField(slug_field="username", read_only=True)
     allowed_groups = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+    editor_groups = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
     document_count = serializers.IntegerField(read_only=True, required=False)
     active_version = serializers.IntegerField(read_only=True, required=False, allow_null=True)
     last_build_at = serializers.DateTimeField(read_only=True, required=False, allow_null=True)
@@ -15,9 +16,10 @@ class KnowledgeBaseSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = KnowledgeBase
-        fields = ["id", "slug", "name", "description", "owner", "is_public", "allowed_groups", "embedding_model",
-                  "chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker",
-                  "document_count", "active_version", "last_build_at", "can_edit", "created_at", "updated_at"]
+        fields = ["id", "slug", "name", "description", "owner", "is_public", "allowed_groups", "editor_groups",
+                  "embedding_model", "chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates",
+                  "mmr_lambda", "use_reranker", "user_dictionary", "document_count", "active_version", "last_build_at",
+                  "can_edit", "created_at", "updated_at"]
 
     def get_can_edit(self, obj) -> bool:
         from .selectors import knowledge_base_can_edit
@@ -34,6 +36,8 @@ class KnowledgeBaseWriteSerializer(serializers.Serializer):
     description = serializers.CharField(required=False, allow_blank=True)
     is_public = serializers.BooleanField(required=False)
     allowed_group_ids = serializers.ListField(child=serializers.IntegerField(), required=False)
+    editor_group_ids = serializers.ListField(child=serializers.IntegerField(), required=False,
+                                             help_text="Groups whose members edit this knowledge base.")
     # A key of the installation's model catalog (checked by the service): changing it re-embeds in the background.
     embedding_model = serializers.CharField(max_length=64, required=False)
     chunk_tokens = serializers.IntegerField(required=False)
@@ -44,6 +48,7 @@ class KnowledgeBaseWriteSerializer(serializers.Serializer):
     candidates = serializers.IntegerField(required=False)
     mmr_lambda = serializers.FloatField(required=False, allow_null=True)
     use_reranker = serializers.BooleanField(required=False)
+    user_dictionary = serializers.CharField(required=False, allow_blank=True)
 
 
 class DocumentSerializer(serializers.ModelSerializer):
@@ -82,6 +87,13 @@ class DocumentDetailSerializer(DocumentSerializer):
         from .selectors import document_chunks
 
         return ChunkSerializer(document_chunks(document=obj), many=True).data
+
+
+class DocumentUpdateSerializer(serializers.Serializer):
+    knowledge_base = serializers.CharField(required=False, max_length=64,
+                                           help_text="Move the document to this knowledge base (id or slug); "
+                                                     "you must be an editor of both. Both are re-indexed.")
+    title = serializers.CharField(required=False, allow_blank=True, max_length=300)
 
 
 class DocumentUploadSerializer(serializers.Serializer):

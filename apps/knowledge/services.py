@@ -27,18 +27,27 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 from django.utils.text import get_valid_filename
+from django.utils.translation import gettext
 
-from apps.core.errors import ApplicationError, PermissionDenied
+from apps.core import authz
+from apps.core.errors import ApplicationError, NotFound
 from apps.core.events import publish_on_commit
 
 from . import selectors
 from .embeddings import embedder_for_kb, model_catalog, vector_from_bytes, vector_to_bytes, vectors_for
 from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
+from .rag.analyzer import Analyzer, get_analyzer, parse_user_dictionary
 from .rag.chunker import ChunkSpec, chunk_document
 from .rag.embedder import BaseEmbedder
 from .rag.errors import IngestError
-from .rag.index import MANIFEST_NAME, delete_version, remove_stale_tmp, write_index_version
+from .rag.index import (
+    MANIFEST_NAME,
+    delete_version,
+    manifest_analyzer_matches,
+    remove_stale_tmp,
+    write_index_version,
+)
 from .rag.parsers import ParseLimits, ParsedDocument, parse
 
 logger = logging.getLogger(__name__)
@@ -46,7 +55,7 @@ logger = logging.getLogger(__name__)
 User = AbstractBaseUser | AnonymousUser
 
 # Bump when parsing or chunking changes in a way that must re-chunk stored documents.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: Chinese sentences, table rows with headers, literal Markdown identifiers, GB18030/Big5
 INGEST_BATCH_DOCUMENTS = 64
 _READ_BLOCK = 1 << 20
 
@@ -82,7 +91,8 @@ def parse_limits() -> ParseLimits:
 def upload_size_validate(*, size: int, name: str = "") -> None:
     limit = settings.KNOWLEDGE_MAX_UPLOAD_BYTES
     if size > limit:
-        raise ApplicationError("too_large", f"{name or 'The file'} is {size} bytes; the limit is {limit} bytes.",
+        raise ApplicationError("too_large", gettext("%(name)s is %(size)s bytes; the limit is %(limit)s bytes.")
+                                            % {"name": name or gettext("The file"), "size": size, "limit": limit},
                                details={"size": size, "limit": limit, "name": name}, status=413)
 
 
@@ -91,7 +101,7 @@ def upload_size_validate(*, size: int, name: str = "") -> None:
 # ------------------------------------------------------------------------------------------
 
 KB_SETTINGS_FIELDS = ("chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates",
-                      "mmr_lambda", "use_reranker")
+                      "mmr_lambda", "use_reranker", "user_dictionary")
 KB_EDITABLE_FIELDS = ("slug", "name", "description", "is_public", "embedding_model") + KB_SETTINGS_FIELDS
 
 
@@ -105,9 +115,9 @@ def _kb_validate(kb: KnowledgeBase) -> None:
         fields = exc.message_dict
         code = next((codes[e.code] for errors in exc.error_dict.values() for e in errors if e.code in codes),
                     "validation_error")
-        raise ApplicationError(code, "The knowledge base is invalid; see details.", details={"fields": fields})
+        raise ApplicationError(code, gettext("The knowledge base is invalid; see details."), details={"fields": fields})
     if kb.chunk_overlap >= kb.chunk_tokens:
-        raise ApplicationError("validation_error", "chunk_overlap must be smaller than chunk_tokens.",
+        raise ApplicationError("validation_error", gettext("chunk_overlap must be smaller than chunk_tokens."),
                                details={"fields": {"chunk_overlap": ["must be smaller than chunk_tokens"]}})
     catalog = model_catalog()
     if kb.embedding_model not in catalog:
@@ -121,49 +131,59 @@ def _groups_validate(group_ids: Sequence[int] | None) -> None:
     if group_ids:
         unknown = set(group_ids) - set(Group.objects.filter(pk__in=group_ids).values_list("pk", flat=True))
         if unknown:
-            raise ApplicationError("unknown_group", "Some allowed groups do not exist.",
+            raise ApplicationError("unknown_group", gettext("Some allowed groups do not exist."),
                                    details={"group_ids": sorted(unknown)})
 
 
 def knowledge_base_create(*, user: User, slug: str, name: str, allowed_group_ids: Sequence[int] = (),
-                          **fields: Any) -> KnowledgeBase:
-    if not selectors.knowledge_base_can_create(user=user):
-        raise PermissionDenied("You may not create knowledge bases.")
+                          editor_group_ids: Sequence[int] = (), **fields: Any) -> KnowledgeBase:
+    authz.require(user, "knowledge.create")
     unknown = set(fields) - set(KB_EDITABLE_FIELDS)
     if unknown:
-        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+        raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
+                                                   % {"fields": ', '.join(sorted(unknown))})
     kb = KnowledgeBase(slug=slug, name=name, owner=_actor(user), **fields)
     _kb_validate(kb)
     _groups_validate(allowed_group_ids)
+    _groups_validate(editor_group_ids)
     with transaction.atomic():
         kb.save()
         if allowed_group_ids:
             kb.allowed_groups.set(allowed_group_ids)
+        if editor_group_ids:
+            kb.editor_groups.set(editor_group_ids)
     return kb
 
 
 def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_group_ids: Sequence[int] | None = None,
-                          **fields: Any) -> KnowledgeBase:
+                          editor_group_ids: Sequence[int] | None = None, **fields: Any) -> KnowledgeBase:
     kb = knowledge_base
-    if not selectors.knowledge_base_can_edit(user=user, knowledge_base=kb):
-        raise PermissionDenied("Only the owner or staff may change this knowledge base.")
+    authz.require(user, "knowledge.edit", kb)
     unknown = set(fields) - set(KB_EDITABLE_FIELDS)
     if unknown:
-        raise ApplicationError("validation_error", f"Unknown fields: {', '.join(sorted(unknown))}.")
+        raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
+                                                   % {"fields": ', '.join(sorted(unknown))})
     rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
     model_changed = "embedding_model" in fields and fields["embedding_model"] != kb.embedding_model
+    new_dictionary = "user_dictionary" in fields and fields["user_dictionary"] != kb.user_dictionary
     for name, value in fields.items():
         setattr(kb, name, value)
     _kb_validate(kb)
     _groups_validate(allowed_group_ids)
+    _groups_validate(editor_group_ids)
     with transaction.atomic():
-        kb.save()
+        # Only the edited fields: the instance's counters (content revision, last version) may be stale.
+        kb.save(update_fields=[*fields, "updated_at"])
         if allowed_group_ids is not None:
             kb.allowed_groups.set(allowed_group_ids)
+        if editor_group_ids is not None:
+            kb.editor_groups.set(editor_group_ids)
         if rechunk:
             knowledge_base_rechunk(knowledge_base=kb)
         if model_changed:
             knowledge_base_reembed(knowledge_base=kb)
+        elif new_dictionary and not rechunk:
+            index_rebuild_enqueue(kb.pk)
     return kb
 
 
@@ -183,8 +203,7 @@ def knowledge_base_rechunk(*, knowledge_base: KnowledgeBase) -> int:
 
 def knowledge_base_delete(*, user: User, knowledge_base: KnowledgeBase) -> None:
     kb = knowledge_base
-    if not selectors.knowledge_base_can_edit(user=user, knowledge_base=kb):
-        raise PermissionDenied("Only the owner or staff may delete this knowledge base.")
+    authz.require(user, "knowledge.delete", kb)
     files = [name for name in kb.documents.exclude(file="").values_list("file", flat=True)]
     root = kb_index_root(kb.id)
     with transaction.atomic():
@@ -208,6 +227,11 @@ def _remove_artifacts(files: Iterable[str], index_root: Path | None) -> None:
 
 def kb_index_root(knowledge_base_id: int) -> Path:
     return Path(settings.INDEX_ROOT) / f"kb-{knowledge_base_id}"
+
+
+def kb_analyzer(knowledge_base: KnowledgeBase) -> Analyzer:
+    """The BM25 analyzer of a knowledge base: the shared analyzer with its user dictionary."""
+    return get_analyzer(parse_user_dictionary(knowledge_base.user_dictionary))
 
 
 # ------------------------------------------------------------------------------------------
@@ -251,8 +275,8 @@ def _safe_name(name: str) -> str:
 
 
 def _require_edit(user: User, kb: KnowledgeBase) -> None:
-    if not selectors.knowledge_base_can_edit(user=user, knowledge_base=kb):
-        raise PermissionDenied("Only the owner or staff may change documents of this knowledge base.")
+    authz.require(user, "knowledge.edit", kb,
+                  message="Only an editor of this knowledge base may change its documents.")
 
 
 def documents_upload(*, knowledge_base: KnowledgeBase, user: User, files: Sequence[File]) -> list[UploadOutcome]:
@@ -265,7 +289,7 @@ def documents_upload(*, knowledge_base: KnowledgeBase, user: User, files: Sequen
     """
     _require_edit(user, knowledge_base)
     if not files:
-        raise ApplicationError("no_files", "Send at least one file in the multipart field 'files'.")
+        raise ApplicationError("no_files", gettext("Send at least one file in the multipart field 'files'."))
     outcomes: list[UploadOutcome] = []
     with transaction.atomic():
         for upload in files:
@@ -339,11 +363,59 @@ def document_import(*, knowledge_base: KnowledgeBase, user: User | None, name: s
     return UploadOutcome(name, status, document)
 
 
-def document_save(*, document: Document, user: User, content_changed: bool) -> Document:
-    """Save an editor's create or edit (the admin form); a content change makes a new version and is ingested."""
+def _moved_from(document: Document) -> int | None:
+    """The knowledge base a saved document is being moved out of (its stored base, when it differs)."""
+    if document.pk is None:
+        return None
+    stored = Document.objects.filter(pk=document.pk).values_list("knowledge_base_id", flat=True).first()
+    return stored if stored is not None and stored != document.knowledge_base_id else None
+
+
+def _after_move(document: Document, old_kb_id: int) -> None:
+    """Inside the saving transaction: both bases' contents changed, so both are re-indexed. The document is
+    re-ingested with its new base's chunk settings (that rebuilds the new base); the old base is rebuilt
+    without it. Until the new versions are active, retrieval's access filter hides the hit from the old base."""
+    KnowledgeBase.objects.filter(pk__in=[old_kb_id, document.knowledge_base_id]).update(
+        content_revision=F("content_revision") + 1)
+    Document.objects.filter(pk=document.pk).update(status=Document.Status.PENDING, error_code="", error_message="")
+    _enqueue_ingest([document.pk], force=True)
+    index_rebuild_enqueue(old_kb_id)
+    index_rebuild_enqueue(document.knowledge_base_id)
+
+
+def document_rename(*, document: Document, user: User, title: str) -> Document:
     _require_edit(user, document.knowledge_base)
+    document.title, document.updated_by = title[:300], _actor(user)
+    document.save(update_fields=["title", "updated_by", "updated_at"])
+    return document
+
+
+def document_move(*, document: Document, user: User, knowledge_base: KnowledgeBase) -> Document:
+    """Move a document to another knowledge base (the user must edit both); both are re-indexed."""
+    old_kb = KnowledgeBase.objects.get(pk=document.knowledge_base_id)
+    _require_edit(user, old_kb)
+    _require_edit(user, knowledge_base)
+    if document.deleted_at is not None:
+        raise NotFound(gettext("No such document."), code="document_not_found")
+    if knowledge_base.pk == old_kb.pk:
+        return document
+    with transaction.atomic():
+        document.knowledge_base, document.updated_by = knowledge_base, _actor(user)
+        document.save(update_fields=["knowledge_base", "updated_by", "updated_at"])  # a save: audited
+        _after_move(document, old_kb.pk)
+    logger.info("document moved", extra={"document_id": document.pk, "from_kb": old_kb.pk, "to_kb": knowledge_base.pk})
+    return document
+
+
+def document_save(*, document: Document, user: User, content_changed: bool) -> Document:
+    """Save an editor's create or edit (the admin form); a content change makes a new version and is ingested.
+    Changing the knowledge base moves the document: the user must edit both bases, and both are re-indexed."""
+    _require_edit(user, document.knowledge_base)
+    moved_from = _moved_from(document)
+    if moved_from is not None:
+        _require_edit(user, KnowledgeBase.objects.get(pk=moved_from))
     if not document.file and not document.source_url:
-        raise ApplicationError("no_content", "A document needs an uploaded file or a source URL.")
+        raise ApplicationError("no_content", gettext("A document needs an uploaded file or a source URL."))
     creating = document.pk is None
     if content_changed and document.file:
         upload = document.file
@@ -370,7 +442,9 @@ def document_save(*, document: Document, user: User, content_changed: bool) -> D
     document.updated_by = _actor(user)
     with transaction.atomic():
         document.save()
-        if content_changed:
+        if moved_from is not None:
+            _after_move(document, moved_from)
+        elif content_changed:
             _enqueue_ingest([document.pk])
     return document
 
@@ -504,26 +578,24 @@ def _document_bytes(document: Document) -> bytes:
 
 
 def _fetch(url: str, limit: int) -> bytes:
-    import httpx
+    from apps.core.outbound import OutboundError, fetch
 
+    # Through the outbound gate: every hop's resolved address is checked, so a source URL (or a redirect)
+    # cannot make the platform read its own network (metadata service, Redis, admin ports).
     try:
-        with httpx.Client(timeout=settings.KNOWLEDGE_FETCH_TIMEOUT_SECONDS, follow_redirects=True) as client:
-            with client.stream("GET", url, headers={"User-Agent": "kotaemon-site/1.0"}) as response:
-                if response.status_code >= 500 or response.status_code == 429:
-                    raise TransientError(f"{url} answered {response.status_code}")
-                if response.status_code >= 400:
-                    raise DocumentSourceError("fetch_failed", f"The source URL answered HTTP {response.status_code}.")
-                chunks, total = [], 0
-                for block in response.iter_bytes():
-                    chunks.append(block)
-                    total += len(block)
-                    if total > limit:
-                        break
-                return b"".join(chunks)
-    except httpx.TransportError as exc:
-        raise TransientError(f"fetching the source URL failed: {type(exc).__name__}") from exc
-    except httpx.InvalidURL as exc:
-        raise DocumentSourceError("fetch_failed", f"The source URL is invalid: {exc}") from exc
+        response = fetch(url, timeout=settings.KNOWLEDGE_FETCH_TIMEOUT_SECONDS, max_bytes=limit,
+                         headers={"User-Agent": "kotaemon-site/1.0"})
+    except OutboundError as exc:
+        if exc.code == "response_too_large":
+            raise DocumentSourceError("too_large", f"The source URL returned more than {limit} bytes.") from exc
+        if exc.transient:
+            raise TransientError(f"fetching the source URL failed: {exc.code}") from exc
+        raise DocumentSourceError(exc.code, f"The source URL was not fetched: {exc.message}") from exc
+    if response.status >= 500 or response.status == 429:
+        raise TransientError(f"{url} answered {response.status}")
+    if response.status >= 400:
+        raise DocumentSourceError("fetch_failed", f"The source URL answered HTTP {response.status}.")
+    return response.content
 
 
 def document_ingest(*, document_id: int, force: bool = False) -> IngestOutcome | None:
@@ -708,16 +780,19 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
     """Build a new index version from stored chunk vectors and activate it. Idempotent.
 
     Without `force`, nothing is done when the active version already covers the knowledge base's
-    current content revision with the current model. Concurrent rebuilds get distinct versions from
-    the row-locked counter; activation never replaces a newer active version with an older one.
+    current content revision with the current model and analyzer (its version and the base's user
+    dictionary). Concurrent rebuilds get distinct versions from the row-locked counter; activation
+    never replaces a newer active version with an older one.
     """
     kb = KnowledgeBase.objects.filter(pk=knowledge_base_id).first()
     if kb is None:
         return IndexBuildResult(knowledge_base_id, "missing")
     model = embedder_for_kb(kb)  # read once: the whole version is built with this one model
+    analyzer = kb_analyzer(kb)
     active = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
     if (not force and active is not None and active.source_revision == kb.content_revision
-            and active.embedding_model == model.model_id and Path(active.artifact_path).is_dir()):
+            and active.embedding_model == model.model_id and Path(active.artifact_path).is_dir()
+            and manifest_analyzer_matches(_read_manifest(active.artifact_path), analyzer)):
         return IndexBuildResult(kb.pk, "unchanged", active.version, active.chunk_count, active.document_count)
 
     started = time.perf_counter()
@@ -737,7 +812,7 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
             kb_index_root(kb.pk), version.version, ids=ids, vectors=vectors, texts=texts,
             meta={"model_id": model.model_id, "embedding": {**described, "model": version.embedding_key},
                   "knowledge_base": kb.pk, "slug": kb.slug, "source_revision": version.source_revision},
-            hnsw_threshold=settings.KNOWLEDGE_HNSW_THRESHOLD,
+            hnsw_threshold=settings.KNOWLEDGE_HNSW_THRESHOLD, analyzer=analyzer,
         )
         manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
         version.artifact_path, version.dense_kind = str(path), manifest.get("dense_kind", "")
@@ -755,6 +830,13 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
     index_versions_cleanup(knowledge_base_id=kb.pk)
     return IndexBuildResult(kb.pk, "built" if activated else "superseded", version.version, len(ids),
                             document_count, encoded, seconds)
+
+
+def _read_manifest(artifact_path: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(artifact_path) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 REEMBED_BATCH = 256

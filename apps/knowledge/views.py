@@ -5,6 +5,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import SuspiciousOperation
 from django.http import Http404
 from django.shortcuts import render
+from django.utils.translation import gettext
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
@@ -19,6 +20,7 @@ from . import selectors, services
 from .serializers import (
     DocumentDetailSerializer,
     DocumentSerializer,
+    DocumentUpdateSerializer,
     DocumentUploadSerializer,
     KnowledgeBaseSerializer,
     KnowledgeBaseWriteSerializer,
@@ -39,7 +41,7 @@ def _paginate(view: APIView, request, queryset, serializer_class):
 def _kb_with_stats(user, kb_id: int):
     kb = selectors.knowledge_bases_with_stats(user=user).filter(pk=kb_id).first()
     if kb is None:
-        raise NotFound("No such knowledge base.", code="knowledge_base_not_found")
+        raise NotFound(gettext("No such knowledge base."), code="knowledge_base_not_found")
     return kb
 
 
@@ -51,7 +53,7 @@ class KnowledgeBaseListCreateView(APIView):
         return _paginate(self, request, queryset, KnowledgeBaseSerializer)
 
     @extend_schema(request=KnowledgeBaseWriteSerializer, responses={201: KnowledgeBaseSerializer, **ERRORS},
-                   summary="Create a knowledge base (staff, or the knowledge.add_knowledgebase permission)",
+                   summary="Create a knowledge base (the knowledge.add_knowledgebase permission)",
                    tags=["knowledge"])
     def post(self, request):
         params = KnowledgeBaseWriteSerializer(data=request.data)
@@ -68,7 +70,7 @@ class KnowledgeBaseDetailView(APIView):
         return Response(KnowledgeBaseSerializer(_kb_with_stats(request.user, kb_id), context={"request": request}).data)
 
     @extend_schema(request=KnowledgeBaseWriteSerializer(partial=True), responses={200: KnowledgeBaseSerializer, **ERRORS},
-                   summary="Change a knowledge base (owner or staff)", tags=["knowledge"])
+                   summary="Change a knowledge base (its editors)", tags=["knowledge"])
     def patch(self, request, kb_id: int):
         kb = selectors.knowledge_base_get(user=request.user, ref=kb_id)
         params = KnowledgeBaseWriteSerializer(data=request.data, partial=True)
@@ -112,7 +114,7 @@ class DocumentListUploadView(APIView):
         outcomes = services.documents_upload(knowledge_base=kb, user=request.user, files=files)
         results = [outcome.to_dict() for outcome in outcomes]
         if all(outcome.error_code == "too_large" for outcome in outcomes):
-            raise ApplicationError("too_large", "Every file is over the size limit.", details={"results": results},
+            raise ApplicationError("too_large", gettext("Every file is over the size limit."), details={"results": results},
                                    status=413)
         documents = [outcome.document for outcome in outcomes if outcome.document is not None]
         created = any(outcome.status == "created" for outcome in outcomes)
@@ -125,6 +127,22 @@ class DocumentDetailView(APIView):
                    summary="A document with its chunks", tags=["knowledge"])
     def get(self, request, document_id: int):
         return Response(DocumentDetailSerializer(selectors.document_get(user=request.user, document_id=document_id)).data)
+
+    @extend_schema(request=DocumentUpdateSerializer, responses={200: DocumentSerializer, **ERRORS},
+                   summary="Rename a document or move it to another knowledge base (editors of both)",
+                   tags=["knowledge"])
+    def patch(self, request, document_id: int):
+        document = selectors.document_get(user=request.user, document_id=document_id)
+        params = DocumentUpdateSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        if "title" in data:
+            services.document_rename(document=document, user=request.user, title=data["title"])
+        if "knowledge_base" in data:
+            target = selectors.knowledge_base_get(user=request.user, ref=data["knowledge_base"])
+            services.document_move(document=document, user=request.user, knowledge_base=target)
+        document.refresh_from_db()
+        return Response(DocumentSerializer(document).data)
 
     @extend_schema(responses={202: None, 403: OpenApiTypes.OBJECT, 404: OpenApiTypes.OBJECT},
                    summary="Delete a document (hidden from search at once, purged in the background)",
@@ -156,6 +174,7 @@ def _int_param(raw: str | None, default: int):
 
 
 class SearchView(APIView):
+    api_key_scope = "search"  # apps/core/scopes.py (other views: read for GET, manage for writes)
     @extend_schema(
         parameters=[
             OpenApiParameter("q", str, required=True, description="The query"),

@@ -7,13 +7,14 @@ from django.http import StreamingHttpResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext_lazy as _
 
 from .models import AuditEvent
 from .selectors import audit_events_csv
 
 
 class ActorFilter(admin.SimpleListFilter):
-    title = "actor"
+    title = _("actor")
     parameter_name = "actor"
 
     def lookups(self, request, model_admin):
@@ -48,15 +49,15 @@ class AuditEventAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
 
-    @admin.display(description="object", ordering="object_repr")
+    @admin.display(description=_("object"), ordering="object_repr")
     def object_link(self, obj: AuditEvent) -> str:
         return format_html("{} <span style='color:#888'>#{}</span>", obj.object_repr, obj.object_id)
 
-    @admin.display(description="changes")
+    @admin.display(description=_("changes"))
     def short_summary(self, obj: AuditEvent) -> str:
         return obj.summary if len(obj.summary) <= 160 else obj.summary[:160] + "…"
 
-    @admin.display(description="changes")
+    @admin.display(description=_("changes"))
     def changes_table(self, obj: AuditEvent) -> str:
         if not obj.changes:
             return "—"
@@ -64,14 +65,14 @@ class AuditEventAdmin(admin.ModelAdmin):
         for name, change in obj.changes.items():
             if "added" in change or "removed" in change:
                 removed, added = change.get("removed") or [], change.get("added") or []
-                before = "removed: " + ", ".join(map(str, removed)) if removed else ""
-                after = "added: " + ", ".join(map(str, added)) if added else ""
+                before = _("removed: %(items)s") % {"items": ", ".join(map(str, removed))} if removed else ""
+                after = _("added: %(items)s") % {"items": ", ".join(map(str, added))} if added else ""
             else:
                 before, after = change.get("before", ""), change.get("after", "")
             rows.append((name, _show(before), _show(after)))
         body = format_html_join("", "<tr><th>{}</th><td>{}</td><td>{}</td></tr>", rows)
-        return format_html("<table><thead><tr><th>field</th><th>before</th><th>after</th></tr></thead>"
-                           "<tbody>{}</tbody></table>", body)
+        return format_html("<table><thead><tr><th>{}</th><th>{}</th><th>{}</th></tr></thead><tbody>{}</tbody></table>",
+                           _("field"), _("before"), _("after"), body)
 
     def get_urls(self):
         urls = super().get_urls()
@@ -93,7 +94,7 @@ class AuditEventAdmin(admin.ModelAdmin):
         changelist = self.get_changelist_instance(request)
         return self._csv_response(request, changelist.get_queryset(request))
 
-    @admin.action(description="Export selected events as CSV")
+    @admin.action(description=_("Export selected events as CSV"))
     def export_selected_csv(self, request, queryset):
         return self._csv_response(request, queryset)
 

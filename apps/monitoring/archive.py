@@ -2,8 +2,15 @@
 and come back with `conversations_restore`.
 
 File format (gzip, one JSON object per line):
-  line 1: {"format": "kotaemon-conversations", "version": 1, "created_at", "cutoff", "instance", "count"}
+  line 1: {"format": "kotaemon-conversations", "version": 2, "created_at", "cutoff", "instance", "count",
+           "signature": "hmac-sha256", "key_id"}
   then one line per conversation: {"session_id", "digest", "objects": [...], "relinks": [...]}
+  last line: {"signature": hex}: HMAC-SHA256 with ARCHIVE_SIGNING_KEY of every line before it (bytes)
+
+Restore trusts nothing it has not verified: the whole file's signature is checked before anything is
+written, and even then only conversation rows (conversations, their messages and feedback) are written,
+each new (an existing id is never overwritten) and belonging to the conversation of its line. A file
+crafted to create a user, a superuser or any other row fails before the first write.
 `objects` are Django's serialized rows (model, pk, fields) of the conversation and of everything whose
 deletion cascades from it (messages, feedback, and whatever other apps hang on them), parents first;
 `relinks` are rows outside the conversation that pointed at it with SET_NULL, re-pointed on restore.
@@ -33,15 +40,18 @@ from django.core import serializers
 from django.core.management.color import no_style
 from django.core.serializers.json import DjangoJSONEncoder
 from django.utils.duration import duration_iso_string
-from django.db import DEFAULT_DB_ALIAS, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, models, transaction
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from apps.core.errors import ApplicationError
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "kotaemon-conversations"
-VERSION = 1
+VERSION = 2
+# The only models a restore writes (app_label.model_name).
+RESTORABLE_MODELS = frozenset({"conversations.conversation", "conversations.message", "conversations.feedback"})
 _AGE_RE = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.I)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -63,9 +73,57 @@ def parse_age(text: str) -> dt.timedelta:
     """'90d', '12h', '2w', '30m', '45s' -> timedelta. Zero or malformed ages are refused."""
     match = _AGE_RE.match(str(text or ""))
     if not match or int(match.group(1)) <= 0:
-        raise ApplicationError("invalid_age", "Give an age like 90d, 12h, 2w, 30m or 45s (a positive number and "
-                               "a unit).", details={"value": str(text)[:40]})
+        raise ApplicationError("invalid_age", gettext("Give an age like 90d, 12h, 2w, 30m or 45s (a positive number and "
+                               "a unit)."), details={"value": str(text)[:40]})
     return dt.timedelta(**{_UNITS[match.group(2).lower()]: int(match.group(1))})
+
+
+# --- signing ----------------------------------------------------------------------------------
+
+def _signing_key() -> bytes:
+    key = getattr(settings, "ARCHIVE_SIGNING_KEY", "")
+    if not key:
+        raise ApplicationError("archive_signing_key_missing",
+                               gettext("Set ARCHIVE_SIGNING_KEY (a long random value, kept apart from SECRET_KEY) to write or "
+                                       "restore conversation archives."))
+    return key.encode("utf-8")
+
+
+def signing_key_id() -> str:
+    """A short, public fingerprint of the signing key: tells which key an archive needs, reveals nothing."""
+    return hashlib.sha256(b"kotaemon-archive-key-id:" + _signing_key()).hexdigest()[:12]
+
+
+def _signer():
+    import hmac
+
+    return hmac.new(_signing_key(), digestmod=hashlib.sha256)
+
+
+def _verify_signature(handle: IO[bytes]) -> None:
+    """Check the trailer signature over every line before it; raises archive_signature_invalid. Streams."""
+    import hmac
+
+    signer = _signer()
+    previous: str | None = None
+    try:
+        with gzip.open(handle, "rt", encoding="utf-8", newline="") as text:
+            for line in text:
+                if previous is not None:
+                    signer.update(previous.encode("utf-8"))
+                previous = line
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise ApplicationError("archive_corrupt", gettext("The archive is not a readable gzip JSON Lines file.")) from exc
+    try:
+        trailer = json.loads(previous or "")
+    except ValueError:
+        trailer = None
+    if not isinstance(trailer, dict) or set(trailer) != {"signature"} or not isinstance(trailer["signature"], str):
+        raise ApplicationError("archive_unsigned", gettext("The archive carries no signature; only archives written by archive_conversations with "
+                                                           "this ARCHIVE_SIGNING_KEY can be restored."))
+    if not hmac.compare_digest(signer.hexdigest(), trailer["signature"]):
+        raise ApplicationError("archive_signature_invalid", gettext("The archive's signature does not match: it was altered, or signed with another "
+                                                                    "ARCHIVE_SIGNING_KEY. Nothing was restored."))
 
 
 # --- storage ----------------------------------------------------------------------------------
@@ -91,7 +149,8 @@ class FileArchiveStorage(ArchiveStorage):
         self.root.mkdir(parents=True, exist_ok=True)
         target = self._path(name)
         if target.exists():
-            raise ApplicationError("archive_exists", f"An archive named {name} already exists.")
+            raise ApplicationError("archive_exists", gettext("An archive named %(name)s already exists.")
+                                                     % {"name": name})
         # Copy under a temporary name then rename: a crash never leaves a half file under the real name.
         partial = target.with_name(target.name + ".partial")
         with open(local_path, "rb") as src, open(partial, "wb") as dst:
@@ -105,7 +164,8 @@ class FileArchiveStorage(ArchiveStorage):
     def open(self, name: str) -> IO[bytes]:
         path = self._path(name)
         if not path.is_file():
-            raise ApplicationError("archive_not_found", f"No archive file {name}.", status=404)
+            raise ApplicationError("archive_not_found", gettext("No archive file %(name)s.")
+                                                        % {"name": name}, status=404)
         return open(path, "rb")
 
     def size(self, name: str) -> int:
@@ -137,7 +197,8 @@ class S3ArchiveStorage(ArchiveStorage):
         key = self._key(name)
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)
-            raise ApplicationError("archive_exists", f"An archive named {name} already exists.")
+            raise ApplicationError("archive_exists", gettext("An archive named %(name)s already exists.")
+                                                     % {"name": name})
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
                 raise
@@ -154,7 +215,8 @@ class S3ArchiveStorage(ArchiveStorage):
             self.client.download_fileobj(self.bucket, key, buffer)
         except ClientError as exc:
             buffer.close()
-            raise ApplicationError("archive_not_found", f"No archive {name} in {self.location}.", status=404) from exc
+            raise ApplicationError("archive_not_found", gettext("No archive %(name)s in %(location)s.")
+                                                        % {"name": name, "location": self.location}, status=404) from exc
         buffer.seek(0)
         return buffer
 
@@ -170,7 +232,7 @@ class S3ArchiveStorage(ArchiveStorage):
 def _checked_name(name: str) -> str:
     base = str(name)
     if "/" in base or "\\" in base or not _SAFE_NAME_RE.match(base):
-        raise ApplicationError("invalid_archive_name", "Archive names are plain file names (letters, digits, . _ -).",
+        raise ApplicationError("invalid_archive_name", gettext("Archive names are plain file names (letters, digits, . _ -)."),
                                details={"name": str(name)[:100]})
     return base
 
@@ -191,7 +253,7 @@ def _conversation_model():
     try:
         return apps.get_model("conversations", "Conversation")
     except LookupError as exc:
-        raise ApplicationError("conversations_not_installed", "The conversations app is not installed.") from exc
+        raise ApplicationError("conversations_not_installed", gettext("The conversations app is not installed.")) from exc
 
 
 def _collect(conversation) -> tuple[list[Any], list[dict[str, Any]]]:
@@ -245,8 +307,9 @@ def _read_lines(handle: IO[bytes]) -> Iterator[dict[str, Any]]:
                 if line.strip():
                     yield json.loads(line)
     except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:  # BadGzipFile is an OSError
-        raise ApplicationError("archive_corrupt", f"The archive is not a readable gzip JSON Lines file "
-                               f"(line {number + 1}: {exc.__class__.__name__}).") from exc
+        raise ApplicationError("archive_corrupt", gettext("The archive is not a readable gzip JSON Lines file "
+                                                           "(line %(line)s: %(error)s).")
+                                                  % {"line": number + 1, "error": exc.__class__.__name__}) from exc
 
 
 @dataclass
@@ -281,27 +344,34 @@ def conversations_archive(*, older_than: dt.timedelta, dry_run: bool = False, ba
         return result
     storage = storage or archive_storage()
     Conversation = _conversation_model()
+    signer = _signer()  # before any work: without a key nothing is archived
     name = f"conversations-{timezone.now():%Y%m%dT%H%M%S%f}-before-{cutoff:%Y%m%d}.jsonl.gz"
     digests: dict[int, str] = {}
     with tempfile.TemporaryDirectory(prefix="kotaemon-archive-") as tmp:
         local = Path(tmp) / name
-        with gzip.open(local, "wt", encoding="utf-8", compresslevel=6) as out:
-            out.write(json.dumps({"format": FORMAT, "version": VERSION, "created_at": timezone.now().isoformat(),
-                                  "cutoff": cutoff.isoformat(), "instance": settings.INSTANCE_ID,
-                                  "count": len(ids)}) + "\n")
+        with gzip.open(local, "wt", encoding="utf-8", compresslevel=6, newline="") as out:
+            def write(line: str) -> None:
+                signer.update(line.encode("utf-8"))
+                out.write(line)
+
+            write(json.dumps({"format": FORMAT, "version": VERSION, "created_at": timezone.now().isoformat(),
+                              "cutoff": cutoff.isoformat(), "instance": settings.INSTANCE_ID,
+                              "count": len(ids), "signature": "hmac-sha256", "key_id": signing_key_id()}) + "\n")
             for start in range(0, len(ids), batch_size):
                 for conversation in Conversation.objects.filter(pk__in=ids[start:start + batch_size]).order_by("pk"):
                     record = _record(conversation)
                     digests[conversation.pk] = record["digest"]
                     result.objects += len(record["objects"])
-                    out.write(json.dumps(record, cls=_LosslessEncoder, ensure_ascii=False) + "\n")
+                    write(json.dumps(record, cls=_LosslessEncoder, ensure_ascii=False) + "\n")
+            out.write(json.dumps({"signature": signer.hexdigest()}) + "\n")
         _verify(local, digests)
         result.bytes = local.stat().st_size
         result.location = storage.save(name, local)
         result.name = name
     if storage.size(name) != result.bytes:
-        raise ApplicationError("archive_store_failed", f"The stored archive {name} does not have the size written; "
-                               "nothing was deleted.")
+        raise ApplicationError("archive_store_failed", gettext("The stored archive %(name)s does not have the size written; "
+                                                                "nothing was deleted.")
+                                                       % {"name": name})
     result.archived = len(digests)
     logger.info("conversations archived", extra={"archive": result.location, "conversations": result.archived,
                                                    "bytes": result.bytes})
@@ -321,19 +391,23 @@ def _verify(local: Path, digests: dict[int, str]) -> None:
     """Read the file back: every conversation written must be there, whole, with its digest."""
     seen: dict[int, str] = {}
     with open(local, "rb") as handle:
+        _verify_signature(handle)
+        handle.seek(0)
         lines = _read_lines(handle)
         header = next(lines, None)
         if not header or header.get("format") != FORMAT:
-            raise ApplicationError("archive_verify_failed", "The archive written has no valid header; nothing was deleted.")
+            raise ApplicationError("archive_verify_failed", gettext("The archive written has no valid header; nothing was deleted."))
         for line in lines:
+            if "session_id" not in line:  # the signature trailer
+                continue
             canonical = json.dumps({"objects": line["objects"], "relinks": line["relinks"]}, sort_keys=True,
                                    cls=_LosslessEncoder)
             if hashlib.sha256(canonical.encode()).hexdigest() != line["digest"]:
-                raise ApplicationError("archive_verify_failed", "A line of the archive does not match its digest.")
+                raise ApplicationError("archive_verify_failed", gettext("A line of the archive does not match its digest."))
             seen[int(line["pk"])] = line["digest"]
     if seen != digests:
-        raise ApplicationError("archive_verify_failed", "The archive read back differs from what was written; "
-                               "nothing was deleted.")
+        raise ApplicationError("archive_verify_failed", gettext("The archive read back differs from what was written; "
+                               "nothing was deleted."))
 
 
 def _delete_if_unchanged(pk: int, digest: str) -> str | None:
@@ -377,16 +451,53 @@ class RestoreResult:
     total: int = 0
 
 
+def _checked_header(header: Any, name: str) -> dict[str, Any]:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ApplicationError("archive_corrupt", gettext("%(name)s is not a conversation archive.") % {"name": name})
+    version = header.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise ApplicationError("archive_version_unsupported",
+                               gettext("%(name)s was written by a newer version (format %(version)s).")
+                               % {"name": name, "version": header.get('version')})
+    if version < 2:
+        raise ApplicationError("archive_unsigned", gettext("%(name)s is an unsigned (format 1) archive; restore accepts only signed archives.")
+                                                   % {"name": name})
+    return header
+
+
 def archive_header(*, name: str, storage: ArchiveStorage | None = None) -> dict[str, Any]:
     storage = storage or archive_storage()
     with storage.open(name) as handle:
         header = next(_read_lines(handle), None)
-    if not header or header.get("format") != FORMAT:
-        raise ApplicationError("archive_corrupt", f"{name} is not a conversation archive.")
-    if int(header.get("version", 0)) > VERSION:
-        raise ApplicationError("archive_version_unsupported",
-                               f"{name} was written by a newer version (format {header.get('version')}).")
-    return header
+    return _checked_header(header, name)
+
+
+def _restorable(line: dict[str, Any]) -> list[Any]:
+    """The line's rows as unsaved model instances, or ApplicationError: only conversation models, only new
+    ids, only rows of this line's one conversation. Runs before anything of the line is written."""
+    objects = line.get("objects")
+    if not isinstance(objects, list) or not objects:
+        raise ApplicationError("archive_invalid_line", gettext("A line holds no rows."))
+    labels = {str(obj.get("model", "")).lower() if isinstance(obj, dict) else "" for obj in objects}
+    foreign = sorted(labels - RESTORABLE_MODELS)
+    if foreign:
+        raise ApplicationError("archive_forbidden_model", gettext("The archive line holds rows that a conversation archive never contains."), details={"models": foreign})
+    rows = [item.object for item in serializers.deserialize("python", objects)]
+    conversations = [r for r in rows if r._meta.label_lower == "conversations.conversation"]
+    if len(conversations) != 1 or conversations[0].session_id != line.get("session_id"):
+        raise ApplicationError("archive_invalid_line", gettext("A line holds exactly its one conversation."))
+    conversation = conversations[0]
+    message_ids = {r.pk for r in rows if r._meta.label_lower == "conversations.message"}
+    for row in rows:
+        label = row._meta.label_lower
+        if label == "conversations.message" and row.conversation_id != conversation.pk:
+            raise ApplicationError("archive_invalid_line", gettext("A message belongs to another conversation."))
+        if label == "conversations.feedback" and row.message_id not in message_ids:
+            raise ApplicationError("archive_invalid_line", gettext("Feedback belongs to another conversation."))
+        if row.pk is None or type(row)._base_manager.filter(pk=row.pk).exists():
+            raise ApplicationError("archive_id_taken", gettext("A row of the archive would overwrite an existing row."),
+                                   details={"model": label, "pk": row.pk})
+    return rows
 
 
 def conversations_restore(*, name: str, progress: Progress | None = None,
@@ -394,16 +505,19 @@ def conversations_restore(*, name: str, progress: Progress | None = None,
                           storage: ArchiveStorage | None = None) -> RestoreResult:
     """Put the conversations of archive `name` back. Idempotent: ones already present are skipped."""
     storage = storage or archive_storage()
-    header = archive_header(name=name, storage=storage)
-    result = RestoreResult(total=int(header.get("count", 0)))
-    if on_total:
-        on_total(result.total)
     Conversation = _conversation_model()
     touched: set[type] = set()
     with storage.open(name) as handle:
+        _verify_signature(handle)  # the whole file, before the first write
+        handle.seek(0)
         lines = _read_lines(handle)
-        next(lines)
+        header = _checked_header(next(lines, None), name)
+        result = RestoreResult(total=int(header.get("count", 0)))
+        if on_total:
+            on_total(result.total)
         for line in lines:
+            if "session_id" not in line:  # the signature trailer
+                continue
             session_id = line["session_id"]
             if Conversation.objects.filter(session_id=session_id).exists():
                 result.skipped.append(session_id)
@@ -411,11 +525,12 @@ def conversations_restore(*, name: str, progress: Progress | None = None,
                 try:
                     with transaction.atomic():
                         tables = set()
-                        for obj in serializers.deserialize("python", line["objects"]):
-                            obj.save()
-                            touched.add(type(obj.object))
-                            tables.add(obj.object._meta.db_table)
-                        _relink(line.get("relinks") or [])
+                        rows = _restorable(line)
+                        for row in rows:
+                            models.Model.save_base(row, raw=True, force_insert=True)
+                            touched.add(type(row))
+                            tables.add(row._meta.db_table)
+                        _relink(line.get("relinks") or [], {(r._meta.label_lower, r.pk) for r in rows})
                         # Foreign keys are checked at commit by default; check now, so a conversation whose
                         # owner is gone fails alone instead of failing the whole restore later.
                         connection.check_constraints(table_names=sorted(tables))
@@ -429,14 +544,21 @@ def conversations_restore(*, name: str, progress: Progress | None = None,
     return result
 
 
-def _relink(relinks: Iterable[dict[str, Any]]) -> None:
+def _relink(relinks: Iterable[dict[str, Any]], restored: set[tuple[str, Any]]) -> None:
+    """Re-point SET_NULL links at the restored rows, and only that: the field must be a foreign key to a
+    restorable model, still null, and the value one of the rows just restored."""
     for link in relinks:
         try:
             model = apps.get_model(link["model"])
-        except LookupError:
+            field_obj = model._meta.get_field(str(link["field"]).removesuffix("_id"))
+        except Exception:  # unknown model or field: nothing of ours to re-point
             continue
-        model._base_manager.filter(pk=link["pk"], **{f"{link['field']}__isnull": True}).update(
-            **{link["field"]: link["value"]})
+        target = getattr(field_obj, "related_model", None)
+        if target is None or target._meta.label_lower not in RESTORABLE_MODELS or \
+                (target._meta.label_lower, link.get("value")) not in restored:
+            continue
+        model._base_manager.filter(pk=link["pk"], **{f"{field_obj.attname}__isnull": True}).update(
+            **{field_obj.attname: link["value"]})
 
 
 def _reset_sequences(models: set[type]) -> None:

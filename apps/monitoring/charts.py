@@ -11,6 +11,7 @@ from typing import Sequence
 
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
+from django.utils.translation import gettext
 
 PALETTE = ["#417690", "#e08e0b", "#5b9a68", "#c0392b", "#8e44ad", "#7f8c8d"]
 _FONT = 'font-family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif" font-size="11"'
@@ -44,7 +45,8 @@ def _frame(width: int, height: int, title: str, body: list[str]) -> SafeString:
     )
 
 
-def _empty(width: int, height: int, title: str, message: str = "No data in this period") -> SafeString:
+def _empty(width: int, height: int, title: str, message: str | None = None) -> SafeString:
+    message = gettext("No data in this period") if message is None else message
     return _frame(width, height, title, [
         f'<rect x="0.5" y="0.5" width="{width - 1}" height="{height - 1}" fill="#fafafa" stroke="#ddd"/>',
         f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="#888" class="empty">{escape(message)}</text>',

@@ -21,8 +21,10 @@ from django.conf import settings
 from django.db.models import Count, OuterRef, Q, Subquery, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
+from django.utils.translation import gettext
 
-from apps.core.errors import ApplicationError, PermissionDenied
+from apps.core import authz
+from apps.core.errors import ApplicationError
 
 from .metrics import REGISTRY
 
@@ -92,7 +94,8 @@ def parse_days(raw: Any, default: int | None = None) -> int:
     except (TypeError, ValueError):
         days = -1
     if not 1 <= days <= MAX_DAYS:
-        raise ApplicationError("invalid_days", f"days must be a whole number from 1 to {MAX_DAYS}.",
+        raise ApplicationError("invalid_days", gettext("days must be a whole number from 1 to %(max_days)s.")
+                                               % {"max_days": MAX_DAYS},
                                details={"days": str(raw)[:20]})
     return days
 
@@ -330,7 +333,8 @@ def _cluster_figures(board: Dashboard) -> None:
     try:
         rows = instances_list()
     except Exception as exc:  # Redis down: say so on the page instead of failing it
-        board.instances_error = f"The instance registry could not be read ({exc.__class__.__name__})."
+        board.instances_error = gettext("The instance registry could not be read (%(error)s).") % {
+            "error": exc.__class__.__name__}
         return
     slugs = {str(kb["id"]): kb["slug"] for kb in board.knowledge_bases}
     for row in rows:
@@ -343,8 +347,7 @@ def _cluster_figures(board: Dashboard) -> None:
 
 
 def dashboard_build(*, user, days: int | None = None) -> Dashboard:
-    if not (getattr(user, "is_active", False) and getattr(user, "is_staff", False)):
-        raise PermissionDenied("The operations dashboard is for staff.", code="dashboard_forbidden")
+    authz.require(user, "dashboard.view")
     days = parse_days(days)
     today = timezone.localdate()
     first_day = today - dt.timedelta(days=days - 1)

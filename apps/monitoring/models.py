@@ -45,6 +45,9 @@ class AuditEvent(models.Model):
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["model_label", "object_id", "-created_at"], name="audit_object_recent")]
         verbose_name = "audit event"
+        # The auditor role's operational pages (apps/core/authz.py).
+        permissions = [("view_dashboard", "Can view the operations dashboard"),
+                       ("view_cluster", "Can view the cluster page")]
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_label} {self.action} {self.model_label} {self.object_repr}"

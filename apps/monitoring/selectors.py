@@ -6,7 +6,7 @@ from typing import Iterable, Iterator
 
 from django.db.models import QuerySet
 
-from apps.core.errors import PermissionDenied
+from apps.core import authz
 
 from .models import AuditEvent
 
@@ -16,10 +16,7 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _require_audit_reader(user) -> None:
-    if not (getattr(user, "is_active", False) and getattr(user, "is_staff", False)
-            and user.has_perm("monitoring.view_auditevent")):
-        raise PermissionDenied("Reading the audit log requires the 'view audit event' permission.",
-                               code="audit_forbidden")
+    authz.require(user, "audit.read")
 
 
 def audit_events_list(*, user, model_label: str | None = None, object_id: str | None = None,

@@ -14,6 +14,7 @@ from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.translation import gettext_lazy as _
 
 from apps.core.errors import ApplicationError
 
@@ -24,6 +25,8 @@ from .services import plugin_config_update, plugin_config_validate, plugins_relo
 
 _STATUS_COLOURS = {"enabled": "#2e7d32", "disabled": "#757575", "invalid_config": "#c62828",
                    "not_installed": "#ef6c00"}
+_STATUS_LABELS = {"enabled": _("enabled"), "disabled": _("disabled"), "invalid_config": _("invalid config"),
+                  "not_installed": _("not installed")}
 
 
 def _view_for(name: str):
@@ -32,13 +35,13 @@ def _view_for(name: str):
 
 class PluginConfigForm(forms.ModelForm):
     config = forms.CharField(widget=forms.Textarea(attrs={"rows": 12, "cols": 90, "style": "font-family:monospace"}),
-                             required=False, help_text="JSON object. Omitted settings use the defaults shown below.")
+                             required=False, help_text=_("JSON object. Omitted settings use the defaults shown below."))
     allowed_hosts = forms.CharField(required=False, widget=forms.TextInput(attrs={"size": 80}),
-                                    help_text="Comma-separated extra hosts (host, host:port, *.domain). Hosts of "
-                                              "URL settings are allowed automatically.")
+                                    help_text=_("Comma-separated extra hosts (host, host:port, *.domain). Hosts of "
+                                                "URL settings are allowed automatically."))
     allowed_groups = forms.ModelMultipleChoiceField(queryset=Group.objects.all(), required=False,
-                                                    widget=admin.widgets.FilteredSelectMultiple("groups", False),
-                                                    help_text="Empty: every signed-in user may trigger this plugin.")
+                                                    widget=admin.widgets.FilteredSelectMultiple(_("groups"), False),
+                                                    help_text=_("Empty: every signed-in user may trigger this plugin."))
 
     class Meta:
         model = PluginConfig
@@ -55,21 +58,22 @@ class PluginConfigForm(forms.ModelForm):
             self.initial["allowed_hosts"] = ", ".join(self.instance.allowed_hosts or [])
         set_ = set(self.view.secrets_set) if self.view else set()
         for name in self.secret_names:
-            state = "set; leave blank to keep" if name in set_ else "not set"
+            state = _("set; leave blank to keep") if name in set_ else _("not set")
             # render_value=False: a stored secret is never sent back to the browser.
             self.fields[f"secret__{name}"] = forms.CharField(
-                required=False, label=f"Secret: {name}", widget=forms.PasswordInput(render_value=False),
+                required=False, label=_("Secret: %(name)s") % {"name": name}, widget=forms.PasswordInput(render_value=False),
                 help_text=f"({state}) {self.config_schema['properties'][name].get('description', '')}")
-            self.fields[f"clear__{name}"] = forms.BooleanField(required=False, label=f"Clear secret {name}")
+            self.fields[f"clear__{name}"] = forms.BooleanField(required=False,
+                                                               label=_("Clear secret %(name)s") % {"name": name})
 
     def clean_config(self):
         raw = self.cleaned_data.get("config") or "{}"
         try:
             value = json.loads(raw)
         except ValueError as exc:
-            raise forms.ValidationError(f"Not valid JSON: {exc}")
+            raise forms.ValidationError(_("Not valid JSON: %(error)s") % {"error": exc})
         if not isinstance(value, dict):
-            raise forms.ValidationError("The config must be a JSON object ({...}).")
+            raise forms.ValidationError(_("The config must be a JSON object ({...})."))
         return value
 
     def clean_allowed_hosts(self):
@@ -114,11 +118,11 @@ class PluginConfigAdmin(admin.ModelAdmin):
         form = self.get_form(request, obj)(instance=obj) if obj else None
         secret_fields = [f for f in (form.fields if form else {}) if f.startswith(("secret__", "clear__"))]
         sets = [(None, {"fields": ["name", "status_badge", "plugin_details"]}),
-                ("Configuration", {"fields": ["enabled", "config"]})]
+                (_("Configuration"), {"fields": ["enabled", "config"]})]
         if secret_fields:
-            sets.append(("Secrets (write-only)", {"fields": secret_fields}))
-        sets.append(("Permissions and limits", {"fields": ["allowed_groups", "allowed_hosts", "timeout_seconds"]}))
-        sets.append(("History", {"fields": ["version", "updated_at", "updated_by"]}))
+            sets.append((_("Secrets (write-only)"), {"fields": secret_fields}))
+        sets.append((_("Permissions and limits"), {"fields": ["allowed_groups", "allowed_hosts", "timeout_seconds"]}))
+        sets.append((_("History"), {"fields": ["version", "updated_at", "updated_by"]}))
         return sets
 
     def get_form(self, request, obj=None, change=False, **kwargs):
@@ -131,44 +135,45 @@ class PluginConfigAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
 
-    @admin.display(description="status")
+    @admin.display(description=_("status"))
     def status_badge(self, obj: PluginConfig) -> str:
         view = _view_for(obj.name)
         status = view.status if view else "not_installed"
-        return format_html('<b style="color:{}">{}</b>', _STATUS_COLOURS.get(status, "#000"), status.replace("_", " "))
+        return format_html('<b style="color:{}">{}</b>', _STATUS_COLOURS.get(status, "#000"),
+                           _STATUS_LABELS.get(status, status.replace("_", " ")))
 
-    @admin.display(description="description")
+    @admin.display(description=_("description"))
     def description(self, obj: PluginConfig) -> str:
         view = _view_for(obj.name)
         return ((view.meta or {}).get("description") or "") if view else ""
 
-    @admin.display(description="scopes")
+    @admin.display(description=_("scopes"))
     def scopes(self, obj: PluginConfig) -> str:
         view = _view_for(obj.name)
         return ", ".join(view.scopes) if view else ""
 
-    @admin.display(description="allowed groups")
+    @admin.display(description=_("allowed groups"))
     def groups(self, obj: PluginConfig) -> str:
         names = [g.name for g in obj.allowed_groups.all()]
-        return ", ".join(names) if names else "everyone"
+        return ", ".join(names) if names else _("everyone")
 
-    @admin.display(description="plugin")
+    @admin.display(description=_("plugin"))
     def plugin_details(self, obj: PluginConfig) -> str:
         view = _view_for(obj.name)
         if view is None or view.meta is None:
-            return "Not installed or failed to load (see the plugin list)."
+            return _("Not installed or failed to load (see the plugin list).")
         meta = view.meta
         props = schema.properties(meta.get("config_schema") or {})
         rows = format_html_join("", "<tr><td><code>{}</code></td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>", (
-            (k, v.get("type", ""), "(secret)" if v.get("secret") else json.dumps(v.get("default")) if "default" in v else "",
+            (k, v.get("type", ""), _("(secret)") if v.get("secret") else json.dumps(v.get("default")) if "default" in v else "",
              v.get("description", "")) for k, v in props.items()))
-        intents = ", ".join(sorted({i.intent for i in view.intents()})) or "none"
+        intents = ", ".join(sorted({i.intent for i in view.intents()})) or _("none")
         problems = format_html_join("", "<li>{}: {}</li>", ((p["field"], p["message"]) for p in view.problems))
         return format_html(
-            "<p>{} (version {}, from {} <code>{}</code>)</p><p>Scopes: {} &middot; intents: {} &middot; allowed hosts: {}</p>"
-            "{}<table><tr><th>setting</th><th>type</th><th>default</th><th>description</th></tr>{}</table>",
+            _("<p>{} (version {}, from {} <code>{}</code>)</p><p>Scopes: {} &middot; intents: {} &middot; allowed hosts: {}</p>"
+              "{}<table><tr><th>setting</th><th>type</th><th>default</th><th>description</th></tr>{}</table>"),
             meta.get("description", ""), meta.get("version", ""), meta.get("source", ""), meta.get("ref", ""),
-            ", ".join(view.scopes) or "none", intents, ", ".join(view.allowed_hosts) or "none",
+            ", ".join(view.scopes) or _("none"), intents, ", ".join(view.allowed_hosts) or _("none"),
             format_html('<ul class="errorlist">{}</ul>', problems) if view.problems else "", rows)
 
     def save_model(self, request, obj, form, change):
@@ -200,8 +205,8 @@ class PluginConfigAdmin(admin.ModelAdmin):
         if request.method != "POST" or not self.has_change_permission(request):
             return HttpResponseRedirect(reverse("admin:plugins_pluginconfig_changelist"))
         snap = plugins_reload(actor=request.user)
-        messages.success(request, f"Plugins reloaded (config version {snap.version}); "
-                                  f"{len(snap.load_errors)} module(s) failed to load.")
+        messages.success(request, _("Plugins reloaded (config version %(version)s); %(errors)d module(s) failed to load.")
+                         % {"version": snap.version, "errors": len(snap.load_errors)})
         return HttpResponseRedirect(reverse("admin:plugins_pluginconfig_changelist"))
 
     def stats_view(self, request):
@@ -211,16 +216,16 @@ class PluginConfigAdmin(admin.ModelAdmin):
             days = None
         stats = invocation_stats(days=days)
         context = self.admin_site.each_context(request) | {
-            "title": "Plugin invocation stats", "stats": stats, "days": stats[0]["days"] if stats else (days or 7),
+            "title": _("Plugin invocation stats"), "stats": stats, "days": stats[0]["days"] if stats else (days or 7),
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/plugins/pluginconfig/stats.html", context)
 
-    @admin.action(description="Enable selected plugins")
+    @admin.action(description=_("Enable selected plugins"))
     def enable(self, request, queryset):
         self._set_enabled(request, queryset, True)
 
-    @admin.action(description="Disable selected plugins")
+    @admin.action(description=_("Disable selected plugins"))
     def disable(self, request, queryset):
         self._set_enabled(request, queryset, False)
 
@@ -228,7 +233,7 @@ class PluginConfigAdmin(admin.ModelAdmin):
         for row in queryset:
             try:
                 plugin_config_update(name=row.name, actor=request.user, enabled=enabled)
-                messages.success(request, f"{row.name} {'enabled' if enabled else 'disabled'}.")
+                messages.success(request, (_("%(name)s enabled.") if enabled else _("%(name)s disabled.")) % {"name": row.name})
             except ApplicationError as exc:
                 messages.error(request, f"{row.name}: {exc.message}")
 
@@ -262,7 +267,7 @@ class TicketAdmin(admin.ModelAdmin):
     def has_add_permission(self, request) -> bool:
         return False
 
-    @admin.display(description="conversation")
+    @admin.display(description=_("conversation"))
     def conversation_transcript(self, obj: Ticket) -> str:
         return format_html_join("", "<p><b>{}:</b> {}</p>",
                                 ((t.get("role", ""), t.get("content", "")) for t in obj.transcript or []))

@@ -1,16 +1,16 @@
-"""The HTTP client handed to plugins (ctx.http). Django-free: it runs inside sandbox workers.
+"""The HTTP client handed to plugins (ctx.http), and the host allow-list matching the web process uses.
 
-Only hosts on the plugin's allow-list can be reached, including after redirects; anything else
-raises PluginDenied before a socket is opened. The worker's audit hook (worker.py) is the backstop
-for plugins that bypass this client and open sockets themselves.
+A sandboxed plugin has no network of its own (its worker runs in an empty network namespace). Its
+requests travel over the worker's pipe as the platform call "http.request"; the web process checks
+the plugin's `http` scope and its allow-list, then makes the request through the outbound gate
+(apps/core/outbound.py: resolved addresses checked, every redirect re-validated, size and time
+capped) and sends the response back. Django-free: the client half runs inside sandbox workers.
 """
 from __future__ import annotations
 
+import base64
 import json as jsonlib
-import socket
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any, Iterable
 
 from .base import PluginDenied, PluginError
@@ -86,75 +86,38 @@ class Response:
             raise PluginError("http_status", f"{self.url} answered HTTP {self.status}")
 
 
-class _GuardedRedirects(urllib.request.HTTPRedirectHandler):
-    def __init__(self, client: "HttpClient") -> None:
-        self.client = client
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        self.client.check_url(newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
 class HttpClient:
-    def __init__(self, allowed_hosts: Iterable[str], *, enabled: bool = True, timeout: float = DEFAULT_TIMEOUT,
-                 on_denied=None) -> None:
-        self.allowed_hosts = [h for h in allowed_hosts if h]
-        self.enabled = enabled
+    """ctx.http: get/post/request(method, url, params=, json=, data=, headers=, timeout=) -> Response."""
+
+    def __init__(self, rpc, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._rpc = rpc
         self.timeout = timeout
-        self._on_denied = on_denied
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _GuardedRedirects(self))
-
-    def _deny(self, code: str, message: str) -> PluginDenied:
-        if self._on_denied:
-            self._on_denied(code, message)
-        return PluginDenied(code, message)
-
-    def check_url(self, url: str) -> None:
-        if not self.enabled:
-            raise self._deny("scope_missing", "this plugin does not declare the 'http' scope")
-        host, port, scheme = url_host_port(url)
-        if scheme not in ("http", "https"):
-            raise self._deny("scheme_not_allowed", f"only http and https URLs may be fetched, not {scheme!r}")
-        if not host_allowed(host, port, self.allowed_hosts):
-            raise self._deny("host_not_allowed", f"host {host!r} is not in this plugin's allowed hosts")
 
     def request(self, method: str, url: str, *, params: dict | None = None, json: Any = None,
                 data: bytes | str | None = None, headers: dict[str, str] | None = None,
                 timeout: float | None = None) -> Response:
         if params:
             url += ("&" if urllib.parse.urlsplit(url).query else "?") + urllib.parse.urlencode(params, doseq=True)
-        self.check_url(url)
         headers = {str(k): str(v) for k, v in (headers or {}).items()}
         body: bytes | None = None
         if json is not None:
             body = jsonlib.dumps(json).encode()
             headers.setdefault("Content-Type", "application/json")
         elif data is not None:
-            body = data.encode() if isinstance(data, str) else data
+            body = data.encode() if isinstance(data, str) else bytes(data)
         headers.setdefault("User-Agent", "kotaemon-site-plugin/1")
-        req = urllib.request.Request(url, data=body, headers=headers, method=method.upper())
-        try:
-            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
-                payload = resp.read(MAX_RESPONSE_BYTES + 1)
-                status, resp_headers, final_url = resp.status, dict(resp.headers.items()), resp.url
-        except urllib.error.HTTPError as exc:
-            payload = exc.read(MAX_RESPONSE_BYTES + 1) if exc.fp else b""
-            status, resp_headers, final_url = exc.code, dict(exc.headers.items()) if exc.headers else {}, url
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            if isinstance(reason, PluginDenied):
-                raise reason from None
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                raise PluginError("http_timeout", f"{url} did not answer in time") from None
-            raise PluginError("http_unreachable", f"{url} could not be reached: {reason}") from None
-        except (socket.timeout, TimeoutError):
-            raise PluginError("http_timeout", f"{url} did not answer in time") from None
-        if len(payload) > MAX_RESPONSE_BYTES:
-            raise PluginError("http_response_too_large", f"{url} returned more than {MAX_RESPONSE_BYTES} bytes")
-        return Response(status, resp_headers, payload, final_url)
+        reply = self._rpc("http.request", verb=str(method).upper(), url=str(url), headers=headers,
+                          body=base64.b64encode(body).decode() if body is not None else None,
+                          timeout=float(timeout or self.timeout))
+        return Response(int(reply["status"]), dict(reply.get("headers") or {}),
+                        base64.b64decode(reply.get("body") or ""), str(reply.get("url") or url))
 
     def get(self, url: str, **kwargs) -> Response:
         return self.request("GET", url, **kwargs)
 
     def post(self, url: str, **kwargs) -> Response:
         return self.request("POST", url, **kwargs)
+
+
+__all__ = ["HttpClient", "Response", "PluginDenied", "PluginError", "host_allowed", "split_host_entry",
+           "MAX_RESPONSE_BYTES"]

@@ -9,6 +9,9 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 from django.utils import timezone
+from django.utils.translation import gettext
+
+from apps.core import authz
 
 from .models import PluginInvocation, Ticket
 from .services import ensure_plugin_admin, plugins_snapshot, plugins_sync
@@ -83,9 +86,9 @@ def invocation_stats(*, days: int | None = None) -> list[dict[str, Any]]:
 
 
 def tickets_for(*, user: AbstractBaseUser) -> QuerySet[Ticket]:
-    """A user's own tickets; staff see all."""
+    """A user's own tickets; support agents (apps.core.authz) see all."""
     qs = Ticket.objects.select_related("user", "assignee")
-    return qs if user.is_staff else qs.filter(user=user)
+    return qs if authz.can(user, "tickets.view_all") else qs.filter(user=user)
 
 
 NEAR_DUPLICATE = 0.85
@@ -124,7 +127,8 @@ def router_evaluation(labelled: dict[str, list[str]]) -> dict[str, Any]:
     if unknown:
         from apps.core.errors import ApplicationError
 
-        raise ApplicationError("unknown_intents", f"The data names intents no installed plugin has: {unknown}",
+        raise ApplicationError("unknown_intents", gettext("The data names intents no installed plugin has: %(unknown)s")
+                                                  % {"unknown": unknown},
                                details={"unknown": unknown, "available": router.intents})
     report = evaluate(router, labelled)
     texts = [t for items in labelled.values() for t in items]

@@ -22,12 +22,14 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, Group
 from django.core.cache import cache
 from django.db import transaction
+from django.utils.translation import gettext
 
+from apps.core import authz
 from apps.core.errors import ApplicationError, NotFound, PermissionDenied
 from apps.core.events import publish_on_commit, register_handler
 
 from . import metrics, schema
-from .base import SCOPE_CONVERSATION, SCOPE_STORAGE, SCOPE_TICKETS, STAGES
+from .base import SCOPE_CONVERSATION, SCOPE_HTTP, SCOPE_STORAGE, SCOPE_TICKETS, STAGES
 from .models import PluginConfig, PluginInvocation, PluginRegistryState, Ticket
 from .router import IntentRouter, IntentSpec, RouteDecision
 from .runner import CallOutcome, PluginRuntime, PluginSpec, RpcError, RuntimeOptions
@@ -64,8 +66,7 @@ def secrets_decrypt(token: str) -> dict[str, str]:
     try:
         return json.loads(_fernet().decrypt(token.encode()))
     except (InvalidToken, ValueError):
-        raise ApplicationError("secrets_unreadable", "The plugin's stored secrets cannot be decrypted "
-                                                     "(SECRET_KEY changed?); enter them again.") from None
+        raise ApplicationError("secrets_unreadable", gettext("The plugin's stored secrets cannot be decrypted (SECRET_KEY changed?); enter them again.")) from None
 
 
 # --- runtime ----------------------------------------------------------------------------------------
@@ -200,7 +201,9 @@ def _teardown_rpc(snapshot: "Snapshot | None"):
     """RPC handlers for teardowns during shutdown: the plugin's own scopes, no user."""
     def rpc_for(name: str):
         view = snapshot.plugins.get(name) if snapshot is not None else None
-        return _rpc_handler(name, scopes=view.scopes if view is not None else ())
+        return _rpc_handler(name, scopes=view.scopes if view is not None else (),
+                            allowed_hosts=view.allowed_hosts if view is not None else (),
+                            http_timeout=view.timeout if view is not None else settings.PLUGIN_TIMEOUT_SECONDS)
 
     return rpc_for
 
@@ -257,8 +260,8 @@ def _view(name: str, meta: dict | None, row: PluginConfig | None) -> PluginView:
     stored = dict(row.config) if row else {}
     view.problems += schema.validate(config_schema, stored, secrets) + _intent_problems(meta, stored, config_schema)
     view.config = schema.effective_config(config_schema, stored, secrets)
-    view.allowed_hosts = sorted(set(schema.hosts_from_config(config_schema, view.config)) |
-                                set(row.allowed_hosts if row else []))
+    # Explicit only: a URL setting (http_api's url_template, order_query's base_url) never allows its own host.
+    view.allowed_hosts = sorted(set(row.allowed_hosts if row else []))
     if enabled:
         view.status = "invalid_config" if view.problems else "enabled"
     return view
@@ -362,9 +365,10 @@ def plugins_sync() -> list[str]:
 
 
 def ensure_plugin_admin(actor: AbstractBaseUser | None) -> None:
-    """Plugin settings are for staff (None: the system itself, e.g. a management command)."""
-    if actor is not None and not (actor.is_authenticated and actor.is_active and actor.is_staff):
-        raise PermissionDenied("Only staff can manage plugins.", code="staff_only")
+    """Plugin settings are for plugin administrators (apps.core.authz; None: the system itself, e.g. a
+    management command)."""
+    if actor is not None:
+        authz.require(actor, "plugins.manage")
 
 
 def plugins_reload(*, actor: AbstractBaseUser | None = None) -> Snapshot:
@@ -383,11 +387,11 @@ _UNSET: Any = object()
 
 def _clean_hosts(hosts: Any) -> list[str]:
     if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
-        raise ApplicationError("invalid_allowed_hosts", "allowed_hosts must be a list of host names.")
+        raise ApplicationError("invalid_allowed_hosts", gettext("allowed_hosts must be a list of host names."))
     cleaned = [h.strip().lower() for h in hosts if h.strip()]
     bad = [h for h in cleaned if not HOST_ENTRY_RE.match(h)]
     if bad:
-        raise ApplicationError("invalid_allowed_hosts", "Use host, host:port or *.domain entries.",
+        raise ApplicationError("invalid_allowed_hosts", gettext("Use host, host:port or *.domain entries."),
                                details={"invalid": bad})
     return sorted(set(cleaned))
 
@@ -408,16 +412,16 @@ def plugin_config_validate(*, name: str, enabled: bool | None = None, config: di
     snap = plugins_snapshot(need_catalogue=True)
     view = snap.plugins.get(name)
     if view is None:
-        raise NotFound(f"No plugin named {name!r}.", code="plugin_not_found")
+        raise NotFound(gettext("No plugin named %(name)r.") % {"name": name}, code="plugin_not_found")
     meta = view.meta
     row = PluginConfig.objects.filter(name=name).first() or PluginConfig(name=name)
     will_enable = row.enabled if enabled is None else bool(enabled)
     if meta is None and will_enable:
-        raise ApplicationError("plugin_not_installed", f"Plugin {name!r} is not installed (or failed to load); "
-                                                        "it can only be disabled.")
+        raise ApplicationError("plugin_not_installed", gettext("Plugin %(name)r is not installed (or failed to load); it can only be disabled.")
+                                                       % {"name": name})
     new_config = dict(row.config) if config is None else config
     if not isinstance(new_config, dict):
-        raise ApplicationError("invalid_plugin_config", "The config must be a JSON object.",
+        raise ApplicationError("invalid_plugin_config", gettext("The config must be a JSON object."),
                                details={"problems": [{"field": "(config)", "message": "must be a JSON object"}]})
     try:
         stored_secrets = secrets_decrypt(row.secrets_encrypted)
@@ -428,7 +432,7 @@ def plugin_config_validate(*, name: str, enabled: bool | None = None, config: di
         secret_names = set(schema.secret_fields(config_schema))
         unknown = sorted(set(secrets or {}) - secret_names)
         if unknown:
-            raise ApplicationError("invalid_plugin_config", "Unknown secret fields.",
+            raise ApplicationError("invalid_plugin_config", gettext("Unknown secret fields."),
                                    details={"problems": [{"field": k, "message": "is not a secret field of this plugin"}
                                                          for k in unknown]})
         for key, value in (secrets or {}).items():
@@ -443,12 +447,13 @@ def plugin_config_validate(*, name: str, enabled: bool | None = None, config: di
             problems = [p for p in problems if p["message"] != "is required"]
         if problems:
             raise ApplicationError("invalid_plugin_config",
-                                   f"The configuration of {name!r} is invalid: {schema.format_problems(problems)}",
+                                   gettext("The configuration of %(name)r is invalid: %(problems)s")
+                                   % {"name": name, "problems": schema.format_problems(problems)},
                                    details={"problems": problems})
     if timeout_seconds is not _UNSET and timeout_seconds is not None:
         if isinstance(timeout_seconds, bool) or not isinstance(timeout_seconds, (int, float)) \
                 or not 0 < timeout_seconds <= 60:
-            raise ApplicationError("invalid_timeout", "timeout_seconds must be between 0 and 60.")
+            raise ApplicationError("invalid_timeout", gettext("timeout_seconds must be between 0 and 60."))
     hosts = _clean_hosts(allowed_hosts) if allowed_hosts is not None else None
     return _Prepared(row, will_enable, new_config, stored_secrets, hosts)
 
@@ -518,13 +523,55 @@ def _cache_key(plugin: str, scope: str, user_id: int | None, key: Any) -> str:
     return f"plugin:{plugin}:g:{digest}"
 
 
+_HTTP_DENIALS = {"host_not_allowed", "address_not_allowed", "scheme_not_allowed"}
+_HTTP_ERRORS = {"timeout": "http_timeout", "response_too_large": "http_response_too_large",
+                "too_many_redirects": "http_too_many_redirects", "invalid_url": "http_invalid_url"}
+
+
+def _plugin_http(plugin: str, args: dict[str, Any], *, allowed_hosts: Iterable[str], timeout: float) -> dict[str, Any]:
+    """A plugin's HTTP request, made by the web process: the plugin's allow-list, then the outbound gate."""
+    from apps.core.outbound import OutboundError, fetch
+
+    from .httpclient import MAX_RESPONSE_BYTES, host_allowed
+
+    hosts = list(allowed_hosts)
+    method = str(args.get("verb") or "GET").upper()
+    if method not in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"):
+        raise RpcError("error", "http_bad_method", f"HTTP method {method!r} is not supported")
+    headers = args.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise RpcError("error", "http_bad_request", "headers must be an object")
+    try:
+        body = base64.b64decode(args["body"]) if args.get("body") else None
+        requested = float(args.get("timeout") or timeout)
+    except (ValueError, TypeError):
+        raise RpcError("error", "http_bad_request", "invalid body or timeout") from None
+    try:
+        resp = fetch(str(args.get("url") or ""), method=method, headers={str(k): str(v) for k, v in headers.items()},
+                     body=body, timeout=max(0.05, min(requested, timeout)), max_bytes=MAX_RESPONSE_BYTES,
+                     host_filter=lambda host, port: host_allowed(host, port, hosts))
+    except OutboundError as exc:
+        if exc.code in _HTTP_DENIALS:
+            raise RpcError("denied", exc.code, f"{plugin}: {exc.message}") from None
+        raise RpcError("error", _HTTP_ERRORS.get(exc.code, "http_unreachable"), exc.message) from None
+    return {"status": resp.status, "headers": resp.headers, "url": resp.url,
+            "body": base64.b64encode(resp.content).decode()}
+
+
 def _rpc_handler(plugin: str, *, scopes: Iterable[str], user: AbstractBaseUser | None = None,
-                 turn: dict[str, Any] | None = None):
+                 turn: dict[str, Any] | None = None, allowed_hosts: Iterable[str] = (),
+                 http_timeout: float | None = None):
     """Serves a sandboxed plugin's requests. The namespace and the user come from here, never from the plugin."""
     scopes = set(scopes)
     user_id = user.pk if user is not None else None
+    allowed_hosts = tuple(allowed_hosts)
 
     def handle(method: str, args: dict[str, Any]) -> Any:
+        if method == "http.request":
+            if SCOPE_HTTP not in scopes:
+                raise RpcError("denied", "scope_missing", f"{plugin} does not declare the 'http' scope")
+            return _plugin_http(plugin, args, allowed_hosts=allowed_hosts,
+                                timeout=http_timeout or settings.PLUGIN_TIMEOUT_SECONDS)
         if method.startswith("storage."):
             if SCOPE_STORAGE not in scopes:
                 raise RpcError("denied", "scope_missing", f"{plugin} does not declare the 'storage' scope")
@@ -606,7 +653,8 @@ def plugin_invoke(*, view: PluginView, stage: str, method: str, user: AbstractBa
         message = {"op": "invoke", "stage": stage, "method": method, "intent": intent, "confidence": confidence,
                    "slots": slots or {}, "user": user_identity(user), "ctx": ctx,
                    "http_timeout": view.timeout}
-        rpc = _rpc_handler(view.name, scopes=view.scopes, user=user, turn=turn)
+        rpc = _rpc_handler(view.name, scopes=view.scopes, user=user, turn=turn, allowed_hosts=view.allowed_hosts,
+                           http_timeout=view.timeout)
         outcome = _runtime().call(view.spec(), message, timeout=view.timeout, rpc=rpc)
         outcome = _checked(outcome)
     _record(plugin=view.name, stage=stage, intent=intent, outcome=outcome, user=user,
@@ -742,12 +790,15 @@ def plugin_test(*, name: str, utterance: str, user: AbstractBaseUser) -> dict[st
     snap = plugins_snapshot(need_catalogue=True)
     view = snap.plugins.get(name)
     if view is None or view.meta is None:
-        raise NotFound(f"No installed plugin named {name!r}.", code="plugin_not_found")
+        raise NotFound(gettext("No installed plugin named %(name)r.") % {"name": name}, code="plugin_not_found")
     if not view.active:
-        raise ApplicationError("plugin_not_enabled", f"Plugin {name!r} is {view.status.replace('_', ' ')}: "
-                                                     f"{schema.format_problems(view.problems) or 'enable it first'}.")
+        raise ApplicationError("plugin_not_enabled", gettext("Plugin %(name)r is %(status)s: %(problems)s.")
+                                                     % {"name": name, "status": view.status.replace('_', ' '),
+                                                        "problems": schema.format_problems(view.problems)
+                                                        or gettext("enable it first")})
     if not user_may_use(view, user):
-        raise PermissionDenied(f"{user.get_username()} is not in the allowed groups of {name!r}.",
+        raise PermissionDenied(gettext("%(user)s is not in the allowed groups of %(name)r.")
+                               % {"user": user.get_username(), "name": name},
                                code="group_not_allowed")
     decision = build_router(view.intents()).route(utterance)
     out: dict[str, Any] = {"plugin": name, "route": decision.to_dict()}
@@ -774,9 +825,10 @@ def ticket_create(*, user: AbstractBaseUser, subject: str, description: str = ""
                   session_id: str = "", source_plugin: str = "") -> Ticket:
     subject = " ".join(subject.split())[:200]
     if not subject:
-        raise ApplicationError("invalid_ticket", "A ticket needs a subject.")
+        raise ApplicationError("invalid_ticket", gettext("A ticket needs a subject."))
     if priority not in dict(Ticket.PRIORITIES):
-        raise ApplicationError("invalid_ticket", f"priority must be one of {[p for p, _ in Ticket.PRIORITIES]}.")
+        raise ApplicationError("invalid_ticket", gettext("priority must be one of %(priorities)s.")
+                                                 % {"priorities": [p for p, _ in Ticket.PRIORITIES]})
     with transaction.atomic():
         ticket = Ticket.objects.create(user=user, subject=subject, description=description[:20_000],
                                        priority=priority, transcript=list(transcript or [])[-50:],

@@ -1,4 +1,5 @@
 from django.contrib.auth.models import Group
+from django.utils.translation import gettext
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -11,6 +12,7 @@ from .services import plugin_config_update, plugins_reload
 
 
 class PluginListView(APIView):
+    api_key_scope = "manage"  # plugin administration, even to read (apps/core/scopes.py)
     @extend_schema(responses=dict, summary="Plugins with status, problems and load errors (staff)")
     def get(self, request):
         return Response(plugin_list_for(user=request.user))
@@ -28,7 +30,7 @@ class PluginDetailView(APIView):
             groups = list(Group.objects.filter(name__in=names))
             missing = sorted(set(names) - {g.name for g in groups})
             if missing:
-                raise ApplicationError("unknown_groups", "No such groups.", details={"groups": missing})
+                raise ApplicationError("unknown_groups", gettext("No such groups."), details={"groups": missing})
             data["allowed_groups"] = groups
         plugin_config_update(name=name, actor=request.user, **data)
         listing = plugin_list_for(user=request.user)
@@ -43,12 +45,13 @@ class PluginReloadView(APIView):
 
 
 class PluginStatsView(APIView):
+    api_key_scope = "manage"  # plugin administration, even to read (apps/core/scopes.py)
     @extend_schema(parameters=[OpenApiParameter("days", int)], responses=dict,
                    summary="Invocations per plugin: outcomes, success rate, p95 duration (staff)")
     def get(self, request):
         raw = request.query_params.get("days")
         if raw is not None and (not raw.isdigit() or not 1 <= int(raw) <= 90):
-            raise ApplicationError("invalid_days", "days must be an integer from 1 to 90.")
+            raise ApplicationError("invalid_days", gettext("days must be an integer from 1 to 90."))
         return Response({"plugins": invocation_stats_for(user=request.user, days=int(raw) if raw else None)})
 
 

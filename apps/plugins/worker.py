@@ -282,7 +282,7 @@ class Worker:
 
     # -- hooks ----------------------------------------------------------------------------------
     def invoke(self, msg: dict[str, Any]) -> dict[str, Any]:
-        from .base import HookContext, Identity, Result, SCOPE_HTTP, SCOPE_TICKETS
+        from .base import HookContext, Identity, Result, SCOPE_TICKETS
         from .httpclient import HttpClient
 
         if self.instance is None:
@@ -290,9 +290,7 @@ class Worker:
         ctx_in = msg.get("ctx") or {}
         user = msg.get("user") or {}
         sources = [dict(s) for s in ctx_in.get("sources") or []]
-        http = HttpClient(self.allowed_hosts, enabled=SCOPE_HTTP in self.scopes,
-                          timeout=float(msg.get("http_timeout") or 5.0),
-                          on_denied=lambda code, m: self.policy.denials.append({"code": code, "message": m}))
+        http = HttpClient(self.channel.rpc, timeout=float(msg.get("http_timeout") or 5.0))
         ctx = HookContext(
             stage=msg["stage"], message=ctx_in.get("message", ""), query=ctx_in.get("query", ""),
             intent=msg.get("intent"), confidence=msg.get("confidence"), slots=dict(msg.get("slots") or {}),
@@ -330,7 +328,7 @@ class Worker:
         from .base import PluginError
 
         op = msg.get("op")
-        self.policy.reset(self.allowed_hosts if op != "setup" else list(msg.get("allowed_hosts") or []))
+        self.policy.reset([])  # no sockets at all: HTTP goes through the platform over the pipe
         reply: dict[str, Any] = {"op": "done", "outcome": "ok"}
         try:
             if op == "setup":

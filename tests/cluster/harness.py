@@ -135,6 +135,7 @@ class Cluster:
             MEDIA_ROOT=str(data / "media"), LOG_LEVEL="INFO", TORCH_NUM_THREADS="1", OMP_NUM_THREADS="1",
             CLUSTER_HEARTBEAT_SECONDS="0.5", CLUSTER_INSTANCE_TTL_SECONDS="3", CLUSTER_RECONCILE_SECONDS="1",
             CHAT_RATE_LIMIT="100000/min", API_RATE_LIMIT="100000/min",
+            OUTBOUND_ALLOWED_HOSTS="127.0.0.1",  # the tests' fake services listen on loopback
         )
         return server_env(**{**values, **self.extra_env})
 

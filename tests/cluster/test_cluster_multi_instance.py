@@ -247,7 +247,8 @@ def test_a_plugin_disabled_in_the_admin_is_invoked_by_no_instance(cluster):
     with order_service() as orders:
         enabled = c.editor.http.patch(f"{c.instances['web1'].url}/api/v1/plugins/order_query/",
                                       headers=c.editor.headers,
-                                      json={"enabled": True, "config": {"base_url": orders.url}})
+                                      json={"enabled": True, "config": {"base_url": orders.url},
+                                            "allowed_hosts": [orders.host]})
         assert enabled.status_code == 200, enabled.text
 
         def invoked(name: str) -> bool:

@@ -60,8 +60,10 @@ def build_knowledge_base(owner, *, slug: str | None = None, docs: dict[str, str]
 def reset_conversation_runtime() -> None:
     from apps.conversations.generators import generators_reset
     from apps.conversations.session_store import session_store_reset
+    from apps.conversations.turn_stream import turn_stream_reset
 
     session_store_reset()
+    turn_stream_reset()
     generators_reset()
 
 

@@ -45,7 +45,10 @@ async def test_tokens_stream_then_one_answer(user, kb):
     answer = frames[-1]
     assert answer["type"] == "answer" and len(tokens) > 3
     assert "".join(tokens).strip() == answer["answer"]
-    assert set(answer) == {"type", "session_id", "message_id", "answer", "citations", "plugin_results", "usage"}
+    assert set(answer) == {"type", "session_id", "message_id", "answer", "citations", "plugin_results", "usage",
+                           "offset"}
+    # Every frame of the answer carries its offset in the turn's event log: 1, 2, 3, ...
+    assert frames[0]["type"] == "turn" and [f["offset"] for f in frames] == list(range(1, len(frames) + 1))
     assert answer["session_id"] == "conv-session-0001"
     assert answer["citations"][0]["url"].startswith("/sources/")
     # The follow-up on the same socket is contextualised with the first turn.
@@ -166,7 +169,7 @@ def test_real_client_against_a_running_server(user, kb):
             frames = []
             while not frames or frames[-1]["type"] not in ("answer", "error"):
                 frames.append(json.loads(ws.recv(timeout=120)))
-            assert frames[0]["type"] == "token" and frames[-1]["type"] == "answer", frames[-1]
+            assert frames[0]["type"] == "turn" and frames[1]["type"] == "token" and frames[-1]["type"] == "answer"
             assert frames[-1]["citations"]
         # The same conversation over REST with a session cookie from a real login.
         with httpx.Client(base_url=f"http://{addr}") as http:

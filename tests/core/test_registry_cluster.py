@@ -279,12 +279,15 @@ def test_cluster_status_fails_clearly_when_redis_is_down(settings, local_namespa
 
 
 @pytest.mark.django_db
-def test_admin_cluster_page_is_staff_only(both_namespaces, client, user, staff_user):
+def test_admin_cluster_page_is_staff_only(both_namespaces, client, user, staff_user, auditor):
     registry.heartbeat(record("web-admin-1", indexes={"3": 2}))
     assert client.get("/admin/cluster/").status_code == 302  # anonymous: to the login page
     client.force_login(user)
     assert client.get("/admin/cluster/").status_code == 302  # not staff
     client.force_login(staff_user)
+    assert client.get("/admin/cluster/").status_code == 403  # staff without the auditor role
+    assert "/admin/cluster/" not in client.get("/admin/").content.decode()
+    client.force_login(auditor)
     page = client.get("/admin/cluster/")
     assert page.status_code == 200
     html = page.content.decode()
@@ -294,12 +297,12 @@ def test_admin_cluster_page_is_staff_only(both_namespaces, client, user, staff_u
 
 
 @pytest.mark.django_db
-def test_admin_cluster_page_reports_an_unreadable_registry(settings, local_namespace, client, staff_user):
+def test_admin_cluster_page_reports_an_unreadable_registry(settings, local_namespace, client, auditor):
     from tests.helpers import free_port
 
     settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
     settings.REDIS_TIMEOUT = 0.3
-    client.force_login(staff_user)
+    client.force_login(auditor)
     page = client.get("/admin/cluster/")
     assert page.status_code == 200 and "could not be read" in page.content.decode()
     assert client.get("/admin/cluster/?format=json").status_code == 503

@@ -63,8 +63,14 @@ def test_knowledge_base_crud_and_permissions(auth_client, user, other_user, staf
     changed = auth_client.patch(f"/api/v1/knowledge-bases/{public_id}/", {"chunk_tokens": 64, "chunk_overlap": 80},
                                 format="json")
     assert changed.status_code == 400 and _error(changed) == "validation_error"
+    # is_staff alone edits nothing; the knowledge administrator permission edits every base.
+    staff_edit = client_for(staff_user).patch(f"/api/v1/knowledge-bases/{public_id}/", {"name": "Staff edit"},
+                                              format="json")
+    assert staff_edit.status_code == 403 and _error(staff_edit) == "permission_denied"
+    staff_user.user_permissions.add(Permission.objects.get(codename="change_knowledgebase"))
+    staff_user = type(staff_user).objects.get(pk=staff_user.pk)
     assert client_for(staff_user).patch(f"/api/v1/knowledge-bases/{public_id}/", {"name": "Staff edit"},
-                            format="json").json()["name"] == "Staff edit"
+                                        format="json").json()["name"] == "Staff edit"
     assert auth_client.delete(f"/api/v1/knowledge-bases/{public_id}/").status_code == 204
     assert not KnowledgeBase.objects.filter(pk=public_id).exists()
 

@@ -195,6 +195,7 @@ def test_source_url_is_fetched_from_a_real_server(make_kb, staff_user, settings)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    settings.OUTBOUND_ALLOWED_HOSTS = ["127.0.0.1"]  # the test server is "on premise"
     try:
         kb = make_kb()
         base = f"http://127.0.0.1:{server.server_port}"
@@ -208,3 +209,38 @@ def test_source_url_is_fetched_from_a_real_server(make_kb, staff_user, settings)
     assert [(o.status, o.error_code) for o in outcomes] == [("ready", ""), ("failed", "fetch_failed")]
     ok.refresh_from_db()
     assert ok.detected_type == "markdown" and "150 EUR" in ok.text
+
+
+def test_source_url_to_internal_addresses_is_refused_redirects_included(make_kb, staff_user, settings):
+    """SSRF: a source URL (or a redirect from an allowed one) must not read the platform's own network."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/iam/security-credentials/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        kb = make_kb()
+        port = server.server_port
+        direct = services.document_save(document=Document(knowledge_base=kb, source_url=f"http://127.0.0.1:{port}/x"),
+                                        user=staff_user, content_changed=True)
+        redis = services.document_save(document=Document(knowledge_base=kb, source_url="http://localhost:6379/"),
+                                       user=staff_user, content_changed=True)
+        outcomes = services.documents_ingest(document_ids=[direct.pk, redis.pk], rebuild=False)
+        assert [(o.status, o.error_code) for o in outcomes] == [("failed", "address_not_allowed")] * 2
+        settings.OUTBOUND_ALLOWED_HOSTS = [f"127.0.0.1:{port}"]
+        [outcome] = services.documents_ingest(document_ids=[direct.pk], rebuild=False)
+        assert (outcome.status, outcome.error_code) == ("failed", "address_not_allowed")  # the redirect hop
+    finally:
+        server.shutdown()
+    direct.refresh_from_db()
+    assert "169.254.169.254" in direct.error_message and direct.text == ""

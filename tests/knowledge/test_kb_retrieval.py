@@ -42,6 +42,11 @@ def test_access_rules_decide_what_is_searched(world, user, other_user, staff_use
     assert _slugs(chunks_retrieve(user=user, query=query, top_k=10)) == {"private", "open"}
     assert _slugs(chunks_retrieve(user=world["member"], query=query, top_k=10)) == {"team", "open"}
     assert _slugs(chunks_retrieve(user=other_user, query=query, top_k=10)) == {"team", "open"}
+    assert _slugs(chunks_retrieve(user=staff_user, query=query, top_k=10)) == {"open"}  # is_staff grants nothing
+    from django.contrib.auth.models import Group
+
+    staff_user.groups.add(Group.objects.get(name="Knowledge readers"))  # the role that reads every base
+    staff_user = type(staff_user).objects.get(pk=staff_user.pk)
     assert _slugs(chunks_retrieve(user=staff_user, query=query, top_k=10)) == {"private", "team", "open"}
     assert _slugs(chunks_retrieve(user=AnonymousUser(), query=query, top_k=10)) == {"open"}
     assert set(knowledge_bases_visible(user=world["member"]).values_list("slug", flat=True)) == {"team", "open"}

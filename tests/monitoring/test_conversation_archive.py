@@ -83,7 +83,8 @@ def test_round_trip_loses_nothing(archive_root, user, other_user):
     with gzip.open(archive, "rt", encoding="utf-8") as fh:
         lines = [json.loads(line) for line in fh]
     assert lines[0]["format"] == "kotaemon-conversations" and lines[0]["count"] == 2
-    assert [line["session_id"] for line in lines[1:]] == ["old-a", "old-b"]
+    assert [line["session_id"] for line in lines[1:-1]] == ["old-a", "old-b"]
+    assert set(lines[-1]) == {"signature"} and lines[0]["signature"] == "hmac-sha256"
     assert "ünïcode ✓" in lines[1]["objects"][0]["fields"]["title"]
 
     out, _ = run("restore_conversations", archive.name)
@@ -159,7 +160,7 @@ def test_restore_refuses_missing_foreign_and_unsafe_files(archive_root, tmp_path
     archive_root.mkdir(parents=True)
     with gzip.open(archive_root / "other.jsonl.gz", "wt") as fh:
         fh.write(json.dumps({"hello": "world"}) + "\n")
-    with pytest.raises(CommandError, match=r"\[archive_corrupt\]"):
+    with pytest.raises(CommandError, match=r"\[archive_unsigned\]"):
         run("restore_conversations", "other.jsonl.gz")
     (archive_root / "plain.jsonl.gz").write_bytes(b"not gzip at all")
     with pytest.raises(CommandError, match=r"not a readable gzip.*\[archive_corrupt\]"):

@@ -38,8 +38,8 @@ def activity(user, other_user):
 
 
 @pytest.mark.slow  # the real knowledge base loads the embedding model
-def test_figures_follow_real_activity(activity, staff_user):
-    board = dashboard_build(user=staff_user, days=7)
+def test_figures_follow_real_activity(activity, auditor):
+    board = dashboard_build(user=auditor, days=7)
     totals = board.totals
     assert len(board.day_labels) == 7 and board.day_labels[-1] == timezone.localdate().strftime("%m-%d")
     assert board.answers[-1] == 5 and sum(board.answers) == 5
@@ -58,7 +58,7 @@ def test_figures_follow_real_activity(activity, staff_user):
     assert board.session_store and all(0 <= row["rate"] <= 1 for row in board.session_store)
 
 
-def test_token_cost_uses_the_configured_price_per_model(user, staff_user, settings):
+def test_token_cost_uses_the_configured_price_per_model(user, auditor, settings):
     from apps.conversations.models import Conversation, Message
 
     settings.LLM_PRICES = {"gpt-test": {"prompt": 0.002, "completion": 0.004}, "*": {"prompt": 1, "completion": 1}}
@@ -68,7 +68,7 @@ def test_token_cost_uses_the_configured_price_per_model(user, staff_user, settin
         Message.objects.create(conversation=conv, role="assistant", content="a", generator="gpt-test",
                                prompt_tokens=prompt, completion_tokens=completion, latency_ms=10,
                                citations=[{"n": 1}])
-    board = dashboard_build(user=staff_user, days=1)
+    board = dashboard_build(user=auditor, days=1)
     [row] = board.cost_by_model
     assert (row["prompt_tokens"], row["completion_tokens"]) == (1500, 500)
     assert row["cost"] == pytest.approx(1.5 * 0.002 + 0.5 * 0.004)
@@ -77,14 +77,14 @@ def test_token_cost_uses_the_configured_price_per_model(user, staff_user, settin
     assert price_for("unknown-model") == {"prompt": 1.0, "completion": 1.0}
 
 
-def test_plugin_failure_rate_from_the_invocation_log(staff_user):
+def test_plugin_failure_rate_from_the_invocation_log(auditor):
     from django.apps import apps
 
     PluginInvocation = apps.get_model("plugins", "PluginInvocation")
     for outcome in ("ok", "ok", "ok", "error", "timeout", "denied"):
         PluginInvocation.objects.create(plugin="order_query", stage="intent", outcome=outcome, duration_ms=12.0)
     PluginInvocation.objects.create(plugin="ticket_create", stage="intent", outcome="ok", duration_ms=5.0)
-    board = dashboard_build(user=staff_user, days=1)
+    board = dashboard_build(user=auditor, days=1)
     assert board.plugins_source == "database"
     rows = {row["plugin"]: row for row in board.plugins}
     assert (rows["order_query"]["calls"], rows["order_query"]["failures"]) == (6, 2)
@@ -92,21 +92,23 @@ def test_plugin_failure_rate_from_the_invocation_log(staff_user):
     assert rows["ticket_create"]["rate"] == 0
 
 
-def test_old_activity_falls_outside_the_period(user, staff_user):
+def test_old_activity_falls_outside_the_period(user, auditor):
     from apps.conversations.models import Conversation, Message
 
     conv = Conversation.objects.create(session_id="old-1", owner=user)
     old = Message.objects.create(conversation=conv, role="assistant", content="a")
     Message.objects.filter(pk=old.pk).update(created_at=timezone.now() - dt.timedelta(days=10))
-    assert sum(dashboard_build(user=staff_user, days=7).answers) == 0
-    assert sum(dashboard_build(user=staff_user, days=30).answers) == 1
+    assert sum(dashboard_build(user=auditor, days=7).answers) == 0
+    assert sum(dashboard_build(user=auditor, days=30).answers) == 1
 
 
 @pytest.mark.slow
-def test_page_renders_charts_for_staff_only(activity, client, staff_user, user):
+def test_page_renders_charts_for_staff_only(activity, client, auditor, staff_user, user):
     client.force_login(user)
     assert client.get("/admin/dashboard/").status_code == 302  # non-staff: to the admin login
     client.force_login(staff_user)
+    assert client.get("/admin/dashboard/").status_code == 403  # staff without the auditor role
+    client.force_login(auditor)
     response = client.get("/admin/dashboard/?days=7")
     assert response.status_code == 200
     html = response.content.decode()
@@ -121,8 +123,8 @@ def test_page_renders_charts_for_staff_only(activity, client, staff_user, user):
     assert "/admin/dashboard/" in index
 
 
-def test_bad_period_is_a_clear_error(client, staff_user):
-    client.force_login(staff_user)
+def test_bad_period_is_a_clear_error(client, auditor):
+    client.force_login(auditor)
     response = client.get("/admin/dashboard/?days=abc")
     assert response.status_code == 400 and "days must be a whole number" in response.content.decode()
     assert client.get("/admin/dashboard/?days=9999").status_code == 400
@@ -149,15 +151,15 @@ def test_quantiles_match_their_definitions():
 @pytest.mark.slow
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
-def test_dashboard_in_headless_chromium(activity, staff_user):
+def test_dashboard_in_headless_chromium(activity, auditor):
     """The page a staff member sees, in a real browser against a real server; a screenshot is kept."""
     import httpx
     from playwright.sync_api import sync_playwright
 
     from tests.helpers import asgi_server
 
-    staff_user.set_password("pw-editor-123")
-    staff_user.save()
+    auditor.set_password("pw-editor-123")
+    auditor.save()
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
     shot = SCREENSHOT_DIR / "dashboard.png"
     with asgi_server() as (addr, _proc):
@@ -166,7 +168,7 @@ def test_dashboard_in_headless_chromium(activity, staff_user):
         with httpx.Client(base_url=base, timeout=60) as http:
             login = http.get("/admin/login/")
             token = http.cookies["csrftoken"]
-            http.post("/admin/login/", data={"username": "editor", "password": "pw-editor-123",
+            http.post("/admin/login/", data={"username": "auditor", "password": "pw-editor-123",
                                              "csrfmiddlewaretoken": token, "next": "/admin/"},
                       headers={"Referer": f"{base}/admin/login/"})
             for q in ANSWERABLE[:2] + [UNANSWERABLE]:

@@ -23,6 +23,9 @@ def plugins_dir(tmp_path, settings):
     settings.PLUGIN_TIMEOUT_SECONDS = 3.0
     settings.PLUGIN_WORKERS_PER_PLUGIN = 1
     settings.PLUGIN_VERSION_CHECK_SECONDS = 0.0
+    # The test services (order service, HR API) listen on loopback: "on premise" for the outbound gate.
+    # Each plugin must still list the exact host:port in its own allowed_hosts.
+    settings.OUTBOUND_ALLOWED_HOSTS = ["127.0.0.1"]
     # Each test's database starts again at version 0: forget versions a previous test applied.
     events._reset_for_tests()
     runtime_reset()

@@ -65,6 +65,7 @@ def order_service():
     thread.start()
     try:
         service.url = f"http://127.0.0.1:{server.server_address[1]}"
+        service.host = f"127.0.0.1:{server.server_address[1]}"  # for a plugin's explicit allowed_hosts
         yield service
     finally:
         server.shutdown()

@@ -99,13 +99,14 @@ def test_stats_success_rate_and_p95(plugins_dir, admin_client):
     assert "plugin-stats" in page and "order_query" in page and "80%" in page and "95.0" in page
 
 
-def test_rest_endpoints_are_staff_only_and_validate(plugins_dir, api_client, user, staff_user):
-    api_client.force_authenticate(user)
-    denied = api_client.get("/api/v1/plugins/")
-    assert denied.status_code == 403 and denied.json()["error"]["code"] == "staff_only"
-    assert api_client.patch("/api/v1/plugins/recorder/", {"enabled": True}, format="json").status_code == 403
+def test_rest_endpoints_are_staff_only_and_validate(plugins_dir, api_client, user, staff_user, plugin_admin):
+    for outsider in (user, staff_user):  # is_staff alone is no plugin administrator
+        api_client.force_authenticate(outsider)
+        denied = api_client.get("/api/v1/plugins/")
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "plugin_admin_only"
+        assert api_client.patch("/api/v1/plugins/recorder/", {"enabled": True}, format="json").status_code == 403
 
-    api_client.force_authenticate(staff_user)
+    api_client.force_authenticate(plugin_admin)
     listing = api_client.get("/api/v1/plugins/").json()
     names = {p["name"]: p for p in listing["plugins"]}
     assert names["recorder"]["scopes"] == ["storage", "conversation:read"]

@@ -27,7 +27,7 @@ def _call(user, name, method, intent, *, slots=None, message="where is my order"
 
 
 def test_order_query_lists_the_users_orders(plugins_dir, enable, user, orders):
-    enable("order_query", config={"base_url": orders.url}, secrets={"api_token": "order-token-1"})
+    enable("order_query", allowed_hosts=[orders.host], config={"base_url": orders.url}, secrets={"api_token": "order-token-1"})
     outcome = _call(user, "order_query", "query_order", "query_order")
     assert outcome.outcome == "ok", outcome
     content = outcome.result["content"]
@@ -40,7 +40,7 @@ def test_order_query_lists_the_users_orders(plugins_dir, enable, user, orders):
 
 
 def test_order_query_single_order_and_unknown_order(plugins_dir, enable, user, orders):
-    enable("order_query", config={"base_url": orders.url, "user_key": "username"})
+    enable("order_query", allowed_hosts=[orders.host], config={"base_url": orders.url, "user_key": "username"})
     found = _call(user, "order_query", "query_order", "query_order", slots={"order_id": "A1001"})
     assert found.result["title"] == "Order A1001 (order service)"
     assert orders.requests[-1]["path"] == "/users/alice/orders/A1001"
@@ -49,7 +49,7 @@ def test_order_query_single_order_and_unknown_order(plugins_dir, enable, user, o
 
 
 def test_refund_status(plugins_dir, enable, user, orders):
-    enable("order_query", config={"base_url": orders.url})
+    enable("order_query", allowed_hosts=[orders.host], config={"base_url": orders.url})
     outcome = _call(user, "order_query", "refund_status", "refund_status", message="did my refund go through yet")
     assert outcome.result["content"] == ("Refund for order A0999: status completed; amount 12.5 EUR; "
                                          "requested 2026-10-10; completed 2026-10-14.")
@@ -58,11 +58,12 @@ def test_refund_status(plugins_dir, enable, user, orders):
 def test_order_service_down_or_failing_is_a_recorded_error(plugins_dir, enable, user, orders):
     from tests.helpers import free_port
 
-    enable("order_query", config={"base_url": orders.url})
+    enable("order_query", allowed_hosts=[orders.host], config={"base_url": orders.url})
     orders.fail = True
     failing = _call(user, "order_query", "query_order", "query_order")
     assert (failing.outcome, failing.error_code) == ("error", "http_status")
-    enable("order_query", config={"base_url": f"http://127.0.0.1:{free_port()}"})
+    port = free_port()
+    enable("order_query", allowed_hosts=[f"127.0.0.1:{port}"], config={"base_url": f"http://127.0.0.1:{port}"})
     down = _call(user, "order_query", "query_order", "query_order")
     assert (down.outcome, down.error_code) == ("error", "http_unreachable")
     assert PluginInvocation.objects.filter(plugin="order_query", outcome="error").count() == 2
@@ -102,7 +103,7 @@ def test_http_api_is_configured_entirely_from_settings(plugins_dir, enable, user
                                                        django_user_model):
     caplog.set_level(logging.DEBUG)
     secret = "tok-" + "q" * 24
-    enable("http_api", config={
+    enable("http_api", allowed_hosts=[orders.host], config={
         "intent": "check_request", "examples": ["is my request approved"],
         "keywords": [r"request (?P<request_id>\d+)"],
         "url_template": orders.url + "/api/status/{user.username}?request={slot.request_id}&q={message}",
@@ -120,7 +121,7 @@ def test_http_api_is_configured_entirely_from_settings(plugins_dir, enable, user
     assert request["headers"]["X-User"] == "alice@example.com"
     assert plugins_snapshot().plugins["http_api"].intents()[0].intent == "check_request"
 
-    missing_field = enable("http_api", config={
+    missing_field = enable("http_api", allowed_hosts=[orders.host], config={
         "intent": "check_request", "examples": ["x is approved"], "url_template": orders.url + "/api/status/{user.id}",
         "response_field": "data.nope"})
     assert missing_field.enabled
@@ -134,6 +135,27 @@ def test_http_api_is_configured_entirely_from_settings(plugins_dir, enable, user
     assert "Secret: secret" in page and "set; leave blank to keep" in page
     assert secret not in page
     assert secret not in caplog.text
+
+
+def test_http_api_never_allows_the_host_of_its_own_url_template(plugins_dir, enable, user, orders, settings):
+    """Finding 6: the URL template's host is not an allow-list; the admin lists hosts explicitly, and the
+    outbound gate still refuses internal addresses that are not on the operator's on-premise list."""
+    config = {"intent": "check_request", "examples": ["is my request approved"],
+              "url_template": orders.url + "/api/status/{user.id}", "response_field": "data.status"}
+    enable("http_api", config=config)
+    assert plugins_snapshot().plugins["http_api"].allowed_hosts == []
+    refused = _call(user, "http_api", "call_api", "check_request")
+    assert (refused.outcome, refused.error_code) == ("denied", "host_not_allowed") and orders.requests == []
+    enable("http_api", config=config, allowed_hosts=[orders.host])
+    settings.OUTBOUND_ALLOWED_HOSTS = []
+    internal = _call(user, "http_api", "call_api", "check_request")
+    assert (internal.outcome, internal.error_code) == ("denied", "address_not_allowed") and orders.requests == []
+    metadata = enable("http_api", config=dict(config, url_template="http://169.254.169.254/latest/meta-data/"),
+                      allowed_hosts=["169.254.169.254"])
+    assert metadata.enabled
+    settings.OUTBOUND_ALLOWED_HOSTS = ["169.254.169.254", "127.0.0.1"]
+    meta = _call(user, "http_api", "call_api", "check_request")
+    assert (meta.outcome, meta.error_code) == ("denied", "address_not_allowed")
 
 
 def test_example_plugin_from_plugins_local(plugins_dir, settings, enable, user, orders):
@@ -150,7 +172,7 @@ def test_example_plugin_from_plugins_local(plugins_dir, settings, enable, user, 
     assert demo.result["content"] == "alice has 15 days of annual leave and 10 sick days left."
     assert cache.get(_cache_key("leave_balance", "plugin", None, "setups")) == 1
 
-    enable("leave_balance", config={"hr_api_url": orders.url}, secrets={"hr_api_token": "hr-token"})
+    enable("leave_balance", allowed_hosts=[orders.host], config={"hr_api_url": orders.url}, secrets={"hr_api_token": "hr-token"})
     live = _call(user, "leave_balance", "balance", "leave_balance", message="got any PTO left?")
     assert live.result["data"] == {"annual_remaining": 12, "sick_remaining": 4}
     assert orders.requests[-1]["path"] == "/employees/alice%40example.com/leave"

@@ -67,7 +67,7 @@ def fresh_conversations():
 
 def test_order_status_and_delay_policy_are_both_cited(plugins_dir, enable, user, kb, fresh_conversations):
     with order_service() as orders:
-        enable("order_query", config={"base_url": orders.url})
+        enable("order_query", allowed_hosts=[orders.host], config={"base_url": orders.url})
         result = chat_turn(user=user, session_id=None,
                            message="where's my stuff? and what do I get when a parcel is delayed?")
         assert orders.requests and orders.requests[0]["path"] == f"/users/{user.pk}/orders"
@@ -88,7 +88,7 @@ def test_order_status_and_delay_policy_are_both_cited(plugins_dir, enable, user,
 
 def test_general_question_is_answered_by_plain_rag(plugins_dir, enable, user, kb, fresh_conversations):
     with order_service() as orders:
-        enable("order_query", config={"base_url": orders.url})
+        enable("order_query", allowed_hosts=[orders.host], config={"base_url": orders.url})
         result = chat_turn(user=user, session_id=None, message="what does the policy say about customs delays?")
         assert orders.requests == []
     assert result.plugin_results == [] and {c["type"] for c in result.citations} == {"chunk"}

@@ -74,7 +74,7 @@ def test_other_bad_inputs_have_stable_codes(plugins_dir, user):
     assert timeout.value.code == "invalid_timeout"
     with pytest.raises(ApplicationError) as not_staff:
         plugin_config_update(name="recorder", enabled=True, actor=user)
-    assert not_staff.value.code == "staff_only" and not_staff.value.status_code == 403
+    assert not_staff.value.code == "plugin_admin_only" and not_staff.value.status_code == 403
 
 
 def test_reconfigure_and_disable_take_effect_without_restart(plugins_dir, enable, user, make_turn):

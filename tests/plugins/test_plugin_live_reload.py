@@ -41,7 +41,7 @@ def _wait_for(predicate, timeout: float = 20.0):
         time.sleep(0.3)
 
 
-def test_running_server_applies_reload_and_config_changes(tmp_path, settings, staff_user):
+def test_running_server_applies_reload_and_config_changes(tmp_path, settings, plugin_admin):
     from apps.core import events
     from apps.core.services import api_key_create
     from apps.plugins.services import plugin_config_update, runtime_reset
@@ -52,7 +52,7 @@ def test_running_server_applies_reload_and_config_changes(tmp_path, settings, st
     settings.PLUGIN_ENTRY_POINTS = False
     events._reset_for_tests()
     runtime_reset()
-    headers = {"Authorization": f"Bearer {api_key_create(user=staff_user).raw_key}"}
+    headers = {"Authorization": f"Bearer {api_key_create(user=plugin_admin).raw_key}"}
     env = server_env(PLUGINS_DIR=str(plugins), PLUGIN_ENTRY_POINTS="0", PLUGIN_VERSION_CHECK_SECONDS="0.2",
                      CLUSTER_RUNTIME="0")
     try:

@@ -111,7 +111,7 @@ def test_starting_processes_is_denied(plugins_dir, enable, user, make_turn):
 
 
 def test_http_client_refuses_hosts_outside_the_allow_list(plugins_dir, enable, user, make_turn):
-    enable("wanderer", config={"allowed_url": "http://127.0.0.1:9/", "target": "http://169.254.169.254/latest/meta-data"})
+    enable("wanderer", allowed_hosts=["127.0.0.1:9"], config={"target": "http://169.254.169.254/latest/meta-data"})
     ctx = _run(user, make_turn, "wander")
     assert ctx.plugin_results[0].ok is False
     record = _last("wanderer")
@@ -123,7 +123,7 @@ def test_raw_sockets_to_other_hosts_are_denied_even_when_the_plugin_swallows_the
                                                                                        make_turn):
     from tests.helpers import free_port
 
-    enable("wanderer", config={"allowed_url": "http://127.0.0.1:9/", "target": f"localhost:{free_port()}", "raw": True})
+    enable("wanderer", allowed_hosts=["127.0.0.1:9"], config={"target": f"localhost:{free_port()}", "raw": True})
     ctx = _run(user, make_turn, "wander")
     assert ctx.plugin_results[0].ok is False
     assert _last("wanderer").outcome == "denied"

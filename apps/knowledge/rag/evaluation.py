@@ -16,8 +16,11 @@ import gzip
 import io
 import json
 import math
+import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from dataclasses import dataclass
 from typing import IO
 
 Qrels = dict[str, dict[str, int]]
@@ -135,3 +138,145 @@ def evaluate_run(
     result = {key: value / count for key, value in totals.items()}
     result["queries"] = float(len(qrels))
     return result
+
+
+# ------------------------------------------------------------------------------------------
+# Labelled question sets (question, expected document, expected passage)
+# ------------------------------------------------------------------------------------------
+#
+# A retrieved chunk is a *hit* for a question when both hold:
+#   1. it belongs to the expected document (see `document_matches`), and
+#   2. it contains most of the expected passage: at least PASSAGE_COVERAGE (half) of the passage's
+#      distinct token bigrams occur in the chunk (`passage_coverage`).
+# Tokens are compared after NFKC normalisation and case folding: each CJK character (Han, kana,
+# Hangul) is one token, any other run of letters and digits is one token; punctuation, whitespace and
+# markup symbols are ignored, so a passage copied from the page matches the parsed text however the
+# parser spaced or punctuated it. Bigrams rather than single tokens keep a chunk that merely shares
+# common words with the passage from counting. A one-token passage needs that token.
+# The rank of a question is the 1-based position of its first hit; hit@k = rank <= k; MRR@10 = 1/rank
+# for rank <= 10, else 0. "doc hit@k" counts condition 1 alone (right document, any section).
+
+PASSAGE_COVERAGE = 0.5
+HIT_K = (1, 3, 5, 10)
+MRR_DEPTH = 10
+
+_TOKEN_RE = re.compile(
+    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\U00020000-\U0002fa1f]"
+    r"|[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]+"
+)
+
+
+@dataclass(frozen=True)
+class LabelledQuestion:
+    id: str
+    question: str
+    document: str
+    passage: str
+    lang: str = ""
+    tags: tuple[str, ...] = ()
+
+
+def load_questions(path: str | Path) -> list[LabelledQuestion]:
+    """Read a JSONL question set: one object per line with ``question``, ``document`` and ``passage``
+    (required, non-empty strings) and optional ``id``, ``lang`` and ``tags`` (a list of strings).
+
+    Raises ``ValueError`` naming the line for anything malformed; ids must be unique.
+    """
+    questions: list[LabelledQuestion] = []
+    seen: set[str] = set()
+    with Path(path).open("r", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"line {number}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"line {number}: expected a JSON object")
+            for key in ("question", "document", "passage"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise ValueError(f"line {number}: {key!r} must be a non-empty string")
+            tags = row.get("tags") or []
+            if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+                raise ValueError(f"line {number}: 'tags' must be a list of strings")
+            qid = str(row.get("id") or number)
+            if qid in seen:
+                raise ValueError(f"line {number}: duplicate id {qid!r}")
+            seen.add(qid)
+            if not match_tokens(row["passage"]):
+                raise ValueError(f"line {number}: the passage has no words")
+            questions.append(LabelledQuestion(qid, row["question"].strip(), row["document"].strip(),
+                                              row["passage"].strip(), str(row.get("lang") or ""), tuple(tags)))
+    if not questions:
+        raise ValueError("no questions")
+    return questions
+
+
+def match_tokens(text: str) -> list[str]:
+    return _TOKEN_RE.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
+def _shingles(tokens: Sequence[str]) -> set[tuple[str, ...]]:
+    if len(tokens) < 2:
+        return {tuple(tokens)} if tokens else set()
+    return {(a, b) for a, b in zip(tokens, tokens[1:])}
+
+
+def passage_coverage(passage: str, chunk_text: str) -> float:
+    """Share of the passage's distinct token bigrams that occur in the chunk (0.0 to 1.0)."""
+    wanted = _shingles(match_tokens(passage))
+    if not wanted:
+        return 0.0
+    have = _shingles(match_tokens(chunk_text))
+    return len(wanted & have) / len(wanted)
+
+
+def document_matches(expected: str, source_name: str, title: str = "") -> bool:
+    """The expected document names this one: equal names, or one is a trailing path of the other
+    (``postgresql/sql-vacuum.html`` and an upload named ``sql-vacuum.html``), or the title equals it."""
+    expected, source_name = expected.strip().strip("/"), source_name.strip().strip("/")
+    if not expected:
+        return False
+    if expected == source_name or (title and expected == title.strip()):
+        return True
+    return source_name.endswith("/" + expected) or expected.endswith("/" + source_name)
+
+
+def first_hit_rank(question: LabelledQuestion, ranked: Sequence[tuple[str, str, str]]
+                   ) -> tuple[int | None, int | None]:
+    """(rank of the first hit, rank of the first chunk of the right document), 1-based or None.
+
+    ``ranked`` is ``[(document source name, document title, chunk text), ...]`` best first.
+    """
+    hit = doc = None
+    for rank, (source_name, title, text) in enumerate(ranked, start=1):
+        if document_matches(question.document, source_name, title):
+            doc = doc or rank
+            if passage_coverage(question.passage, text) >= PASSAGE_COVERAGE:
+                hit = rank
+                break
+    return hit, doc
+
+
+def hit_metrics(ranks: Sequence[tuple[int | None, int | None]]) -> dict[str, float]:
+    """hit@1/3/5/10, MRR@10, doc hit@3 and doc MRR@10 over (hit rank, document rank) pairs."""
+    count = max(len(ranks), 1)
+    result: dict[str, float] = {}
+    for k in HIT_K:
+        result[f"hit@{k}"] = sum(1 for hit, _ in ranks if hit is not None and hit <= k) / count
+    result["mrr@10"] = sum(1.0 / hit for hit, _ in ranks if hit is not None and hit <= MRR_DEPTH) / count
+    result["doc_hit@3"] = sum(1 for _, doc in ranks if doc is not None and doc <= 3) / count
+    result["doc_mrr@10"] = sum(1.0 / doc for _, doc in ranks if doc is not None and doc <= MRR_DEPTH) / count
+    result["queries"] = float(len(ranks))
+    return result
+
+
+def question_subsets(questions: Sequence[LabelledQuestion]) -> dict[str, list[int]]:
+    """Indices of the questions per subset: ``lang:<lang>`` and ``tag:<tag>`` (only subsets that exist)."""
+    subsets: dict[str, list[int]] = {}
+    for index, question in enumerate(questions):
+        keys = ([f"lang:{question.lang}"] if question.lang else []) + [f"tag:{tag}" for tag in question.tags]
+        for key in keys:
+            subsets.setdefault(key, []).append(index)
+    return dict(sorted(subsets.items()))

@@ -31,7 +31,6 @@ import os
 import re
 import secrets
 import shutil
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from .analyzer import Analyzer, analyzer_from_spec, get_analyzer
 from .errors import IndexLoadError, QueryModelMismatch
 from .fusion import rrf
 
@@ -49,7 +49,9 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
-BM25_KIND = "bm25s-lucene-k1.5-b0.75-en-stopwords-snowball"
+BM25_KIND = "bm25s-lucene-k1.5-b0.75"
+# Before the analyzer was recorded: English-only tokens; such an index is rebuilt, never searched.
+_LEGACY_BM25_KINDS = ("bm25s-lucene-k1.5-b0.75-en-stopwords-snowball",)
 
 _DENSE_FILE = "dense.faiss"
 _DENSE_META = "dense.json"
@@ -172,52 +174,34 @@ def _build_faiss_index(kind: str, dim: int, ids: np.ndarray, vectors: np.ndarray
 # BM25
 # --------------------------------------------------------------------------------------------
 
-_TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")
-_STEMMERS = threading.local()
-
-
-def _stopwords() -> frozenset[str]:
-    from bm25s.stopwords import STOPWORDS_EN
-
-    return frozenset(STOPWORDS_EN)
-
-
-_STOPWORDS: frozenset[str] | None = None
-
-
-def bm25_tokenize(text: str) -> list[str]:
-    """Lowercase word tokens (2+ word characters), English stopwords removed, Snowball-stemmed.
-
-    The same function tokenises documents and queries. PyStemmer objects are not thread-safe, so
-    each thread gets its own.
-    """
-    global _STOPWORDS
-    if _STOPWORDS is None:
-        _STOPWORDS = _stopwords()
-    words = [word for word in _TOKEN_PATTERN.findall(text.lower()) if word not in _STOPWORDS]
-    return _thread_stemmer().stemWords(words) if words else []
-
-
-def _thread_stemmer() -> Any:
-    stemmer = getattr(_STEMMERS, "stemmer", None)
-    if stemmer is None:
-        import Stemmer
-
-        stemmer = Stemmer.Stemmer("english")
-        _STEMMERS.stemmer = stemmer
-    return stemmer
+def bm25_tokenize(text: str, analyzer: Analyzer | None = None) -> list[str]:
+    """The BM25 tokenizer (documents and queries alike): ``analyzer`` (see rag/analyzer.py), by
+    default the analyzer without a user dictionary."""
+    return (analyzer or get_analyzer()).tokenize(text)
 
 
 class BM25Index:
-    """Okapi BM25 (Lucene variant, k1=1.5, b=0.75) over chunk texts, via bm25s."""
+    """Okapi BM25 (Lucene variant, k1=1.5, b=0.75) over chunk texts, via bm25s.
 
-    def __init__(self, ids: np.ndarray | Sequence[int], texts: Sequence[str]) -> None:
+    Queries are tokenized by the analyzer the documents were (recorded in ``bm25.json``). An index
+    written by another analyzer loads with ``analyzer_current`` False and answers no query: its
+    tokens would not match a query's, so it must be rebuilt rather than searched.
+    """
+
+    def __init__(self, ids: np.ndarray | Sequence[int], texts: Sequence[str], *,
+                 analyzer: Analyzer | None = None) -> None:
         ids_array = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
         if len(ids_array) != len(texts):
             raise ValueError(f"{len(ids_array)} ids for {len(texts)} texts")
         self._ids = ids_array
-        corpus_tokens = [bm25_tokenize(text) for text in texts]
+        self.analyzer: Analyzer | None = analyzer or get_analyzer()
+        self.analyzer_spec = self.analyzer.spec
+        corpus_tokens = [bm25_tokenize(text, self.analyzer) for text in texts]
         self._model = _build_bm25(corpus_tokens) if any(corpus_tokens) else None
+
+    @property
+    def analyzer_current(self) -> bool:
+        return self.analyzer is not None
 
     @property
     def count(self) -> int:
@@ -225,10 +209,10 @@ class BM25Index:
 
     def search(self, query: str, k: int) -> list[tuple[int, float]]:
         """Top-``k`` (id, score) with a positive score; [] when no query term is in the index."""
-        if self._model is None or k <= 0:
+        if self._model is None or self.analyzer is None or k <= 0:
             return []
         vocab = self._model.vocab_dict
-        token_ids = [vocab[token] for token in bm25_tokenize(query) if token in vocab]
+        token_ids = [vocab[token] for token in bm25_tokenize(query, self.analyzer) if token in vocab]
         if not token_ids:
             return []
         scores = np.asarray(self._model.get_scores_from_ids(token_ids))
@@ -245,7 +229,7 @@ class BM25Index:
         np.save(directory / _BM25_IDS, self._ids)
         if self._model is not None:
             self._model.save(str(directory / _BM25_DIR), show_progress=False)
-        _write_json(directory / _BM25_META, {"kind": BM25_KIND, "count": self.count})
+        _write_json(directory / _BM25_META, {"kind": BM25_KIND, "count": self.count, "analyzer": self.analyzer_spec})
 
     @classmethod
     def load(cls, directory: str | Path) -> BM25Index:
@@ -253,12 +237,14 @@ class BM25Index:
 
         directory = Path(directory)
         meta = _read_json_required(directory / _BM25_META)
-        if meta.get("kind") != BM25_KIND:
+        if meta.get("kind") != BM25_KIND and meta.get("kind") not in _LEGACY_BM25_KINDS:
             raise IndexLoadError(f"BM25 index kind {meta.get('kind')!r} is not {BM25_KIND!r}")
         instance = cls.__new__(cls)
         instance._ids = np.load(directory / _BM25_IDS, allow_pickle=False)
         instance._model = None
-        if (directory / _BM25_DIR).is_dir():
+        instance.analyzer_spec = meta.get("analyzer") or {"name": "legacy-en", "version": 0}
+        instance.analyzer = analyzer_from_spec(meta.get("analyzer"))
+        if instance.analyzer is not None and (directory / _BM25_DIR).is_dir():
             instance._model = bm25s.BM25.load(str(directory / _BM25_DIR), mmap=False, show_progress=False)
         return instance
 
@@ -292,6 +278,7 @@ def write_index_version(
     meta: dict[str, Any],
     hnsw_threshold: int = DEFAULT_HNSW_THRESHOLD,
     ef_search: int = DEFAULT_EF_SEARCH,
+    analyzer: Analyzer | None = None,
 ) -> Path:
     """Write version ``version`` under ``root`` atomically and return its directory.
 
@@ -300,8 +287,10 @@ def write_index_version(
     exists with different content it is replaced in one rename. ``meta`` must be JSON-serialisable
     and should carry ``model_id`` and ``embedding`` (``Embedder.describe()``: model, model_id,
     dimension, backend), which the manifest records so that a loader can refuse to search the version
-    with another model's query vectors.
+    with another model's query vectors. ``analyzer`` (default: no user dictionary) tokenizes for BM25;
+    its name, version and dictionary hash are recorded in the manifest.
     """
+    analyzer = analyzer or get_analyzer()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     ids_array, matrix = _validate_dense_input(ids, vectors)
@@ -309,13 +298,14 @@ def write_index_version(
         raise ValueError(f"{len(texts)} texts for {len(ids_array)} ids")
     final = root / version_dirname(version)
     manifest = _manifest(version, ids_array, matrix, texts, meta, hnsw_threshold)
+    manifest.update(_analyzer_manifest(analyzer))
     if _same_content(_read_json(final / MANIFEST_NAME), manifest):
         return final
     tmp = root / f"{final.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()
     try:
         DenseIndex(ids_array, matrix, hnsw_threshold=hnsw_threshold, ef_search=ef_search).save(tmp)
-        BM25Index(ids_array, texts).save(tmp)
+        BM25Index(ids_array, texts, analyzer=analyzer).save(tmp)
         _write_json(tmp / MANIFEST_NAME, manifest)
         _fsync_tree(tmp)
         _install(tmp, final, manifest)
@@ -352,6 +342,19 @@ def _embedding_record(meta: dict[str, Any], dim: int) -> dict[str, Any]:
         raise ValueError(f"embedding dimension {record['dimension']} but vectors have {dim}")
     record["dimension"] = dim
     return json.loads(json.dumps(record))
+
+
+def _analyzer_manifest(analyzer: Analyzer) -> dict[str, Any]:
+    return {"analyzer": {"name": analyzer.name, "version": analyzer.version},
+            "user_dictionary_sha256": analyzer.dictionary_hash}
+
+
+def manifest_analyzer_matches(manifest: dict[str, Any] | None, analyzer: Analyzer) -> bool:
+    """True when a version's manifest records ``analyzer`` (same name, version and dictionary)."""
+    if not manifest:
+        return False
+    return manifest.get("analyzer") == {"name": analyzer.name, "version": analyzer.version} \
+        and manifest.get("user_dictionary_sha256") == analyzer.dictionary_hash
 
 
 def _fingerprint(ids: np.ndarray, vectors: np.ndarray, texts: Sequence[str]) -> str:
@@ -544,6 +547,11 @@ class IndexBundle:
     @property
     def dim(self) -> int:
         return self.dense.dim
+
+    @property
+    def analyzer_current(self) -> bool:
+        """False when BM25 was built by an analyzer this code cannot reproduce: rebuild the version."""
+        return self.bm25.analyzer_current
 
     def dense_search(self, query_vec: np.ndarray, k: int, *, model_id: str | None = None) -> list[tuple[int, float]]:
         """``model_id``: the query encoder's; given, a version built with another model is refused."""

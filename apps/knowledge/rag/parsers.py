@@ -198,12 +198,95 @@ def _decode_utf16(data: bytes) -> str:
 
 
 def _decode_8bit(data: bytes) -> str:
-    for encoding in ("utf-8", "cp1252"):
+    """UTF-8, else the legacy encoding whose decoding looks most like real text.
+
+    Candidates are scored on what the decoded characters are, because byte statistics alone mislead
+    on short texts (charset-normalizer reads a short Big5 text as Shift_JIS and cp1252 as cp1257):
+    GB18030 (which covers GBK and GB2312) and Big5 score the share of characters among the common
+    ones of each (GB2312 level 1; Big5 frequent characters) plus CJK punctuation; cp1252 scores
+    isolated accented letters (runs of three or more non-ASCII characters are mis-decoded CJK).
+    charset-normalizer decides only when none of these is convincing (Shift_JIS, EUC-KR, KOI8-R...).
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    best: tuple[float, str] | None = None
+    for encoding, scorer in (("gb18030", _score_gb), ("big5", _score_big5), ("cp1252", _score_latin)):
         try:
-            return data.decode(encoding)
+            text = data.decode(encoding)
         except UnicodeDecodeError:
             continue
-    return data.decode("latin-1")
+        score = scorer(text[:20000])
+        if best is None or score > best[0]:
+            best = (score, text)
+    if best is not None and best[0] >= 0.6:
+        return best[1]
+    from charset_normalizer import from_bytes
+
+    guess = from_bytes(data[:262144]).best()
+    if guess is not None:
+        try:
+            return data.decode(guess.encoding)
+        except (UnicodeDecodeError, LookupError):
+            pass
+    return best[1] if best is not None else data.decode("latin-1")
+
+
+def _non_ascii(text: str) -> list[str]:
+    return [c for c in text if ord(c) > 127]
+
+
+def _is_cjk_punctuation(c: str) -> bool:
+    return "\u3000" <= c <= "\u303f" or "\uff00" <= c <= "\uffef" or c in "\u2014\u2018\u2019\u201c\u201d\u2026\u00b7"
+
+
+def _score_gb(text: str) -> float:
+    chars = _non_ascii(text)
+    if not chars:
+        return 0.0
+    good = 0
+    for c in chars:
+        if _is_cjk_punctuation(c):
+            good += 1
+            continue
+        try:
+            encoded = c.encode("gb2312")
+        except UnicodeEncodeError:
+            continue
+        good += len(encoded) == 2 and 0xB0 <= encoded[0] <= 0xD7
+    return good / len(chars)
+
+
+def _score_big5(text: str) -> float:
+    chars = _non_ascii(text)
+    if not chars:
+        return 0.0
+    good = 0
+    for c in chars:
+        if _is_cjk_punctuation(c):
+            good += 1
+            continue
+        try:
+            encoded = c.encode("big5")
+        except UnicodeEncodeError:
+            continue
+        good += len(encoded) == 2 and 0xA4 <= encoded[0] <= 0xC6
+    return good / len(chars)
+
+
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+
+
+def _score_latin(text: str) -> float:
+    chars = _non_ascii(text)
+    if not chars:
+        return 0.0
+    good = 0
+    for run in _NON_ASCII_RUN.findall(text):
+        if len(run) <= 2:
+            good += sum(c.isalpha() or c in "\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u20ac\u2022\u00b0\u00a0\u00a9\u00ae\u00b1\u00a7" for c in run)
+    return good / len(chars)
 
 
 def _detect_text_type(text: str, ext: str | None) -> str:
@@ -443,7 +526,9 @@ def _md_matching_close(tokens: list, start: int) -> int:
 
 
 def _md_inline_text(token) -> str:
+    """Inline text without markup, except emphasis that is not really emphasis (see below)."""
     parts: list[str] = []
+    opened: list[tuple[int, str]] = []  # (index in parts, markup) of open em/strong
     for child in token.children or []:
         if child.type in ("text", "code_inline"):
             parts.append(child.content)
@@ -451,7 +536,30 @@ def _md_inline_text(token) -> str:
             parts.append(" ")
         elif child.type == "image":
             parts.append(child.content)
+        elif child.type in ("em_open", "strong_open"):
+            opened.append((len(parts), child.markup))
+            parts.append("")
+        elif child.type in ("em_close", "strong_close") and opened:
+            start, markup = opened.pop()
+            parts.append("")
+            if _md_literal_emphasis(parts, start, markup):
+                parts[start] = markup + parts[start]
+                parts[-1] = markup
     return _inline("".join(parts))
+
+
+def _md_literal_emphasis(parts: list[str], start: int, markup: str) -> bool:
+    """CommonMark reads ``__init__`` as strong "init" and ``2*3*4`` as "2", em "3", "4": in
+    documentation (and plain text saved as .md) those are identifiers and arithmetic. Emphasis is
+    kept as emphasis only when it is really emphasis: not glued to a letter or digit on the outside,
+    and not an underscore pair around one word (``_private_``, ``__main__``)."""
+    before = "".join(parts[:start])
+    inner = "".join(parts[start + 1:-1])
+    if before and before[-1].isalnum():
+        return True
+    if markup.startswith("_") and inner and not any(c.isspace() for c in inner):
+        return True
+    return False
 
 
 def _md_list_text(tokens: list) -> str:
@@ -487,7 +595,19 @@ def _md_table_text(tokens: list) -> str:
             rows.append([])
         elif token.type == "inline" and rows:
             rows[-1].append(_md_inline_text(token))
-    return "\n".join(" | ".join(row) for row in rows if any(row))
+    return _table_text(rows)
+
+
+def _table_text(rows: list[list[str]], *, header: bool = True) -> str:
+    """One line per data row, each carrying its column names (``Plan: Pro; Price: 300``), so a chunk
+    cut between rows, or one row alone, is still retrievable and readable. Tables of one row or one
+    column, or without a header row, stay as ``a | b`` lines."""
+    rows = [row for row in rows if any(cell for cell in row)]
+    names = rows[0] if rows else []
+    if header and len(rows) >= 2 and sum(1 for name in names if name) >= 2:
+        lines = [_csv_row_text(names, row) for row in rows[1:]]
+        return "\n".join(line for line in lines if line)
+    return "\n".join(" | ".join(row) for row in rows)
 
 
 def _html_fragment_text(fragment: str) -> str:
@@ -519,7 +639,7 @@ _HTML_BLOCK_LEVEL = sorted(_HTML_HEADINGS | _HTML_PARAGRAPHS | _HTML_CONTAINERS 
 def _parse_html(data: bytes, filename: str | None, limits: ParseLimits) -> ParsedDocument:
     from bs4 import BeautifulSoup
 
-    soup = BeautifulSoup(data, "lxml")
+    soup = BeautifulSoup(_decode_html(data), "lxml")
     title = _inline(soup.title.get_text()) if soup.title else ""
     for tag in soup.find_all(list(_HTML_DROP)):
         if not _is_content_header(tag):
@@ -535,6 +655,27 @@ def _parse_html(data: bytes, filename: str | None, limits: ParseLimits) -> Parse
     if not title:
         title = next((b.text for b in walker.blocks if b.kind == "heading" and b.level == 1), "")
     return ParsedDocument(type="html", title=title, blocks=walker.blocks)
+
+
+_HTML_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)|<\?xml[^>]+encoding\s*=\s*["']([A-Za-z0-9_.:-]+)""",
+                           re.IGNORECASE)
+# Pages labelled GB2312/GBK routinely use characters only GB18030 (a superset of both) has.
+_CHARSET_ALIASES = {"gb2312": "gb18030", "gbk": "gb18030", "x-gbk": "gb18030", "big5": "big5hkscs"}
+
+
+def _decode_html(data: bytes) -> str:
+    """The declared charset when a BOM-less page declares one that decodes, else detection."""
+    if not data.startswith((b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")):
+        match = _HTML_CHARSET.search(data[:4096])
+        if match:
+            declared = (match.group(1) or match.group(2)).decode("ascii").lower()
+            try:
+                text = data.decode(_CHARSET_ALIASES.get(declared, declared))
+            except (LookupError, UnicodeDecodeError):
+                pass
+            else:
+                return _CONTROL_CHARS.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+    return _decode_text(data)
 
 
 def _is_content_header(tag) -> bool:
@@ -621,14 +762,22 @@ def _html_list_lines(list_tag, depth: int) -> Iterator[str]:
 
 
 def _html_table_text(table) -> str:
-    rows: list[str] = []
+    """Header + row lines (see :func:`_table_text`). A table whose rows each start with a ``th``
+    under a header-less first row is a key/value table: ``key: value`` lines."""
+    rows: list[list[str]] = []
+    kinds: list[list[str]] = []
     for row in table.find_all("tr"):
         if row.find_parent("table") is not table:
             continue
-        cells = [_inline(cell.get_text()) for cell in row.find_all(["th", "td"], recursive=False)]
-        if any(cells):
-            rows.append(" | ".join(cells))
-    return "\n".join(rows)
+        cells = row.find_all(["th", "td"], recursive=False)
+        rows.append([_inline(cell.get_text()) for cell in cells])
+        kinds.append([cell.name for cell in cells])
+    if not rows:
+        return ""
+    first_is_header = bool(kinds[0]) and all(kind == "th" for kind in kinds[0])
+    if not first_is_header and all(k and k[0] == "th" and "td" in k for k in kinds):
+        return "\n".join(f"{row[0]}: {'; '.join(v for v in row[1:] if v)}" for row in rows if any(row))
+    return _table_text(rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -788,14 +937,13 @@ class _DocxBuilder:
 
     def table(self, table) -> None:
         self.flush_list()
-        rows: list[str] = []
+        rows: list[list[str]] = []
         for row in table.rows:
             cells = _dedupe_merged_cells(row.cells)
-            texts = [_inline(cell.text) for cell in cells]
-            if any(texts):
-                rows.append(" | ".join(texts))
-        if rows:
-            self.blocks.append(Block("\n".join(rows), "table", heading_path=self._headings.path))
+            rows.append([_inline(cell.text) for cell in cells])
+        text = _table_text(rows)
+        if text:
+            self.blocks.append(Block(text, "table", heading_path=self._headings.path))
 
     def flush_list(self) -> None:
         if self._list_lines:

@@ -222,7 +222,7 @@ def test_docx_headings_build_heading_paths_and_tables_become_rows():
     lists = [b for b in doc.blocks if b.kind == "list"]
     assert [b.text for b in lists] == ["- First bullet item\n- Second bullet item"]
     tables = [b for b in doc.blocks if b.kind == "table"]
-    assert tables[0].text == "Item | Limit\nHotel | 150 EUR\nMeals | 40 EUR"
+    assert tables[0].text == "Item: Hotel; Limit: 150 EUR\nItem: Meals; Limit: 40 EUR"
     assert tables[0].heading_path == ("Expenses",)
     receipts = by_text["Receipts are mandatory for every claim."]
     assert receipts.heading_path == ("Expenses",)
@@ -295,7 +295,7 @@ def test_html_drops_chrome_and_keeps_main_content_structure():
     blocks = {b.text: b for b in doc.blocks}
     assert blocks["You can return any item within 30 days of delivery. Keep the receipt."].heading_path == ("Refunds",)
     assert blocks["- Gift cards\n- Opened software\n  - unless defective"].kind == "list"
-    assert blocks["Item | Window\nShoes | 60 days"].kind == "table"
+    assert blocks["Item: Shoes; Window: 60 days"].kind == "table"
     assert blocks["Loose text in a div with a span"].heading_path == ("Refunds", "Exceptions")
     assert blocks["Email support."].heading_path == ("Refunds", "Contact")
 
@@ -324,7 +324,7 @@ def test_markdown_headings_lists_code_and_tables():
     assert by_text["- first option\n- second option\n  - nested option"].kind == "list"
     code = by_text['print("hello")']
     assert code.kind == "code" and code.heading_path == ("Getting started", "Configuration", "Advanced")
-    assert by_text["key | value\na | 1"].kind == "table"
+    assert by_text["key: a; value: 1"].kind == "table"
     assert by_text["Final words."].heading_path == ("Appendix",)
 
 

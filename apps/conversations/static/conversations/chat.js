@@ -1,7 +1,13 @@
 // Web chat: conversation list, streamed answers over the websocket, citations, feedback.
 // No framework: DOM built with textContent only, so no answer or title is ever parsed as HTML.
+// Strings come from Django's JavaScript catalog (/jsi18n/, loaded before this file): gettext and
+// interpolate only return text, which still goes into the DOM through textContent.
 (function () {
   "use strict";
+
+  const gettext = window.gettext || ((s) => s);
+  const fmt = (s, values) => (window.interpolate ? window.interpolate(s, values, true)
+    : s.replace(/%\((\w+)\)s/g, (_, k) => String(values[k])));
 
   const boot = JSON.parse(document.getElementById("boot").textContent);
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
@@ -52,12 +58,12 @@
   // --- conversation list ------------------------------------------------------------------
   function renderList() {
     listEl.replaceChildren(...conversations.map((c) => el("div", { class: "conv" + (c.session_id === sessionId ? " active" : ""), "data-session": c.session_id },
-      el("a", { href: "?c=" + encodeURIComponent(c.session_id), text: c.title || "Untitled", title: c.title || "",
+      el("a", { href: "?c=" + encodeURIComponent(c.session_id), text: c.title || gettext("Untitled"), title: c.title || "",
         onclick: (e) => { e.preventDefault(); openConversation(c.session_id); } }),
       el("span", { class: "actions" },
-        el("button", { type: "button", title: "Rename", "aria-label": "Rename", text: "✎", onclick: () => renameConversation(c) }),
-        el("button", { type: "button", title: "Archive", "aria-label": "Archive", text: "⤓", onclick: () => archiveConversation(c) }),
-        el("button", { type: "button", title: "Delete", "aria-label": "Delete", text: "✕", onclick: () => deleteConversation(c) })))));
+        el("button", { type: "button", title: gettext("Rename"), "aria-label": gettext("Rename"), text: "✎", onclick: () => renameConversation(c) }),
+        el("button", { type: "button", title: gettext("Archive"), "aria-label": gettext("Archive"), text: "⤓", onclick: () => archiveConversation(c) }),
+        el("button", { type: "button", title: gettext("Delete"), "aria-label": gettext("Delete"), text: "✕", onclick: () => deleteConversation(c) })))));
   }
 
   async function refreshList() {
@@ -66,12 +72,12 @@
       conversations = data.results;
       renderList();
       const current = conversations.find((c) => c.session_id === sessionId);
-      if (current) titleEl.textContent = current.title || "Untitled";
+      if (current) titleEl.textContent = current.title || gettext("Untitled");
     } catch (e) { /* the list is a convenience; the chat keeps working */ }
   }
 
   async function renameConversation(c) {
-    const title = prompt("Rename conversation", c.title || "");
+    const title = prompt(gettext("Rename conversation"), c.title || "");
     if (title === null || !title.trim()) return;
     await api("PATCH", `/api/v1/conversations/${c.session_id}/`, { title });
     await refreshList();
@@ -84,7 +90,7 @@
   }
 
   async function deleteConversation(c) {
-    if (!confirm(`Delete "${c.title || "Untitled"}" and all its messages?`)) return;
+    if (!confirm(fmt(gettext("Delete “%(title)s” and all its messages?"), { title: c.title || gettext("Untitled") }))) return;
     await api("DELETE", `/api/v1/conversations/${c.session_id}/`);
     if (c.session_id === sessionId) startNewChat();
     await refreshList();
@@ -95,8 +101,8 @@
     messagesEl.replaceChildren();
     if (showEmpty) {
       messagesEl.append(el("div", { id: "empty-state", class: "empty-state" },
-        el("h2", { text: "Ask about your company's knowledge" }),
-        el("p", { text: "Answers quote the documents they come from. Click a numbered citation to open the source." })));
+        el("h2", { text: gettext("Ask about your company's knowledge") }),
+        el("p", { text: gettext("Answers quote the documents they come from. Click a numbered citation to open the source.") })));
     }
   }
 
@@ -119,7 +125,7 @@
 
   function sourceLabel(c) {
     if (c.type === "plugin") return c.title || c.plugin;
-    return c.document_title || "Document";
+    return c.document_title || gettext("Document");
   }
 
   // The answer text with every [n] turned into a link to its source.
@@ -133,7 +139,7 @@
       const c = byN.get(Number(m[1]));
       if (c && c.url) {
         bubble.append(el("a", { class: "cite", href: c.url, target: "_blank", rel: "noopener",
-          title: sourceLabel(c) + (c.heading ? " — " + c.heading : "") + (c.page ? ` (page ${c.page})` : ""),
+          title: sourceLabel(c) + (c.heading ? " — " + c.heading : "") + (c.page ? " (" + fmt(gettext("page %(page)s"), { page: c.page }) + ")" : ""),
           "data-n": String(c.n), text: String(c.n) }));
       } else {
         bubble.append(el("span", { class: "cite-plain", text: m[0] }));
@@ -146,7 +152,7 @@
   function renderSources(citations) {
     if (!citations || !citations.length) return null;
     return el("div", { class: "sources" }, ...citations.map((c) => {
-      const meta = [c.heading, c.page ? `page ${c.page}` : null].filter(Boolean).join(" · ");
+      const meta = [c.heading, c.page ? fmt(gettext("page %(page)s"), { page: c.page }) : null].filter(Boolean).join(" · ");
       const title = c.url ? el("a", { href: c.url, target: "_blank", rel: "noopener", class: "source-link", text: sourceLabel(c) })
         : el("strong", { text: sourceLabel(c) });
       return el("div", { class: "source" },
@@ -171,7 +177,7 @@
 
   function renderFooter(messageId, rating, usage) {
     const footer = el("div", { class: "footer" });
-    const buttons = [["up", "Helpful"], ["down", "Not helpful"]].map(([value, label]) =>
+    const buttons = [["up", gettext("Helpful")], ["down", gettext("Not helpful")]].map(([value, label]) =>
       el("button", { type: "button", class: "fb" + (rating === value ? " chosen" : ""), "data-rating": value,
         title: label, "aria-label": label, text: label,
         onclick: async (e) => {
@@ -201,10 +207,10 @@
 
   function failAssistant(bubble, frame) {
     bubble.classList.remove("streaming");
-    bubble.replaceChildren(el("span", { class: "error-note", text: frame.message || "Something went wrong." }));
+    bubble.replaceChildren(el("span", { class: "error-note", text: frame.message || gettext("Something went wrong.") }));
     const sources = frame.details && frame.details.sources;
     if (sources && sources.length) {
-      bubble.append(el("div", { class: "meta", text: "Sources found for your question:" }), renderSources(sources));
+      bubble.append(el("div", { class: "meta", text: gettext("Sources found for your question:") }), renderSources(sources));
     }
     scrollDown();
   }
@@ -219,11 +225,11 @@
     socket = ws;
     socketReady = new Promise((resolve, reject) => {
       ws.onopen = () => resolve(ws);
-      ws.onerror = () => reject(new Error("Could not connect to the chat service."));
+      ws.onerror = () => reject(new Error(gettext("Could not connect to the chat service.")));
     });
     ws.onmessage = (event) => onFrame(JSON.parse(event.data));
     ws.onclose = () => {
-      if (pending) { failAssistant(pending.bubble, { message: "The connection was lost. Please send your message again." }); pending = null; setBusy(false); }
+      if (pending) { failAssistant(pending.bubble, { message: gettext("The connection was lost. Please send your message again.") }); pending = null; setBusy(false); }
       if (socket === ws) socket = null;
     };
     return socketReady;
@@ -282,7 +288,7 @@
     renderList();
     history.replaceState(null, "", "?c=" + encodeURIComponent(sid));
     const current = conversations.find((c) => c.session_id === sid);
-    titleEl.textContent = (current && current.title) || "Conversation";
+    titleEl.textContent = (current && current.title) || gettext("Conversation");
     clearMessages(false);
     try {
       const data = await api("GET", `/api/v1/conversations/${encodeURIComponent(sid)}/messages/?limit=200`);
@@ -303,7 +309,7 @@
     sessionId = null;
     if (socket) { socket.onclose = null; socket.close(); socket = null; }
     history.replaceState(null, "", location.pathname);
-    titleEl.textContent = "New chat";
+    titleEl.textContent = gettext("New chat");
     clearMessages(true);
     renderList();
     input.focus();
@@ -312,6 +318,13 @@
   // --- wiring -----------------------------------------------------------------------------
   for (const kb of boot.knowledge_bases || []) kbSelect.append(el("option", { value: kb.slug, text: kb.name }));
   $("new-chat").addEventListener("click", startNewChat);
+  // The language switch posts to Django's set_language, which remembers the choice in a cookie.
+  const languageSelect = $("language-select");
+  if (languageSelect) languageSelect.addEventListener("change", () => {
+    const next = $("language-form").querySelector('input[name="next"]');
+    if (next) next.value = location.pathname + location.search;
+    $("language-form").requestSubmit();
+  });
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = input.value.trim();

@@ -2,6 +2,7 @@ import json
 import time
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.translation import gettext, gettext_lazy
 
 from apps.core.registry import instances_list
 
@@ -43,14 +44,14 @@ def format_table(records: list[dict]) -> str:
 
 
 class Command(BaseCommand):
-    help = ("Show the live instances of this cluster (web servers and Celery workers) from their heartbeats "
-            "in Redis: id, host, port, pid, uptime, readiness, event subscription, index versions held, plugin "
-            "config version, last event applied, heartbeat age.")
+    help = (gettext_lazy("Show the live instances of this cluster (web servers and Celery workers) from their "
+                         "heartbeats in Redis: id, host, port, pid, uptime, readiness, event subscription, index "
+                         "versions held, plugin config version, last event applied, heartbeat age."))
 
     def add_arguments(self, parser):
-        parser.add_argument("--json", action="store_true", help="Print the records as JSON.")
+        parser.add_argument("--json", action="store_true", help=gettext("Print the records as JSON."))
         parser.add_argument("--wait-ready", type=int, default=0, metavar="N",
-                            help="Wait until at least N web instances are ready (exit 1 after --timeout).")
+                            help=gettext("Wait until at least N web instances are ready (exit 1 after --timeout)."))
         parser.add_argument("--timeout", type=float, default=60.0)
 
     def handle(self, *args, json: bool, wait_ready: int, timeout: float, **options):
@@ -59,7 +60,8 @@ class Command(BaseCommand):
             try:
                 records = instances_list()
             except Exception as exc:
-                raise CommandError(f"The instance registry could not be read: {exc.__class__.__name__}: {exc}")
+                raise CommandError(gettext("The instance registry could not be read: %(error)s: %(exc)s")
+                                   % {"error": exc.__class__.__name__, "exc": exc})
             ready = sum(1 for r in records if r.get("kind") == "web" and r.get("ready"))
             if ready >= wait_ready or time.monotonic() >= deadline:
                 break
@@ -69,7 +71,7 @@ class Command(BaseCommand):
         elif records:
             self.stdout.write(format_table(records))
         else:
-            self.stdout.write("No instance has reported a heartbeat.")
+            self.stdout.write(gettext("No instance has reported a heartbeat."))
         if wait_ready and ready < wait_ready:
             raise CommandError(f"only {ready} of {wait_ready} web instances ready after {timeout:.0f}s")
 

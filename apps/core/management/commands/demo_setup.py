@@ -2,10 +2,11 @@ import os
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
+from django.utils.translation import gettext, gettext_lazy
 
 
 class Command(BaseCommand):
-    help = "Prepare the embedded demo: a demo admin and the sample knowledge base. Idempotent."
+    help = gettext_lazy("Prepare the embedded demo: a demo admin and the sample knowledge base. Idempotent.")
 
     def add_arguments(self, parser):
         parser.add_argument("--username", default=os.environ.get("DEMO_ADMIN_USER", "admin"))
@@ -18,8 +19,7 @@ class Command(BaseCommand):
         from apps.knowledge.services import demo_knowledge_load
 
         demo_knowledge_load(owner=get_user_model().objects.get(username=username), stdout=self.stdout)
-        verb = "Created" if created else "Kept"
-        self.stdout.write(self.style.SUCCESS(
-            f"{verb} demo admin. Sign in at http://127.0.0.1:8000/admin/ as {username} / {password} "
-            "(demo only: change it before exposing this machine)."
-        ))
+        message = (gettext("Created the demo admin.") if created else gettext("Kept the demo admin.")) + " " + gettext(
+            "Sign in at http://127.0.0.1:8000/admin/ as %(username)s / %(password)s (demo only: change it before "
+            "exposing this machine).") % {"username": username, "password": password}
+        self.stdout.write(self.style.SUCCESS(message))

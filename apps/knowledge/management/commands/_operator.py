@@ -1,5 +1,6 @@
 from django.contrib.auth import get_user_model
 from django.core.management.base import CommandError
+from django.utils.translation import gettext
 
 
 def operator_user(username: str | None = None):
@@ -9,6 +10,6 @@ def operator_user(username: str | None = None):
     if username:
         user = User.objects.filter(username=username).first()
         if user is None:
-            raise CommandError(f"No user {username!r}.")
+            raise CommandError(gettext("No user %(username)r.") % {"username": username})
         return user
     return User(username="manage.py", is_staff=True, is_superuser=True, is_active=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.translation import gettext, gettext_lazy
 
 from ._process import prepare_process
 
@@ -11,15 +12,16 @@ from ._output import progress, table
 
 
 class Command(BaseCommand):
-    help = ("Import and ingest files into a knowledge base, then rebuild its index. A file already there under "
-            "the same name is updated only if its bytes changed; failures are listed and never stop the batch.")
+    help = (gettext_lazy("Import and ingest files into a knowledge base, then rebuild its index. A file already "
+                         "there under the same name is updated only if its bytes changed; failures are listed and "
+                         "never stop the batch."))
 
     def add_arguments(self, parser):
-        parser.add_argument("paths", nargs="+", help="Files or directories")
-        parser.add_argument("--kb", required=True, help="Knowledge base slug")
-        parser.add_argument("--recursive", "-r", action="store_true", help="Descend into subdirectories")
-        parser.add_argument("--create", action="store_true", help="Create the knowledge base if it does not exist")
-        parser.add_argument("--force", action="store_true", help="Re-ingest even unchanged documents")
+        parser.add_argument("paths", nargs="+", help=gettext("Files or directories"))
+        parser.add_argument("--kb", required=True, help=gettext("Knowledge base slug"))
+        parser.add_argument("--recursive", "-r", action="store_true", help=gettext("Descend into subdirectories"))
+        parser.add_argument("--create", action="store_true", help=gettext("Create the knowledge base if it does not exist"))
+        parser.add_argument("--force", action="store_true", help=gettext("Re-ingest even unchanged documents"))
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, paths, kb, recursive, create, force, no_progress, **options):
@@ -30,7 +32,7 @@ class Command(BaseCommand):
         knowledge_base = KnowledgeBase.objects.filter(slug=kb).first()
         if knowledge_base is None:
             if not create:
-                raise CommandError(f"No knowledge base {kb!r} (use --create to create it).")
+                raise CommandError(gettext("No knowledge base %(kb)r (use --create to create it).") % {"kb": kb})
             knowledge_base = services.knowledge_base_create(user=operator_user(), slug=kb, name=kb.replace("-", " ").title())
         files, missing = _collect(paths, recursive)
         bar = progress(len(files), "ingesting", disable=no_progress)
@@ -48,7 +50,7 @@ class Command(BaseCommand):
                  ["seconds", f"{report.seconds:.1f}"]]
         self.stdout.write(table(["ingest", knowledge_base.slug], rows))
         if failures:
-            self.stdout.write(self.style.WARNING(f"{len(failures)} file(s) failed:"))
+            self.stdout.write(self.style.WARNING(gettext("%(failures)s file(s) failed:") % {"failures": len(failures)}))
             self.stdout.write(table(["file", "error", "reason"], failures))
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.translation import gettext, gettext_lazy
 
 from ._process import prepare_process
 
@@ -8,14 +9,14 @@ from ._output import progress, table
 
 
 class Command(BaseCommand):
-    help = "Write a new index version from stored embeddings and activate it (nothing is re-encoded)."
+    help = gettext_lazy("Write a new index version from stored embeddings and activate it (nothing is re-encoded).")
 
     def add_arguments(self, parser):
         group = parser.add_mutually_exclusive_group(required=True)
-        group.add_argument("--kb", action="append", help="Knowledge base slug (repeatable)")
-        group.add_argument("--all", action="store_true", help="Every knowledge base")
+        group.add_argument("--kb", action="append", help=gettext("Knowledge base slug (repeatable)"))
+        group.add_argument("--all", action="store_true", help=gettext("Every knowledge base"))
         parser.add_argument("--if-changed", action="store_true",
-                            help="Skip knowledge bases whose active index already covers their content")
+                            help=gettext("Skip knowledge bases whose active index already covers their content"))
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, kb, all, if_changed, no_progress, **options):
@@ -29,7 +30,7 @@ class Command(BaseCommand):
             kbs = list(KnowledgeBase.objects.filter(slug__in=kb).order_by("slug"))
             unknown = set(kb) - {k.slug for k in kbs}
             if unknown:
-                raise CommandError(f"No knowledge base {', '.join(sorted(unknown))}.")
+                raise CommandError(gettext("No knowledge base %(slugs)s.") % {"slugs": ', '.join(sorted(unknown))})
         rows = []
         bar = progress(len(kbs), "rebuilding", unit="kb", disable=no_progress)
         for knowledge_base in kbs:

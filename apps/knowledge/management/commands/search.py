@@ -3,6 +3,7 @@ from __future__ import annotations
 import textwrap
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.translation import gettext, gettext_lazy
 
 from apps.core.errors import ApplicationError
 from ._process import prepare_process
@@ -12,14 +13,15 @@ from ._output import table
 
 
 class Command(BaseCommand):
-    help = "Search knowledge bases the way users do and print the ranked chunks with each stage's scores."
+    help = gettext_lazy("Search knowledge bases the way users do and print the ranked chunks with each stage's "
+                        "scores.")
 
     def add_arguments(self, parser):
         parser.add_argument("query")
-        parser.add_argument("--kb", action="append", help="Knowledge base slug or id (repeatable; default: all)")
+        parser.add_argument("--kb", action="append", help=gettext("Knowledge base slug or id (repeatable; default: all)"))
         parser.add_argument("--mode", default="hybrid", choices=["hybrid", "dense", "bm25"])
         parser.add_argument("--top-k", type=int, default=5)
-        parser.add_argument("--user", help="Search with this user's access (default: everything)")
+        parser.add_argument("--user", help=gettext("Search with this user's access (default: everything)"))
 
     def handle(self, *args, query, kb, mode, top_k, user, **options):
         from apps.knowledge.selectors import chunks_retrieve
@@ -28,9 +30,9 @@ class Command(BaseCommand):
         try:
             results = chunks_retrieve(user=operator_user(user), query=query, knowledge_bases=kb, top_k=top_k, mode=mode)
         except ApplicationError as exc:
-            raise CommandError(f"{exc.code}: {exc.message}")
+            raise CommandError(gettext("%(code)s: %(message)s") % {"code": exc.code, "message": exc.message})
         if not results:
-            self.stdout.write("No results.")
+            self.stdout.write(gettext("No results."))
             return
         rows = []
         for rank, r in enumerate(results, start=1):

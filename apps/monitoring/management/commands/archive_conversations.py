@@ -1,4 +1,5 @@
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.translation import gettext, gettext_lazy
 from tqdm import tqdm
 
 from apps.core.errors import ApplicationError
@@ -7,18 +8,18 @@ from apps.monitoring.audit import audit_actor
 
 
 class Command(BaseCommand):
-    help = ("Move conversations idle for longer than --older-than to a compressed JSON Lines archive "
-            "(ARCHIVE_ROOT, or the S3 bucket ARCHIVE_S3_BUCKET) and remove them from the database. "
-            "Bring them back with restore_conversations.")
+    help = (gettext_lazy("Move conversations idle for longer than --older-than to a compressed JSON Lines archive "
+                         "(ARCHIVE_ROOT, or the S3 bucket ARCHIVE_S3_BUCKET) and remove them from the database. "
+                         "Bring them back with restore_conversations."))
 
     def add_arguments(self, parser):
-        parser.add_argument("--older-than", required=True, help="Idle age, e.g. 90d, 12h, 2w.")
-        parser.add_argument("--dry-run", action="store_true", help="Only count what would be archived.")
+        parser.add_argument("--older-than", required=True, help=gettext("Idle age, e.g. 90d, 12h, 2w."))
+        parser.add_argument("--dry-run", action="store_true", help=gettext("Only count what would be archived."))
         parser.add_argument("--batch-size", type=int, default=200)
 
     def handle(self, *args, older_than: str, dry_run: bool, batch_size: int, verbosity: int = 1, **options):
         if batch_size < 1:
-            raise CommandError("--batch-size must be at least 1.")
+            raise CommandError(gettext("--batch-size must be at least 1."))
         bar = tqdm(unit="conversation", desc="archiving", disable=verbosity < 1 or dry_run, file=self.stderr._out)
         try:
             with audit_actor("command:archive_conversations"):
@@ -26,19 +27,22 @@ class Command(BaseCommand):
                                                batch_size=batch_size, progress=bar.update,
                                                on_total=lambda n: setattr(bar, "total", n) or bar.refresh())
         except ApplicationError as exc:
-            raise CommandError(f"{exc.message} [{exc.code}]") from exc
+            raise CommandError(gettext("%(message)s [%(code)s]") % {"message": exc.message, "code": exc.code}) from exc
         finally:
             bar.close()
         if dry_run:
-            self.stdout.write(f"{result.candidates} conversation(s) would be archived.")
+            self.stdout.write(gettext("%(candidates)s conversation(s) would be archived.")
+                              % {"candidates": result.candidates})
             return
         if not result.archived:
-            self.stdout.write("Nothing to archive.")
+            self.stdout.write(gettext("Nothing to archive."))
             return
         self.stdout.write(self.style.SUCCESS(
-            f"Archived {result.archived} conversation(s) ({result.objects} rows, {result.bytes} bytes) to "
-            f"{result.location}; removed {result.deleted} from the database."))
+            gettext("Archived %(archived)s conversation(s) (%(objects)s rows, %(bytes)s bytes) to "
+                    "%(location)s; removed %(deleted)s from the database.")
+            % {"archived": result.archived, "objects": result.objects, "bytes": result.bytes, "location": result.location, "deleted": result.deleted}))
         if result.kept_changed:
             self.stdout.write(self.style.WARNING(
-                f"{len(result.kept_changed)} changed while archiving and stay in the database "
-                "(the next run archives them)."))
+                gettext("%(kept_changed)s changed while archiving and stay in the database (the next run archives "
+                        "them).")
+                % {"kept_changed": len(result.kept_changed)}))

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.translation import gettext, gettext_lazy
 from tqdm import tqdm
 
 from apps.core.errors import ApplicationError
@@ -10,12 +11,13 @@ from apps.monitoring.audit import audit_actor
 
 
 class Command(BaseCommand):
-    help = ("Restore the conversations of an archive written by archive_conversations. FILE is a name in the "
-            "archive storage (see --list) or a local path. Conversations already present are skipped.")
+    help = (gettext_lazy("Restore the conversations of an archive written by archive_conversations. FILE is a name "
+                         "in the archive storage (see --list) or a local path. Conversations already present are "
+                         "skipped."))
 
     def add_arguments(self, parser):
-        parser.add_argument("file", nargs="?", help="Archive name or path.")
-        parser.add_argument("--list", action="store_true", help="List the archives in the storage.")
+        parser.add_argument("file", nargs="?", help=gettext("Archive name or path."))
+        parser.add_argument("--list", action="store_true", help=gettext("List the archives in the storage."))
 
     def handle(self, *args, file: str | None, list: bool, verbosity: int = 1, **options):
         try:
@@ -25,7 +27,7 @@ class Command(BaseCommand):
                     self.stdout.write(name)
                 return
             if not file:
-                raise CommandError("Name the archive to restore (see --list).")
+                raise CommandError(gettext("Name the archive to restore (see --list)."))
             if os.sep in file and os.path.isfile(file):  # a local copy, e.g. downloaded from the bucket
                 storage, file = FileArchiveStorage(Path(file).resolve().parent), Path(file).name
             bar = tqdm(unit="conversation", desc="restoring", disable=verbosity < 1, file=self.stderr._out)
@@ -36,11 +38,13 @@ class Command(BaseCommand):
             finally:
                 bar.close()
         except ApplicationError as exc:
-            raise CommandError(f"{exc.message} [{exc.code}]") from exc
+            raise CommandError(gettext("%(message)s [%(code)s]") % {"message": exc.message, "code": exc.code}) from exc
         self.stdout.write(self.style.SUCCESS(
-            f"Restored {result.restored} conversation(s) ({result.objects} rows); "
-            f"{len(result.skipped)} already present."))
+            gettext("Restored %(restored)s conversation(s) (%(objects)s rows); %(skipped)s already present.")
+            % {"restored": result.restored, "objects": result.objects, "skipped": len(result.skipped)}))
         if result.failed:
             for session_id, reason in result.failed.items():
-                self.stderr.write(f"could not restore {session_id}: {reason}")
-            raise CommandError(f"{len(result.failed)} conversation(s) could not be restored; the archive is unchanged.")
+                self.stderr.write(gettext("could not restore %(session_id)s: %(reason)s")
+                                  % {"session_id": session_id, "reason": reason})
+            raise CommandError(gettext("%(failed)s conversation(s) could not be restored; the archive is unchanged.")
+                               % {"failed": len(result.failed)})

@@ -3,7 +3,7 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-    dependencies = [("knowledge", "0001_initial")]
+    dependencies = [("knowledge", "0003_kb_user_dictionary")]
 
     operations = [
         # Existing bases keep the model their vectors were built with; new ones get the default.
