@@ -12,7 +12,8 @@ from celery.signals import worker_process_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "kotaemon_site.settings")
 
-app = Celery("kotaemon_site")
+# Every task counts its deliveries and is parked after CELERY_MAX_DELIVERIES (apps/core/tasks.py).
+app = Celery("kotaemon_site", task_cls="apps.core.tasks:DeliveryCappedTask")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 

@@ -80,6 +80,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "apps.core.login_limits.LoginRateLimitMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "apps.core.middleware.ApiErrorMiddleware",
@@ -172,6 +173,11 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# A task whose worker died this many times while running it is parked, not redelivered again (ParkedTask).
+CELERY_MAX_DELIVERIES = env.int("CELERY_MAX_DELIVERIES", default=3)
+# A prefork child that has not reported "up" within this many seconds is killed. Celery's 4 s default is
+# shorter than a child's start (process set-up) on a busy 2-core machine: replacements were killed in a loop.
+CELERY_WORKER_PROC_ALIVE_TIMEOUT = env.float("CELERY_WORKER_PROC_ALIVE_TIMEOUT", default=30.0)
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SOFT_TIME_LIMIT = env.int("CELERY_TASK_SOFT_TIME_LIMIT", default=15 * 60)
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=20 * 60)
@@ -193,6 +199,11 @@ if TESTING:
     # (KOTAEMON_TESTING=1) use the same list, so they accept the users the tests created.
     PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 LOGIN_URL = "/accounts/login/"
+# Failed sign-ins (/accounts/login/, /admin/login/) allowed per username and per client address within
+# LOGIN_LOCKOUT_SECONDS; past either, the login is refused with 429 until the window ends (apps/core/login_limits.py).
+LOGIN_FAILURES_PER_USERNAME = env.int("LOGIN_FAILURES_PER_USERNAME", default=5)
+LOGIN_FAILURES_PER_IP = env.int("LOGIN_FAILURES_PER_IP", default=20)
+LOGIN_LOCKOUT_SECONDS = env.int("LOGIN_LOCKOUT_SECONDS", default=900)
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 
@@ -407,9 +418,21 @@ KNOWLEDGE_MAX_CSV_ROWS = env.int("KNOWLEDGE_MAX_CSV_ROWS", default=200_000)
 KNOWLEDGE_FETCH_TIMEOUT_SECONDS = env.float("KNOWLEDGE_FETCH_TIMEOUT_SECONDS", default=20.0)
 # Ingests finishing within this window share one index rebuild (the later rebuild tasks find nothing to do).
 KNOWLEDGE_REBUILD_DELAY_SECONDS = env.float("KNOWLEDGE_REBUILD_DELAY_SECONDS", default=2.0)
+# --- Index maintenance (issue 13; docs/knowledge.md "Index maintenance") ---
+# While documents of a base are still being ingested its build waits, at most this long after the last one.
+KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS = env.float("KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS", default=30.0)
+KNOWLEDGE_DENSE_COMPRESSION = env("KNOWLEDGE_DENSE_COMPRESSION", default="")  # "ivfpq": compressed large segments
+KNOWLEDGE_INDEX_MMAP = env.bool("KNOWLEDGE_INDEX_MMAP", default=False)  # memory-map flat/IVF codes and postings
+KNOWLEDGE_INDEX_MEMORY_BUDGET_MB = env.int("KNOWLEDGE_INDEX_MEMORY_BUDGET_MB", default=1536)  # 0: unlimited
+# A search never waits for a newer version to load unless this is set (tests make swaps synchronous with it).
+KNOWLEDGE_SWAP_WAIT_SECONDS = env.float("KNOWLEDGE_SWAP_WAIT_SECONDS", default=0.0)
+KNOWLEDGE_SWEEP_SECONDS = env.int("KNOWLEDGE_SWEEP_SECONDS", default=60)
+KNOWLEDGE_INGEST_STUCK_SECONDS = env.int("KNOWLEDGE_INGEST_STUCK_SECONDS", default=900)
+KNOWLEDGE_INGEST_MAX_ATTEMPTS = env.int("KNOWLEDGE_INGEST_MAX_ATTEMPTS", default=3)
 CELERY_BEAT_SCHEDULE["knowledge-index-cleanup"] = {
     "task": "knowledge.cleanup_indexes", "schedule": float(max(60, KNOWLEDGE_INDEX_GRACE_SECONDS // 2)),
 }
+CELERY_BEAT_SCHEDULE["knowledge-sweep"] = {"task": "knowledge.sweep", "schedule": float(KNOWLEDGE_SWEEP_SECONDS)}
 
 # --- Outbound requests (apps/core/outbound.py: document URLs, plugins' HTTP, connectors) --
 # Internal hosts the platform may fetch from (names, *.domain, IPs, CIDRs, each optionally :port);
@@ -466,6 +489,9 @@ PLUGIN_ROUTER_KEYWORD_BONUS = env.float("PLUGIN_ROUTER_KEYWORD_BONUS", default=0
 # --- Monitoring (apps/monitoring) -------------------------------------------------------
 # When set, /metrics requires `Authorization: Bearer <METRICS_TOKEN>` (Prometheus: authorization.credentials).
 METRICS_TOKEN = env("METRICS_TOKEN", default="")
+# Without a token, production (DEBUG off) refuses every /metrics scrape (403) unless this says the endpoint
+# is reachable only from the monitoring network. Development and tests serve it openly.
+METRICS_PUBLIC = env.bool("METRICS_PUBLIC", default=_DEV_DEFAULTS)
 # Audit log: every create/update/delete (and many-to-many change) of these models is recorded.
 AUDITED_MODELS = env.list("AUDITED_MODELS", default=[
     "knowledge.KnowledgeBase", "knowledge.Document", "plugins.PluginConfig", "core.ApiKey", "auth.User", "auth.Group",

@@ -37,6 +37,9 @@ def _isolated_process_state(settings, tmp_path):
 
     settings.INDEX_ROOT = tmp_path / "indexes"
     settings.MEDIA_ROOT = tmp_path / "media"
+    # In-process tests see their own activations at once: a search waits for the newer version's background
+    # load (servers never do; tests/knowledge/test_kb_index_maintenance.py checks that path with 0).
+    settings.KNOWLEDGE_SWAP_WAIT_SECONDS = 30
     registry.clear()
     events._reset_for_tests()
     yield

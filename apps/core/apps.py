@@ -15,6 +15,9 @@ class CoreConfig(AppConfig):
 
         events.register_handler("user_changed", identity.on_user_changed)
         identity.connect_signals()
+        from . import login_limits
+
+        login_limits.connect_signals()
         cluster.connect_celery()
         cluster_admin.install()
 

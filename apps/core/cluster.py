@@ -114,6 +114,11 @@ def _load_active_indexes() -> None:
     registry_ = _knowledge_registry()
     if registry_ is None:
         return
+    if hasattr(registry_, "warm_up"):
+        # Loads what fits the memory budget; a base whose index cannot be loaded degrades alone (its searches
+        # answer index_unavailable) and never holds the whole instance out of readiness.
+        registry_.warm_up()
+        return
     missing = []
     for kb_id, active in registry_.active_versions(refresh=True).items():
         bundle = registry_.bundle(kb_id)

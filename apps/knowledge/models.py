@@ -71,6 +71,10 @@ class KnowledgeBase(models.Model):
     content_revision = models.PositiveBigIntegerField(default=0, editable=False)
     # Index versions are allocated here under a row lock: concurrent rebuilds never share a number.
     last_index_version = models.PositiveIntegerField(default=0, editable=False)
+    # Set when the knowledge base is deleted: hidden from every listing and search at once, removed by a
+    # background task (documents, chunks, files, indexes) that records its progress here.
+    deleted_at = models.DateTimeField(null=True, blank=True, editable=False, db_index=True)
+    delete_progress = models.JSONField(default=dict, blank=True, editable=False)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -115,6 +119,9 @@ class Document(models.Model):
     # with the same fingerprint is a no-op, which makes the ingest task idempotent.
     ingest_fingerprint = models.CharField(max_length=64, blank=True, editable=False)
     ingested_at = models.DateTimeField(null=True, blank=True)
+    # Times the sweeper found this document stuck (pending or processing too long) and re-enqueued it;
+    # past KNOWLEDGE_INGEST_MAX_ATTEMPTS it is parked as failed with its last error.
+    ingest_attempts = models.PositiveSmallIntegerField(default=0, editable=False)
     # Set when an editor deletes the document; search hides it at once, the delete task purges it.
     deleted_at = models.DateTimeField(null=True, blank=True, db_index=True)
 
@@ -189,6 +196,11 @@ class IndexVersion(models.Model):
     dense_kind = models.CharField(max_length=16, blank=True)
     build_seconds = models.FloatField(null=True, blank=True)
     encoded_count = models.PositiveIntegerField(default=0, help_text="Chunks that had to be encoded for this build.")
+    # full: every chunk written anew; incremental: one new segment plus tombstones; merge: also merged segments.
+    build_kind = models.CharField(max_length=16, blank=True)
+    segment_count = models.PositiveSmallIntegerField(default=0)
+    written_count = models.PositiveIntegerField(default=0, help_text="Chunks written into new segments by this build.")
+    tombstone_count = models.PositiveIntegerField(default=0)
     error_message = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     activated_at = models.DateTimeField(null=True, blank=True)

@@ -39,8 +39,9 @@ MAX_QUERY_CHARS = 2000
 
 
 def knowledge_bases_visible(*, user) -> QuerySet[KnowledgeBase]:
-    """Knowledge bases `user` may read (anonymous users: public ones only); the rule is apps.core.authz's."""
-    return authz.knowledge_bases_readable(user)
+    """Knowledge bases `user` may read (anonymous users: public ones only); the rule is apps.core.authz's.
+    A deleted base (being removed in the background) is gone from here at once."""
+    return authz.knowledge_bases_readable(user).filter(deleted_at__isnull=True)
 
 
 def knowledge_base_can_edit(*, user, knowledge_base: KnowledgeBase) -> bool:
@@ -182,7 +183,7 @@ def chunks_retrieve(*, user, query: str, knowledge_bases: list[str | int] | None
         if not isinstance(knowledge_bases, (list, tuple)):
             raise ApplicationError("invalid_knowledge_bases", gettext("knowledge_bases must be a list of ids or slugs."))
         kbs = list({kb.pk: kb for kb in (knowledge_base_get(user=user, ref=ref) for ref in knowledge_bases)}.values())
-    held = [(kb, bundle) for kb in kbs if (bundle := registry.bundle(kb.pk)) is not None]
+    held = _held_bundles(kbs, explicit=knowledge_bases is not None)
     if not held:
         return []
     reranker = _reranker() if any(kb.use_reranker for kb, _ in held) else None
@@ -197,6 +198,28 @@ def chunks_retrieve(*, user, query: str, knowledge_bases: list[str | int] | None
     results = _materialize(ranked, top_k)
     retrieval_seconds.labels(mode=mode, cache=cache_result).observe(time.perf_counter() - started)
     return results
+
+
+def _held_bundles(kbs: list[KnowledgeBase], *, explicit: bool) -> list:
+    """(knowledge base, bundle) for each base with an index. A base whose index cannot be loaded here fails
+    the search with `index_unavailable` when it was named; a search over every readable base leaves it out."""
+    from .index_registry import IndexUnavailable
+
+    held = []
+    for kb in kbs:
+        try:
+            bundle = registry.bundle(kb.pk)
+        except IndexUnavailable as exc:
+            if explicit:
+                raise ApplicationError(
+                    "index_unavailable", f"The index of knowledge base '{kb.slug}' cannot be loaded right now.",
+                    details={"knowledge_base": kb.slug, "version": exc.failure.version}, status=503) from exc
+            logger.warning("knowledge base left out of a search: index unavailable",
+                           extra={"knowledge_base": kb.pk, "version": exc.failure.version})
+            continue
+        if bundle is not None:
+            held.append((kb, bundle))
+    return held
 
 
 def _hits_readable(ranked: list[dict[str, Any]], kb_ids: set[int]) -> list[dict[str, Any]]:
@@ -217,10 +240,10 @@ def ranked_chunk_ids(*, knowledge_base: KnowledgeBase, query: str, top_k: int, m
 
     For operator tools only (the evaluate command measures the same ranking users get).
     """
-    bundle = registry.bundle(knowledge_base.pk)
-    if bundle is None:
+    held = _held_bundles([knowledge_base], explicit=True)
+    if not held:
         return []
-    ranked = _rank(query, top_k, mode, [(knowledge_base, bundle)], None)
+    ranked = _rank(query, top_k, mode, held, None)
     return [(item["id"], item["score"]) for item in ranked[:top_k]]
 
 
@@ -276,8 +299,8 @@ def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, A
     pool: dict[int, dict[str, Any]] = {}
     for kb, bundle in held:
         n = max(kb.candidates, top_k)
-        query_vec = query_vecs.get(bundle.model_id)
-        dense = (bundle.dense_search(query_vec, n, model_id=bundle.model_id)
+        query_vec, encoder_model = query_vecs.get(bundle.model_id, (None, None))
+        dense = (bundle.dense_search(query_vec, n, model_id=encoder_model)
                  if mode in ("hybrid", "dense") and query_vec is not None else [])
         bm25 = bundle.bm25_search(query, n) if mode in ("hybrid", "bm25") else []
         if mode == "hybrid":
@@ -302,8 +325,9 @@ def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, A
     lambdas = [kb.mmr_lambda for kb, _ in held if kb.mmr_lambda is not None]
     models = {bundle.model_id for _, bundle in held}
     # MMR compares stored vectors with each other: only meaningful within one model's vector space.
-    if lambdas and len(models) == 1 and query_vecs.get(next(iter(models))) is not None and len(ranked) > 1:
-        ranked = _diversify(ranked[:max(want * 3, 30)], query_vecs[next(iter(models))], min(lambdas), want, mmr)
+    only_vec = query_vecs.get(next(iter(models)), (None, None))[0] if len(models) == 1 else None
+    if lambdas and only_vec is not None and len(ranked) > 1:
+        ranked = _diversify(ranked[:max(want * 3, 30)], only_vec, min(lambdas), want, mmr)
     if reranker is not None:
         ranked = _rerank(reranker, query, ranked[:max(want * 2, 20)])
     for item in ranked:
@@ -311,17 +335,19 @@ def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, A
     return ranked[:want]
 
 
-def _query_vectors(query: str, bundles) -> dict[str | None, Any]:
-    """{model id: query vector} for the models that built these versions; a model this process cannot
-    run is left out (its versions answer from BM25 only, never with another model's vector)."""
+def _query_vectors(query: str, bundles) -> dict[str | None, tuple[Any, str | None]]:
+    """{version's model id: (query vector, the encoder's model id)} for the models that built these
+    versions; a model this process cannot run gets (None, None): its versions answer from BM25 only,
+    never with another model's vector."""
     from .embeddings import query_encoder_for
 
-    vectors: dict[str | None, Any] = {}
+    vectors: dict[str | None, tuple[Any, str | None]] = {}
     for bundle in bundles:
         if bundle.model_id in vectors:
             continue
         encoder = query_encoder_for(bundle.embedding)
-        vectors[bundle.model_id] = encoder.encode_query(query) if encoder is not None else None
+        vectors[bundle.model_id] = ((encoder.encode_query(query), encoder.model_id) if encoder is not None
+                                    else (None, None))
     return vectors
 
 
@@ -349,11 +375,23 @@ def _rerank(reranker, query: str, candidates: list[dict]) -> list[dict]:
     return sorted(candidates, key=lambda item: (-item["score"], item["id"]))
 
 
+MATERIALIZED_FIELDS = ("id", "text", "page", "heading_path", "char_start", "char_end", "document__id",
+                       "document__title", "document__source_name", "document__knowledge_base__id",
+                       "document__knowledge_base__slug")
+
+
+def _document_title(document: Document) -> str:
+    return document.title or document.source_name or f"Document {document.pk}"
+
+
 def _materialize(ranked: list[dict[str, Any]], top_k: int) -> list[RetrievedChunk]:
     """Chunk rows for the ranked ids in one query; hits in documents deleted since are dropped."""
     ids = [item["id"] for item in ranked]
-    rows = {chunk.pk: chunk for chunk in Chunk.objects.filter(pk__in=ids, document__deleted_at__isnull=True)
-            .select_related("document__knowledge_base")}
+    # Only what a result shows: never Document.text (a whole parsed document per hit) nor embeddings.
+    rows = {chunk.pk: chunk for chunk in Chunk.objects.filter(pk__in=ids, document__deleted_at__isnull=True,
+                                                              document__knowledge_base__deleted_at__isnull=True)
+            .select_related("document__knowledge_base")
+            .only(*MATERIALIZED_FIELDS)}
     results = []
     for item in ranked:
         chunk = rows.get(item["id"])
@@ -361,7 +399,7 @@ def _materialize(ranked: list[dict[str, Any]], top_k: int) -> list[RetrievedChun
             continue
         document, kb = chunk.document, chunk.document.knowledge_base
         results.append(RetrievedChunk(
-            chunk_id=chunk.pk, document_id=document.pk, document_title=document.title or str(document),
+            chunk_id=chunk.pk, document_id=document.pk, document_title=_document_title(document),
             knowledge_base_id=kb.pk, knowledge_base_slug=kb.slug, text=chunk.text, page=chunk.page,
             heading_path=list(chunk.heading_path or []), char_start=chunk.char_start, char_end=chunk.char_end,
             score=float(item["score"]), scores={k: float(v) for k, v in item["scores"].items()},

@@ -24,7 +24,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.files.base import ContentFile, File
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Exists, F, OuterRef, Q, Subquery
 from django.utils import timezone
 from django.utils.text import get_valid_filename
 from django.utils.translation import gettext
@@ -43,10 +43,13 @@ from .rag.embedder import BaseEmbedder
 from .rag.errors import IngestError
 from .rag.index import (
     MANIFEST_NAME,
+    delete_unreferenced_segments,
+    analyzer_manifest,
     delete_version,
+    embedding_manifest,
     manifest_analyzer_matches,
+    referenced_segments,
     remove_stale_tmp,
-    write_index_version,
 )
 from .rag.parsers import ParseLimits, ParsedDocument, parse
 
@@ -121,7 +124,7 @@ def _kb_validate(kb: KnowledgeBase) -> None:
                                details={"fields": {"chunk_overlap": ["must be smaller than chunk_tokens"]}})
     catalog = model_catalog()
     if kb.embedding_model not in catalog:
-        raise ApplicationError("validation_error", "Unknown embedding model.", details={"fields": {
+        raise ApplicationError("validation_error", gettext("Unknown embedding model."), details={"fields": {
             "embedding_model": [f"must be one of: {', '.join(catalog)}"]}})
 
 
@@ -164,8 +167,8 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
         raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
                                                    % {"fields": ', '.join(sorted(unknown))})
     rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
-    model_changed = "embedding_model" in fields and fields["embedding_model"] != kb.embedding_model
     new_dictionary = "user_dictionary" in fields and fields["user_dictionary"] != kb.user_dictionary
+    model_changed = "embedding_model" in fields and fields["embedding_model"] != kb.embedding_model
     for name, value in fields.items():
         setattr(kb, name, value)
     _kb_validate(kb)
@@ -178,20 +181,20 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
             kb.allowed_groups.set(allowed_group_ids)
         if editor_group_ids is not None:
             kb.editor_groups.set(editor_group_ids)
-        if rechunk:
-            knowledge_base_rechunk(knowledge_base=kb)
         if model_changed:
             knowledge_base_reembed(knowledge_base=kb)
-        elif new_dictionary and not rechunk:
+        if rechunk:
+            knowledge_base_rechunk(knowledge_base=kb)
+        elif new_dictionary and not model_changed:
             index_rebuild_enqueue(kb.pk)
     return kb
 
 
 def knowledge_base_reembed(*, knowledge_base: KnowledgeBase) -> None:
-    """After a model change: a background build re-encodes every chunk with the new model (progress on its
-    building IndexVersion) and is activated like any other; until then searches use the old version,
+    """After a model change: a background full build re-encodes every chunk with the new model (progress on
+    its building IndexVersion) and is activated like any other; until then searches use the old version,
     and its queries the old model. Chunk boundaries are kept; a re-ingest re-chunks in the new tokens."""
-    index_rebuild_enqueue(knowledge_base.pk, force=True, delay=0)
+    index_rebuild_enqueue(knowledge_base.pk, force=True, countdown=0)
 
 
 def knowledge_base_rechunk(*, knowledge_base: KnowledgeBase) -> int:
@@ -202,13 +205,54 @@ def knowledge_base_rechunk(*, knowledge_base: KnowledgeBase) -> int:
 
 
 def knowledge_base_delete(*, user: User, knowledge_base: KnowledgeBase) -> None:
+    """Hide the knowledge base at once (every listing and search filters on deleted_at) and remove it in a
+    background task (`knowledge_base_purge`), which records its progress on the row."""
     kb = knowledge_base
     authz.require(user, "knowledge.delete", kb)
-    files = [name for name in kb.documents.exclude(file="").values_list("file", flat=True)]
-    root = kb_index_root(kb.id)
+    if kb.deleted_at is not None:
+        return
     with transaction.atomic():
-        kb.delete()
-        transaction.on_commit(lambda: _remove_artifacts(files, root))
+        live = KnowledgeBase.objects.select_for_update().filter(pk=kb.pk, deleted_at__isnull=True).first()
+        if live is None:
+            return
+        live.deleted_at = timezone.now()
+        # The slug is freed at once for a new base; the old one keeps a unique placeholder until it is gone.
+        live.slug = f"deleted-{live.pk}-{live.slug}"[:64]
+        live.delete_progress = {"state": "queued", "documents": live.documents.count(), "removed": 0}
+        live.save(update_fields=["deleted_at", "slug", "delete_progress"])  # a save: the audit log sees it
+        IndexVersion.objects.filter(knowledge_base=live, status=IndexVersion.Status.ACTIVE).update(
+            status=IndexVersion.Status.RETIRED, retired_at=live.deleted_at)
+        transaction.on_commit(lambda: _tasks().purge_knowledge_base.delay(live.pk))
+    kb.deleted_at, kb.slug = live.deleted_at, live.slug
+
+
+PURGE_BATCH_DOCUMENTS = 200
+
+
+def knowledge_base_purge(*, knowledge_base_id: int, on_progress: Callable[[int, int], None] | None = None) -> bool:
+    """Remove a deleted knowledge base in batches of documents (chunks cascade), then its files and indexes
+    and the row. Idempotent and resumable: a re-delivered task continues where the last one stopped."""
+    kb = KnowledgeBase.objects.filter(pk=knowledge_base_id, deleted_at__isnull=False).first()
+    if kb is None:
+        return False
+    total = int(kb.delete_progress.get("documents") or kb.documents.count())
+    removed = int(kb.delete_progress.get("removed") or 0)
+    while True:
+        batch = list(kb.documents.order_by("id").values_list("id", "file")[:PURGE_BATCH_DOCUMENTS])
+        if not batch:
+            break
+        with transaction.atomic():
+            Chunk.objects.filter(document_id__in=[d for d, _ in batch]).delete()
+            Document.objects.filter(pk__in=[d for d, _ in batch]).delete()
+        _remove_artifacts([f for _, f in batch if f], None)
+        removed += len(batch)
+        KnowledgeBase.objects.filter(pk=kb.pk).update(
+            delete_progress={"state": "removing", "documents": total, "removed": removed})
+        if on_progress is not None:
+            on_progress(removed, total)
+    _remove_artifacts([], kb_index_root(kb.pk))
+    kb.delete()
+    return True
 
 
 def _remove_artifacts(files: Iterable[str], index_root: Path | None) -> None:
@@ -655,22 +699,22 @@ def _ingest_batch(ids: list[int], force: bool, raise_transient: bool) -> list[In
             _parse_and_chunk(item, counters[id(model)])
 
     # One encode per model over all its documents' chunks: large batches, each text encoded once.
-    encoded_vectors: dict[int, Any] = {}
-    new_hashes_by_item: dict[int, set[str]] = {}
+    item_vectors: dict[int, Any] = {}
+    new_hashes: dict[int, set[str]] = {}
     for model in models.values():
         items = [item for item, m in prepared if m is model]
         specs = [spec for item in items for spec in item.specs]
         vectors, encoded_hashes = vectors_for([s.text for s in specs], [s.content_hash for s in specs], model=model)
         offset, counted = 0, set()
         for item in items:
-            encoded_vectors[id(item)] = vectors[offset:offset + len(item.specs)]
+            item_vectors[id(item)] = vectors[offset:offset + len(item.specs)]
             offset += len(item.specs)
-            new_hashes_by_item[id(item)] = {s.content_hash for s in item.specs} & (encoded_hashes - counted)
-            counted |= new_hashes_by_item[id(item)]
+            new_hashes[id(item)] = {s.content_hash for s in item.specs} & (encoded_hashes - counted)
+            counted |= new_hashes[id(item)]
     with transaction.atomic():
         for item, model in prepared:
-            outcomes[item.document.pk] = _write(item, encoded_vectors[id(item)], model.model_id,
-                                                len(new_hashes_by_item[id(item)]))
+            outcomes[item.document.pk] = _write(item, item_vectors[id(item)], model.model_id,
+                                                len(new_hashes[id(item)]))
     return [outcomes[i] for i in ids if i in outcomes]
 
 
@@ -735,6 +779,7 @@ def _write(item: _Prepared, vectors, model_id: str, encoded: int) -> IngestOutco
         for spec, vector in zip(item.specs, vectors)
     ], batch_size=500)
     document.status, document.error_code, document.error_message = Document.Status.READY, "", ""
+    document.ingest_attempts = 0
     document.text, document.detected_type, document.page_count = parsed.text, parsed.type, parsed.page_count
     document.ingest_fingerprint = item.fingerprint
     if not document.title:
@@ -758,7 +803,9 @@ def document_mark_failed(*, document_id: int, code: str, message: str) -> None:
 
 @dataclass
 class IndexBuildResult:
-    """`status`: built (and active), unchanged, superseded (a newer version was already active) or missing."""
+    """`status`: built (and active), unchanged, superseded (a newer version was already active), missing,
+    deferred (documents are still being ingested; the last one triggers the build) or queued (another build
+    of this base is running and will go round once more)."""
 
     knowledge_base_id: int
     status: str
@@ -767,32 +814,199 @@ class IndexBuildResult:
     document_count: int = 0
     encoded: int = 0
     seconds: float = 0.0
+    kind: str = ""  # full, incremental or merge
+    written: int = 0  # chunks written into new segments
+    tombstoned: int = 0
 
 
-def index_rebuild_enqueue(knowledge_base_id: int, *, force: bool = False, delay: float | None = None) -> None:
-    """After commit, a short delay lets a burst of ingests coalesce into one rebuild (the rest no-op)."""
-    delay = settings.KNOWLEDGE_REBUILD_DELAY_SECONDS if delay is None else delay
+def index_rebuild_enqueue(knowledge_base_id: int, *, force: bool = False, countdown: float | None = None) -> None:
+    """After commit, a short delay lets a burst of ingests coalesce into one build (the rest no-op)."""
+    delay = settings.KNOWLEDGE_REBUILD_DELAY_SECONDS if countdown is None else countdown
     transaction.on_commit(lambda: _tasks().rebuild_index.apply_async(
         args=[knowledge_base_id], kwargs={"force": force}, countdown=delay))
 
 
-def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildResult:
-    """Build a new index version from stored chunk vectors and activate it. Idempotent.
+def index_rebuild(*, knowledge_base_id: int, force: bool = False,
+                  on_progress: Callable[[int], None] | None = None) -> IndexBuildResult:
+    """Bring the knowledge base's index up to date with its documents and activate it. Idempotent.
 
-    Without `force`, nothing is done when the active version already covers the knowledge base's
-    current content revision with the current model and analyzer (its version and the base's user
-    dictionary). Concurrent rebuilds get distinct versions from the row-locked counter; activation
-    never replaces a newer active version with an older one.
+    Incremental: a new version reuses the active version's segments, tombstones the chunks of
+    documents that changed or went away, and writes one new segment with the changed documents'
+    chunks (plus, when `plan_merge` says so, one merged segment); only those chunks are read from
+    the database. `force` writes every chunk anew (a full build). Without `force`, nothing is done
+    when every document is as the active version saw it, and the build waits (`deferred`) while
+    documents of the base are still being ingested, so a bulk upload builds once at its end: at
+    most once per KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS while it lasts. One build per knowledge base
+    runs at a time; a request arriving meanwhile makes the running build go round once more.
     """
-    kb = KnowledgeBase.objects.filter(pk=knowledge_base_id).first()
+    kb = KnowledgeBase.objects.filter(pk=knowledge_base_id, deleted_at__isnull=True).first()
     if kb is None:
         return IndexBuildResult(knowledge_base_id, "missing")
+    if not force and _rebuild_deferred(kb):
+        return IndexBuildResult(kb.pk, "deferred")
+    lock = _BuildLock(kb.pk)
+    if not lock.acquire():
+        lock.mark_dirty()
+        return IndexBuildResult(kb.pk, "queued")
+    try:
+        built = None
+        while True:
+            lock.clear_dirty()
+            result = _index_build(kb.pk, force=force, on_progress=on_progress)
+            built = result if result.status == "built" or built is None else built
+            if not lock.dirty():
+                return built
+            force = False
+    finally:
+        lock.release()
+
+
+class _BuildLock:
+    """At most one build per knowledge base in the cluster (a cache key with a timeout, so a worker that
+    dies holding it only delays the next build until the task time limit)."""
+
+    def __init__(self, kb_id: int) -> None:
+        self.key = f"knowledge:build-lock:{kb_id}"
+        self.dirty_key = f"knowledge:build-dirty:{kb_id}"
+        self.token = f"{settings.INSTANCE_ID}:{time.monotonic_ns()}"
+
+    def acquire(self) -> bool:
+        from django.core.cache import cache
+
+        try:
+            return bool(cache.add(self.key, self.token, timeout=int(settings.CELERY_TASK_TIME_LIMIT)))
+        except Exception:  # no cache: builds still serialise on the version counter, just not coalesced
+            logger.warning("index build lock unavailable", exc_info=True)
+            return True
+
+    def release(self) -> None:
+        from django.core.cache import cache
+
+        try:
+            if cache.get(self.key) == self.token:
+                cache.delete(self.key)
+        except Exception:
+            logger.warning("index build lock release failed", exc_info=True)
+
+    def mark_dirty(self) -> None:
+        from django.core.cache import cache
+
+        try:
+            cache.set(self.dirty_key, 1, timeout=int(settings.CELERY_TASK_TIME_LIMIT))
+        except Exception:
+            logger.warning("index build dirty flag failed", exc_info=True)
+
+    def dirty(self) -> bool:
+        from django.core.cache import cache
+
+        try:
+            return bool(cache.get(self.dirty_key))
+        except Exception:
+            return False
+
+    def clear_dirty(self) -> None:
+        from django.core.cache import cache
+
+        try:
+            cache.delete(self.dirty_key)
+        except Exception:
+            pass
+
+
+def _rebuild_deferred(kb: KnowledgeBase) -> bool:
+    """True while documents of the base are pending or processing and the last activation (or the start of
+    the burst) is younger than KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS. Each finishing ingest asks for a build, so
+    the last one of a burst builds; with a real broker a build is also scheduled for when the wait is over,
+    so a lost or stuck document delays the others' visibility by the wait at most."""
+    wait = settings.KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS
+    if wait <= 0:
+        return False
+    busy = Document.objects.filter(knowledge_base=kb, deleted_at__isnull=True,
+                                   status__in=[Document.Status.PENDING, Document.Status.PROCESSING])
+    oldest = busy.order_by("updated_at").values_list("updated_at", flat=True).first()
+    if oldest is None:
+        return False
+    activated = (IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE)
+                 .values_list("activated_at", flat=True).first())
+    since = max(t for t in (oldest, activated) if t is not None)
+    remaining = wait - (timezone.now() - since).total_seconds()
+    if remaining <= 0:
+        return False
+    from django.core.cache import cache
+
+    from kotaemon_site.celery import app
+
+    if not app.conf.task_always_eager:
+        try:
+            first = cache.add(f"knowledge:build-deferred:{kb.pk}", 1, timeout=max(1, int(remaining)))
+        except Exception:
+            first = True
+        if first:
+            _tasks().rebuild_index.apply_async(args=[kb.pk], countdown=remaining + 0.5)
+    return True
+
+
+_BUILD_BATCH = 4096
+
+
+def _stamp(value) -> int:
+    return int(value.timestamp() * 1_000_000) if value is not None else 0
+
+
+def _index_build(kb_id: int, *, force: bool, on_progress: Callable[[int], None] | None) -> IndexBuildResult:
+    import numpy as np
+
+    from .rag.errors import IndexLoadError
+    from .rag.index import ViewLayout, ViewSegment, plan_merge, write_segment, write_view
+
+    kb = KnowledgeBase.objects.get(pk=kb_id)
     model = embedder_for_kb(kb)  # read once: the whole version is built with this one model
     analyzer = kb_analyzer(kb)
+    revision = kb.content_revision
     active = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
-    if (not force and active is not None and active.source_revision == kb.content_revision
-            and active.embedding_model == model.model_id and Path(active.artifact_path).is_dir()
-            and manifest_analyzer_matches(_read_manifest(active.artifact_path), analyzer)):
+    parent = None
+    if not force and active is not None and active.embedding_model == model.model_id:
+        try:
+            parent = ViewLayout.read(active.artifact_path)
+        except IndexLoadError:
+            parent = None  # missing or of an older format: build everything anew
+        # Another analyzer (an upgrade, a new user dictionary) tokenizes differently: every segment anew.
+        if parent is not None and not manifest_analyzer_matches(parent.manifest, analyzer):
+            parent = None
+    docs = list(Document.objects.filter(knowledge_base_id=kb_id).values_list("id", "status", "deleted_at",
+                                                                             "ingested_at"))
+    live = {doc_id: _stamp(at) for doc_id, status, deleted, at in docs
+            if status == Document.Status.READY and deleted is None}
+    seen: dict[int, int] = {}
+    if parent is not None:
+        doc_ids, stamps = parent.array("doc_ids"), parent.array("doc_stamps")
+        if doc_ids is None or stamps is None:
+            parent = None
+        else:
+            seen = dict(zip(doc_ids.tolist(), stamps.tolist()))
+    changed = sorted(d for d, stamp in live.items() if seen.get(d) != stamp)
+    gone = sorted(d for d in seen if d not in live)
+    stale = np.asarray(sorted(set(changed) | set(gone)), dtype=np.int64)
+
+    # Tombstones: the chunks of changed and vanished documents, in every segment they are in.
+    kept: list[dict] = []
+    tombstoned = 0
+    if parent is not None:
+        for segment in parent.segments:
+            tombs = np.asarray(segment["tombstones"], dtype=np.int64)
+            if len(stale):
+                hit = np.isin(np.asarray(segment["doc_ids"]), stale)
+                if hit.any():
+                    tombs = np.union1d(tombs, np.asarray(segment["ids"])[hit])
+            tombstoned += len(tombs) - len(segment["tombstones"])
+            if len(tombs) < segment["count"]:  # a fully tombstoned segment is simply dropped
+                kept.append({"name": segment["name"], "count": segment["count"], "tombstones": tombs,
+                             "ids": segment["ids"]})
+    merge = plan_merge([{"name": s["name"], "count": s["count"], "tombstones": len(s["tombstones"])}
+                        for s in kept]) if parent is not None else []
+    if parent is not None and not changed and not gone and not merge:
+        if active.source_revision != revision:
+            IndexVersion.objects.filter(pk=active.pk).update(source_revision=revision)
         return IndexBuildResult(kb.pk, "unchanged", active.version, active.chunk_count, active.document_count)
 
     started = time.perf_counter()
@@ -801,22 +1015,64 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
         # (SQLite) before anything is read, so concurrent rebuilds queue here and get distinct numbers.
         KnowledgeBase.objects.filter(pk=kb.pk).update(last_index_version=F("last_index_version") + 1)
         kb = KnowledgeBase.objects.get(pk=kb.pk)
-        described = model.describe()
+        described = {**model.describe(), "model": model.model_key or kb.embedding_model}
         version = IndexVersion.objects.create(
-            knowledge_base=kb, version=kb.last_index_version, source_revision=kb.content_revision,
-            embedding_model=model.model_id, embedding_key=described["model"] or kb.embedding_model,
-            embedding_backend=model.backend, embedding_dimension=model.dimension)
+            knowledge_base=kb, version=kb.last_index_version, source_revision=revision,
+            embedding_model=model.model_id, embedding_key=described["model"], embedding_backend=model.backend,
+            embedding_dimension=model.dimension,
+            # what this build must encode (all of it after a model change): the progress shown in the admin
+            encode_total=_chunks_to_encode(kb.pk, model) if parent is None else 0)
+    counters = {"encoded": 0, "written": 0, "version": version.pk}
+    root = kb_index_root(kb.pk)
+    options = {"dim": model.dim, "hnsw_threshold": settings.KNOWLEDGE_HNSW_THRESHOLD,
+               "compression": settings.KNOWLEDGE_DENSE_COMPRESSION, "analyzer": analyzer}
+
+    def progress(n: int) -> None:
+        counters["written"] += n
+        if on_progress is not None:
+            on_progress(n)
+
     try:
-        ids, texts, vectors, document_count, encoded = _index_inputs(kb.pk, model, version=version)
-        path = write_index_version(
-            kb_index_root(kb.pk), version.version, ids=ids, vectors=vectors, texts=texts,
-            meta={"model_id": model.model_id, "embedding": {**described, "model": version.embedding_key},
-                  "knowledge_base": kb.pk, "slug": kb.slug, "source_revision": version.source_revision},
-            hnsw_threshold=settings.KNOWLEDGE_HNSW_THRESHOLD, analyzer=analyzer,
+        stamps = {d: stamp for d, stamp in seen.items() if d in live and d not in set(changed)}
+        segments: list[ViewSegment] = []
+        if merge:
+            group = [s for s in kept if s["name"] in merge]
+            ids = np.concatenate([np.asarray(s["ids"])[~np.isin(np.asarray(s["ids"]), s["tombstones"])]
+                                  for s in group])
+            merged = write_segment(root, f"s{version.version:06d}m", _chunk_batches_by_ids(np.sort(ids), model,
+                                   counters), expected=len(ids), on_batch=progress, **options)
+        for segment in kept:
+            if segment["name"] in merge:
+                if segment["name"] == merge[0]:
+                    segments.append(ViewSegment(merged["name"]))
+                continue
+            segments.append(ViewSegment(segment["name"], segment["tombstones"]))
+        if changed:
+            expected = Chunk.objects.filter(document_id__in=changed, superseded_at__isnull=True).count()
+            fresh = write_segment(root, f"s{version.version:06d}",
+                                  _chunk_batches_by_documents(changed, model, counters, stamps),
+                                  expected=expected, on_batch=progress, **options)
+            if fresh["count"]:
+                segments.append(ViewSegment(fresh["name"]))
+        for doc_id in changed:  # ready documents without chunks (nothing indexable) are seen all the same
+            stamps.setdefault(doc_id, live[doc_id])
+        doc_ids = np.asarray(sorted(stamps), dtype=np.int64)
+        path = write_view(
+            root, version.version, segments,
+            meta={"model_id": model.model_id, "embedding": described, "knowledge_base": kb.pk, "slug": kb.slug,
+                  "source_revision": revision, "build_kind": _build_kind(parent, merge)},
+            arrays={"doc_ids": doc_ids, "doc_stamps": np.asarray([stamps[d] for d in doc_ids.tolist()],
+                                                                 dtype=np.int64)},
+            dim=model.dim, fields={**analyzer_manifest(analyzer), **embedding_manifest({"embedding": described},
+                                                                                       model.dimension)},
         )
         manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
         version.artifact_path, version.dense_kind = str(path), manifest.get("dense_kind", "")
-        version.chunk_count, version.document_count, version.encoded_count = len(ids), document_count, encoded
+        version.chunk_count, version.document_count = int(manifest["count"]), len(doc_ids)
+        version.encoded_count, version.written_count = counters["encoded"], counters["written"]
+        version.segment_count = len(manifest["segments"])
+        version.tombstone_count = sum(e["tombstones"] for e in manifest["segments"])
+        version.build_kind = _build_kind(parent, merge)
         version.build_seconds = time.perf_counter() - started
         activated = _index_activate(version)
     except Exception as exc:
@@ -828,61 +1084,87 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False) -> IndexBuildR
     index_build_seconds.observe(seconds)
     index_builds_total.labels(outcome="built" if activated else "superseded").inc()
     index_versions_cleanup(knowledge_base_id=kb.pk)
-    return IndexBuildResult(kb.pk, "built" if activated else "superseded", version.version, len(ids),
-                            document_count, encoded, seconds)
+    return IndexBuildResult(kb.pk, "built" if activated else "superseded", version.version, version.chunk_count,
+                            version.document_count, counters["encoded"], seconds, kind=version.build_kind,
+                            written=counters["written"], tombstoned=tombstoned)
 
 
-def _read_manifest(artifact_path: str) -> dict[str, Any] | None:
-    try:
-        return json.loads((Path(artifact_path) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+def _build_kind(parent, merge) -> str:
+    return "full" if parent is None else ("merge" if merge else "incremental")
+
+
+def _chunk_batches_by_documents(document_ids: Sequence[int], model, counters: dict, stamps: dict[int, int]):
+    """Live chunks of ready documents, in id order, as SegmentBatch streams of at most _BUILD_BATCH rows.
+    Each document's stamp is read in the same statement as its chunks, so a document re-ingested while
+    this runs is recorded as of the chunks taken (and redone by the next build)."""
+    for start in range(0, len(document_ids), 500):
+        rows = (Chunk.objects.filter(document_id__in=document_ids[start:start + 500], superseded_at__isnull=True,
+                                     document__status=Document.Status.READY, document__deleted_at__isnull=True)
+                .order_by("id").values_list("id", "document_id", "text", "content_hash", "embedding",
+                                            "embedding_model", "document__ingested_at"))
+        yield from _batches(rows.iterator(chunk_size=2000), model, counters, stamps)
+
+
+def _chunk_batches_by_ids(ids, model, counters: dict):
+    for start in range(0, len(ids), _BUILD_BATCH):
+        part = [int(i) for i in ids[start:start + _BUILD_BATCH]]
+        rows = (Chunk.objects.filter(pk__in=part).order_by("id")
+                .values_list("id", "document_id", "text", "content_hash", "embedding", "embedding_model",
+                             "document__ingested_at"))
+        yield from _batches(rows.iterator(chunk_size=2000), model, counters, None)
+
+
+def _batches(rows, model, counters: dict, stamps: dict[int, int] | None):
+    buffer: list = []
+    for row in rows:
+        buffer.append(row)
+        if stamps is not None:
+            stamps[row[1]] = _stamp(row[6])
+        if len(buffer) >= _BUILD_BATCH:
+            yield _segment_batch(buffer, model, counters)
+            buffer = []
+    if buffer:
+        yield _segment_batch(buffer, model, counters)
+
+
+def _segment_batch(rows: list, model, counters: dict):
+    """Vectors come from storage; a chunk stored under another model (the model was changed) is re-encoded
+    once and its new vector stored, reusing any vector already known for its text."""
+    import numpy as np
+
+    from .rag.index import SegmentBatch
+
+    vectors = np.zeros((len(rows), model.dim), dtype=np.float32)
+    stale: list[int] = []
+    for index, row in enumerate(rows):
+        if row[4] is not None and row[5] == model.model_id:
+            vectors[index] = vector_from_bytes(row[4])
+        else:
+            stale.append(index)
+    # Encoded in small batches, each stored as it finishes: the building version shows progress, and a
+    # redelivered task resumes where a crashed one stopped (stored vectors are reused by content hash).
+    for start in range(0, len(stale), REEMBED_BATCH):
+        part = stale[start:start + REEMBED_BATCH]
+        fresh, encoded_hashes = vectors_for([rows[i][2] for i in part], [rows[i][3] for i in part], model=model)
+        counters["encoded"] += len(encoded_hashes)
+        vectors[part] = fresh
+        updates = [Chunk(pk=rows[i][0], embedding=vector_to_bytes(fresh[n]), embedding_model=model.model_id)
+                   for n, i in enumerate(part)]
+        Chunk.objects.bulk_update(updates, ["embedding", "embedding_model"], batch_size=500)
+        if counters.get("version"):
+            IndexVersion.objects.filter(pk=counters["version"]).update(encoded_count=counters["encoded"])
+    return SegmentBatch(np.asarray([r[0] for r in rows], dtype=np.int64),
+                        np.asarray([r[1] for r in rows], dtype=np.int64), vectors, [r[2] for r in rows])
 
 
 REEMBED_BATCH = 256
 
 
-def _index_inputs(kb_id: int, model: BaseEmbedder, *, version: IndexVersion | None = None):
-    """Chunk ids, texts and vectors of every live chunk of ready documents, in id order.
-
-    Vectors come from storage; a chunk stored under another model (the model was changed) is
-    re-encoded and its new vector stored, reusing any vector already known for its text. Encoding goes
-    in batches, each stored as it finishes, so progress shows on the building `version`
-    (`encoded_count` of `encode_total`) and a redelivered task resumes where a crashed one stopped.
-    Every vector returned is `model`'s: two models' vectors never share a version.
-    """
-    import numpy as np
-
-    rows = list(
-        Chunk.objects.filter(document__knowledge_base_id=kb_id, document__status=Document.Status.READY,
-                             document__deleted_at__isnull=True, superseded_at__isnull=True)
-        .order_by("id").values_list("id", "text", "content_hash", "embedding", "embedding_model", "document_id")
-    )
-    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-    texts = [row[1] for row in rows]
-    vectors = np.zeros((len(rows), model.dimension), dtype=np.float32)
-    stale: list[int] = []
-    for index, (_, _, _, data, model_id, _) in enumerate(rows):
-        if data is not None and model_id == model.model_id:
-            vectors[index] = vector_from_bytes(data)
-        else:
-            stale.append(index)
-    encoded = 0
-    if version is not None and stale:
-        IndexVersion.objects.filter(pk=version.pk).update(encode_total=len(stale), encoded_count=0)
-    for start in range(0, len(stale), REEMBED_BATCH):
-        batch = stale[start:start + REEMBED_BATCH]
-        fresh, encoded_hashes = vectors_for([rows[i][1] for i in batch], [rows[i][2] for i in batch], model=model)
-        encoded += len(encoded_hashes)
-        vectors[batch] = fresh
-        updates = [Chunk(pk=rows[i][0], embedding=vector_to_bytes(fresh[n]), embedding_model=model.model_id)
-                   for n, i in enumerate(batch)]
-        Chunk.objects.bulk_update(updates, ["embedding", "embedding_model"], batch_size=500)
-        if version is not None:
-            IndexVersion.objects.filter(pk=version.pk).update(encoded_count=start + len(batch))
-    if version is not None:
-        version.encode_total, version.encoded_count = len(stale), len(stale)
-    return ids, texts, vectors, len({row[5] for row in rows}), encoded
+def _chunks_to_encode(kb_id: int, model: BaseEmbedder) -> int:
+    """Live chunks of ready documents whose stored vector is not `model`'s."""
+    return (Chunk.objects.filter(document__knowledge_base_id=kb_id, document__status=Document.Status.READY,
+                                 document__deleted_at__isnull=True, superseded_at__isnull=True)
+            .exclude(embedding_model=model.model_id, embedding__isnull=False).count())
 
 
 def _lock_knowledge_base(knowledge_base_id: int) -> None:
@@ -942,7 +1224,81 @@ def index_versions_cleanup(*, knowledge_base_id: int | None = None, now=None) ->
                              superseded_at__lt=active.created_at).delete()
         root = kb_index_root(active.knowledge_base_id)
         remove_stale_tmp(root, older_than_s=float(settings.CELERY_TASK_TIME_LIMIT))
+    # Segments outlive the versions that wrote them while a later version still names them; a segment no
+    # version names is removed once it is older than a build can take (a running build's new segment is
+    # named by no version until its last step).
+    kb_ids = {knowledge_base_id} if knowledge_base_id is not None else set(
+        IndexVersion.objects.values_list("knowledge_base_id", flat=True).distinct())
+    for kb_id in kb_ids:
+        root = kb_index_root(kb_id)
+        delete_unreferenced_segments(root, referenced_segments(root),
+                                     older_than_s=float(settings.CELERY_TASK_TIME_LIMIT))
     return removed
+
+
+@dataclass
+class SweepReport:
+    requeued: list[int] = field(default_factory=list)
+    parked: list[int] = field(default_factory=list)
+    rebuilds: list[int] = field(default_factory=list)
+    purges: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {"requeued": self.requeued, "parked": self.parked, "rebuilds": self.rebuilds, "purges": self.purges}
+
+
+def knowledge_sweep(*, now=None) -> SweepReport:
+    """The periodic healer (Celery beat, KNOWLEDGE_SWEEP_SECONDS). Re-enqueues documents stuck pending or
+    processing longer than KNOWLEDGE_INGEST_STUCK_SECONDS (a lost enqueue, a worker killed mid-ingest) and
+    parks one as failed after KNOWLEDGE_INGEST_MAX_ATTEMPTS; asks for a build of every base whose active
+    version is behind its documents (or that has ready documents and no version); resumes purges of
+    deleted knowledge bases that stopped. Every action is idempotent, so overlapping sweeps are harmless."""
+    from .metrics import documents_swept_total
+
+    now = now or timezone.now()
+    report = SweepReport()
+    stuck_before = now - timedelta(seconds=settings.KNOWLEDGE_INGEST_STUCK_SECONDS)
+    stuck = (Document.objects.filter(deleted_at__isnull=True, knowledge_base__deleted_at__isnull=True,
+                                     status__in=[Document.Status.PENDING, Document.Status.PROCESSING],
+                                     updated_at__lt=stuck_before)
+             .values_list("id", "status", "ingest_attempts", "error_message"))
+    for doc_id, status, attempts, error in stuck:
+        if attempts >= settings.KNOWLEDGE_INGEST_MAX_ATTEMPTS:
+            message = (f"Parked after {attempts} attempts: ingestion never finished (last state: {status})."
+                       + (f" Last error: {error}" if error else ""))
+            Document.objects.filter(pk=doc_id, status=status).update(
+                status=Document.Status.FAILED, error_code="ingest_stuck", error_message=message[:2000],
+                updated_at=now)
+            report.parked.append(doc_id)
+            documents_swept_total.labels(action="parked").inc()
+        elif Document.objects.filter(pk=doc_id, status=status, ingest_attempts=attempts).update(
+                ingest_attempts=attempts + 1, status=Document.Status.PENDING, updated_at=now):
+            report.requeued.append(doc_id)
+            documents_swept_total.labels(action="requeued").inc()
+    _enqueue_ingest(report.requeued)
+    if report.parked:
+        kb_ids = set(Document.objects.filter(pk__in=report.parked).values_list("knowledge_base_id", flat=True))
+        for kb_id in sorted(kb_ids):
+            index_rebuild_enqueue(kb_id)
+    active = IndexVersion.objects.filter(knowledge_base=OuterRef("pk"), status=IndexVersion.Status.ACTIVE)
+    building = IndexVersion.objects.filter(knowledge_base=OuterRef("pk"), status=IndexVersion.Status.BUILDING,
+                                           created_at__gte=now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT))
+    behind = (KnowledgeBase.objects.filter(deleted_at__isnull=True)
+              .annotate(active_revision=Subquery(active.values("source_revision")[:1]), busy=Exists(building),
+                        has_ready=Exists(Document.objects.filter(knowledge_base=OuterRef("pk"), deleted_at__isnull=True,
+                                                                 status=Document.Status.READY)))
+              .filter(busy=False)
+              .filter(Q(active_revision__lt=F("content_revision")) | Q(active_revision__isnull=True, has_ready=True)))
+    for kb_id in behind.values_list("id", flat=True):
+        if kb_id not in report.rebuilds:
+            report.rebuilds.append(kb_id)
+            index_rebuild_enqueue(kb_id, countdown=0)
+    abandoned = KnowledgeBase.objects.filter(
+        deleted_at__lt=now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)).values_list("id", flat=True)
+    for kb_id in abandoned:
+        report.purges.append(kb_id)
+        transaction.on_commit(lambda kb_id=kb_id: _tasks().purge_knowledge_base.delay(kb_id))
+    return report
 
 
 @dataclass

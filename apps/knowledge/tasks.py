@@ -52,3 +52,13 @@ def delete_document(document_id: int) -> bool:
 @shared_task(name="knowledge.cleanup_indexes", **_RETRY)
 def cleanup_indexes() -> int:
     return services.index_versions_cleanup()
+
+
+@shared_task(name="knowledge.purge_knowledge_base", **_RETRY)
+def purge_knowledge_base(knowledge_base_id: int) -> bool:
+    return services.knowledge_base_purge(knowledge_base_id=knowledge_base_id)
+
+
+@shared_task(name="knowledge.sweep", **_RETRY)
+def sweep() -> dict:
+    return services.knowledge_sweep().to_dict()

@@ -30,8 +30,13 @@ def readyz(request):
 @never_cache
 @require_GET
 def metrics(request):
-    """Prometheus exposition. With METRICS_TOKEN set, only scrapers presenting it are answered."""
+    """Prometheus exposition. With METRICS_TOKEN set, only scrapers presenting it are answered; without one,
+    production (DEBUG off) denies every scrape unless METRICS_PUBLIC says the network already restricts it."""
     token = getattr(settings, "METRICS_TOKEN", "")
+    if not token and not getattr(settings, "METRICS_PUBLIC", False):
+        return JsonResponse(error_body("metrics_token_not_configured",
+                                       "Metrics are disabled until METRICS_TOKEN is set (or METRICS_PUBLIC=1)."),
+                            status=403)
     if token:
         from apps.core.authentication import bearer_token
 

@@ -26,6 +26,15 @@ def probe(env: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def probe_value(env: dict, name: str):
+    import json
+
+    result = run_python(f"import django, json; django.setup(); from django.conf import settings as s; "
+                        f"print(json.dumps(getattr(s, {name!r})))", env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_embedded_default_needs_nothing(tmp_path):
     got = probe({"KOTAEMON_DEMO": "1", "KOTAEMON_DATA_DIR": str(tmp_path)})
     assert got == {

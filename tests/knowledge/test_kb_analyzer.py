@@ -54,12 +54,13 @@ def test_the_user_dictionary_applies_at_the_next_rebuild_to_documents_and_querie
     assert services.index_rebuild(knowledge_base_id=kb.pk).status == "unchanged"
 
 
-def test_a_version_built_by_another_analyzer_is_rebuilt_not_searched(make_kb, load_docs, user,
+def test_a_version_built_by_another_analyzer_is_rebuilt_not_searched(make_kb, load_docs, user, settings,
                                                                     django_capture_on_commit_callbacks):
     kb = make_kb("old")
     load_docs(kb, {"returns.md": RETURNS})
     active = IndexVersion.objects.get(knowledge_base=kb, status="active")
-    meta_path = Path(active.artifact_path) / "bm25.json"
+    manifest = json.loads((Path(active.artifact_path) / "manifest.json").read_text())
+    meta_path = settings.INDEX_ROOT / f"kb-{kb.pk}" / "segments" / manifest["segments"][0]["name"] / "bm25.json"
     meta = json.loads(meta_path.read_text())
     meta["analyzer"]["version"] = ANALYZER_VERSION - 1  # as if written by the previous release
     meta_path.write_text(json.dumps(meta))

@@ -72,6 +72,14 @@ def test_knowledge_base_crud_and_permissions(auth_client, user, other_user, staf
     assert client_for(staff_user).patch(f"/api/v1/knowledge-bases/{public_id}/", {"name": "Staff edit"},
                                         format="json").json()["name"] == "Staff edit"
     assert auth_client.delete(f"/api/v1/knowledge-bases/{public_id}/").status_code == 204
+    # Hidden at once (its slug freed for a new base), removed by the background purge.
+    assert auth_client.get(f"/api/v1/knowledge-bases/{public_id}/").status_code == 404
+    assert KnowledgeBase.objects.get(pk=public_id).deleted_at is not None
+    assert auth_client.post("/api/v1/knowledge-bases/", {"slug": "sales", "name": "Again"},
+                            format="json").status_code == 201
+    from apps.knowledge.services import knowledge_base_purge
+
+    assert knowledge_base_purge(knowledge_base_id=public_id) is True
     assert not KnowledgeBase.objects.filter(pk=public_id).exists()
 
 

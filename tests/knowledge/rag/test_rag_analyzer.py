@@ -17,6 +17,7 @@ from apps.knowledge.rag.analyzer import (
     get_analyzer,
     parse_user_dictionary,
 )
+from apps.knowledge.rag.errors import IndexLoadError
 from apps.knowledge.rag.index import BM25Index, IndexBundle, manifest_analyzer_matches, write_index_version
 
 tokenize = get_analyzer().tokenize
@@ -137,7 +138,7 @@ def test_the_index_records_the_analyzer_and_queries_use_its_dictionary(tmp_path)
 def test_an_index_built_by_another_analyzer_is_not_searched(tmp_path):
     path = write_index_version(tmp_path, 1, ids=[1], vectors=np.eye(1, dtype=np.float32), texts=["refund policy"],
                                meta={"model_id": "m"})
-    meta_path = path / "bm25.json"
+    meta_path = _bm25_meta(path)
     meta = json.loads(meta_path.read_text())
     meta["analyzer"]["version"] = ANALYZER_VERSION - 1
     meta_path.write_text(json.dumps(meta))
@@ -147,10 +148,19 @@ def test_an_index_built_by_another_analyzer_is_not_searched(tmp_path):
     assert bundle.dense_search(np.ones(1, dtype=np.float32), 1)[0][0] == 1  # dense still serves
 
 
-def test_a_legacy_english_only_index_loads_but_is_not_searched(tmp_path):
-    path = write_index_version(tmp_path, 1, ids=[1], vectors=np.eye(1, dtype=np.float32), texts=["refund policy"],
-                               meta={"model_id": "m"})
+def _bm25_meta(version_path):
+    """bm25.json of a one-segment version (segments live beside the versions, shared between them)."""
+    manifest = json.loads((version_path / "manifest.json").read_text())
+    return version_path.parent / "segments" / manifest["segments"][0]["name"] / "bm25.json"
+
+
+def test_a_legacy_english_only_index_is_refused_so_it_gets_rebuilt(tmp_path):
+    """Versions written before segments and the analyzer (manifest format 1, bm25s files) are not loaded:
+    the registry asks for a rebuild, which writes every chunk anew."""
+    path = tmp_path / "v000001"
+    path.mkdir()
+    (path / "manifest.json").write_text(json.dumps({"format": 1, "version": 1, "count": 1, "dim": 1}))
     (path / "bm25.json").write_text(json.dumps({"kind": "bm25s-lucene-k1.5-b0.75-en-stopwords-snowball",
                                                 "count": 1}))
-    bundle = IndexBundle.load(path)
-    assert not bundle.analyzer_current and bundle.bm25_search("refund", 1) == []
+    with pytest.raises(IndexLoadError, match="unsupported manifest format"):
+        IndexBundle.load(path)

@@ -3,7 +3,7 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-    dependencies = [("knowledge", "0003_kb_user_dictionary")]
+    dependencies = [("knowledge", "0004_index_segments_sweeper_background_delete")]
 
     operations = [
         # Existing bases keep the model their vectors were built with; new ones get the default.
