@@ -7,7 +7,7 @@ DEMO_ENV := KOTAEMON_DEMO=1
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-llm system-deps demo test worker beat clean
+.PHONY: install install-llm system-deps bubblewrap demo test worker beat clean
 
 $(STAMP): requirements.txt
 	@# python-ldap (LDAP sign-in) compiles against OpenLDAP's headers.
@@ -27,13 +27,14 @@ install: $(STAMP)
 install-llm: install
 	$(PY) -m pip install --quiet -r requirements-llm.txt
 
-demo: install
+demo: install bubblewrap
 	$(DEMO_ENV) $(PY) manage.py migrate --noinput
 	$(DEMO_ENV) $(PY) manage.py demo_setup
 	$(DEMO_ENV) $(VENV)/bin/uvicorn kotaemon_site.asgi:application --host $(HOST) --port $(PORT)
 
 # Browser tests drive Debian's chromium (no browser download); sign-in tests run OpenLDAP's slapd and
 # an OpenID provider on Node.js (its npm packages from tests/accounts/idp/package-lock.json).
+# Plugin workers run inside bubblewrap: without it untrusted plugins are refused (docs/plugins.md).
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { echo "Installing Debian's chromium for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
@@ -43,6 +44,12 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
 	@test -d tests/accounts/idp/node_modules/oidc-provider || \
 	  (cd tests/accounts/idp && npm ci --no-audit --no-fund --loglevel=error)
+	@$(MAKE) --no-print-directory bubblewrap
+
+bubblewrap:
+	@command -v bwrap >/dev/null 2>&1 || { echo "Installing Debian's bubblewrap for the plugin sandbox"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; }
+	@command -v bwrap >/dev/null 2>&1 || { echo "FATAL: bubblewrap (bwrap) could not be installed"; exit 1; }
 
 test: install system-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -480,6 +480,12 @@ PLUGIN_PYTHONPATH = env.list("PLUGIN_PYTHONPATH", default=[])  # extra import di
 PLUGIN_VERSION_CHECK_SECONDS = env.float("PLUGIN_VERSION_CHECK_SECONDS", default=3.0)  # heals missed events
 PLUGIN_STORAGE_TTL_SECONDS = env.int("PLUGIN_STORAGE_TTL_SECONDS", default=30 * 24 * 3600)
 PLUGIN_STATS_WINDOW_DAYS = env.int("PLUGIN_STATS_WINDOW_DAYS", default=7)
+# OS isolation of plugin workers (docs/plugins.md "The sandbox"): bwrap, or none (explicit, unsafe).
+PLUGIN_SANDBOX = env("PLUGIN_SANDBOX", default="bwrap")
+PLUGIN_CPU_SECONDS = env.int("PLUGIN_CPU_SECONDS", default=300)  # per worker lifetime; recycled at 80 %
+PLUGIN_MAX_FILE_MB = env.int("PLUGIN_MAX_FILE_MB", default=64)
+PLUGIN_SCRATCH_MB = env.int("PLUGIN_SCRATCH_MB", default=64)
+PLUGIN_MAX_PROCESSES = env.int("PLUGIN_MAX_PROCESSES", default=64)  # threads of one worker
 # Intent router (tuned on tests/plugins/data/router_dev.json; see docs/plugins.md).
 PLUGIN_ROUTER_THRESHOLD = env.float("PLUGIN_ROUTER_THRESHOLD", default=0.40)
 PLUGIN_ROUTER_MARGIN = env.float("PLUGIN_ROUTER_MARGIN", default=0.03)

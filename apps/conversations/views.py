@@ -10,6 +10,7 @@ from rest_framework.views import APIView
 
 from django.utils.translation import gettext
 from apps.core.errors import ApplicationError
+from apps.core.schema import paginated, server_sent_event
 from apps.core.throttling import ChatRateThrottle, UserOrKeyRateThrottle
 
 from .selectors import conversation_get, conversation_list, message_list
@@ -31,7 +32,8 @@ class ChatView(APIView):
 
     @extend_schema(
         request=ChatRequestSerializer,
-        responses={200: ChatResponseSerializer, **_ERRORS,
+        responses={(200, "application/json"): ChatResponseSerializer,
+                   (200, "text/event-stream"): server_sent_event(), **_ERRORS,
                    409: OpenApiResponse(description="conversation_archived / session_busy"),
                    503: OpenApiResponse(description="llm_unavailable: the message is saved; error.details holds "
                                                     "session_id, user_message_id and the retrieved sources")},
@@ -75,7 +77,7 @@ class ConversationListView(APIView):
     @extend_schema(
         parameters=[OpenApiParameter("archived", str, enum=["false", "true", "all"],
                                      description="Which conversations to list (default: not archived)")],
-        responses=ConversationSerializer(many=True), summary="Your conversations, most recent first", tags=["chat"],
+        responses=paginated(ConversationSerializer), summary="Your conversations, most recent first", tags=["chat"],
     )
     def get(self, request):
         raw = request.query_params.get("archived", "false").lower()
@@ -112,7 +114,7 @@ class ConversationDetailView(APIView):
 
 class MessageListView(APIView):
     api_key_scope = "chat"  # apps/core/scopes.py
-    @extend_schema(responses={200: MessageSerializer(many=True), 404: _ERRORS[404]},
+    @extend_schema(responses={200: paginated(MessageSerializer), 404: _ERRORS[404]},
                    summary="Messages of a conversation, oldest first", tags=["chat"])
     def get(self, request, session_id: str):
         qs = message_list(user=request.user, session_id=session_id)

@@ -219,5 +219,127 @@ def labelled_evaluate(*, knowledge_base: KnowledgeBase, questions: list[Labelled
     return LabelledResult(mode, hit_metrics(ranks), subsets, per_question, seconds, cpu)
 
 
-__all__ = ["beir_corpus_load", "beir_evaluate", "labelled_documents_load", "labelled_evaluate", "load_beir",
+__all__ = ["beir_corpus_load", "beir_evaluate", "beir_metric", "labelled_documents_load", "labelled_evaluate",
+           "labelled_metric", "load_beir", "query_candidates", "ranking_calibrate",
            "load_questions", "scratch_knowledge_base", "REFERENCE_NDCG10"]
+
+
+# ------------------------------------------------------------------------------------------
+# Calibrating fusion and ranking on training queries
+# ------------------------------------------------------------------------------------------
+
+
+def query_candidates(*, knowledge_base: KnowledgeBase, queries: list[str], depth: int, with_vectors: bool = False,
+                     on_progress: Callable[[int], None] | None = None) -> list:
+    """Dense and BM25 candidate lists (each `max(candidates, depth)` long) of every query, as retrieval
+    computes them on the active index version; with `with_vectors`, the candidates' stored vectors for MMR."""
+    from .embeddings import query_encoder_for
+    from .index_registry import registry
+    from .rag.calibration import QueryCandidates
+
+    bundle = registry.bundle(knowledge_base.pk)
+    if bundle is None:
+        raise ValueError(f"knowledge base {knowledge_base.slug!r} has no active index")
+    n = max(knowledge_base.candidates, depth)
+    model = query_encoder_for(bundle.embedding)  # the model that built the version
+    if model is None:
+        raise ValueError(f"knowledge base {knowledge_base.slug!r}: no encoder here for {bundle.model_id!r}")
+    result = []
+    for text in queries:
+        query_vec = model.encode_query(text)
+        dense, bm25 = bundle.dense_search(query_vec, n), bundle.bm25_search(text, n)
+        vectors = None
+        if with_vectors:
+            ids = list(dict.fromkeys([i for i, _ in dense] + [i for i, _ in bm25]))
+            vectors = dict(zip(ids, bundle.vectors(ids)))
+        result.append(QueryCandidates(dense, bm25, query_vec if with_vectors else None, vectors))
+        if on_progress is not None:
+            on_progress(1)
+    return result
+
+
+def current_ranking_params(knowledge_base: KnowledgeBase):
+    from .rag.calibration import RankingParams
+
+    return RankingParams(knowledge_base.fusion, knowledge_base.rrf_k, knowledge_base.dense_weight,
+                         knowledge_base.mmr_lambda)
+
+
+@dataclass
+class CalibrationResult:
+    current: dict
+    chosen: dict
+    current_score: float
+    chosen_score: float
+    objective: str
+    queries: int
+    scored: list[tuple[str, float]]
+    cross_validation: dict | None
+    saved: bool
+
+    def to_dict(self) -> dict:
+        return {"current": self.current, "chosen": self.chosen, "current_score": self.current_score,
+                "chosen_score": self.chosen_score, "objective": self.objective, "queries": self.queries,
+                "top": self.scored[:10], "cross_validation": self.cross_validation, "saved": self.saved}
+
+
+def ranking_calibrate(*, knowledge_base: KnowledgeBase, candidates: list, metric, objective: str, source: str,
+                      save: bool, cross_validate: bool = False, try_mmr: bool = False,
+                      min_gain: float = 0.002) -> CalibrationResult:
+    """Choose fusion (RRF k, min-max or z-score weight) and optionally an MMR lambda on training queries;
+    with `save`, store them on the knowledge base (the settings retrieval uses) with a record of what was
+    measured. The current settings stay unless beaten by more than `min_gain`."""
+    from django.utils import timezone
+
+    from .rag import calibration
+
+    current = current_ranking_params(knowledge_base)
+    chosen, scored = calibration.choose(candidates, metric, current=current, min_gain=min_gain, try_mmr=try_mmr)
+    result = CalibrationResult(
+        current=current.to_dict(), chosen=chosen.to_dict(),
+        current_score=calibration.score(current, candidates, metric),
+        chosen_score=calibration.score(chosen, candidates, metric), objective=objective, queries=len(candidates),
+        scored=[(params.label(), round(value, 4)) for params, value in scored],
+        cross_validation=(calibration.cross_validate(candidates, metric, current=current, min_gain=min_gain,
+                                                     try_mmr=try_mmr) if cross_validate else None),
+        saved=False)
+    if save:
+        knowledge_base.fusion, knowledge_base.rrf_k = chosen.fusion, chosen.rrf_k
+        knowledge_base.dense_weight, knowledge_base.mmr_lambda = chosen.dense_weight, chosen.mmr_lambda
+        knowledge_base.retrieval_calibration = {
+            "source": source, "objective": objective, "queries": len(candidates), "chosen": chosen.to_dict(),
+            "score": round(result.chosen_score, 4), "previous": current.to_dict(),
+            "previous_score": round(result.current_score, 4), "at": timezone.now().isoformat(),
+            "cross_validation": result.cross_validation}
+        knowledge_base.save(update_fields=["fusion", "rrf_k", "dense_weight", "mmr_lambda", "retrieval_calibration",
+                                           "updated_at"])
+        result.saved = True
+    return result
+
+
+def beir_metric(*, knowledge_base: KnowledgeBase, query_ids: list[str], qrels: dict[str, dict[str, int]]):
+    """nDCG@10 of a chunk ranking, chunks aggregated to corpus documents by their best chunk."""
+    from .rag.evaluation import ndcg_at_k
+
+    names = dict(Document.objects.filter(knowledge_base=knowledge_base).values_list("id", "source_name"))
+    chunk_doc = {cid: Path(names[did]).stem for cid, did in Chunk.objects.filter(
+        document__knowledge_base=knowledge_base).values_list("id", "document_id") if did in names}
+
+    def metric(index: int, ranked) -> float:
+        docs = list(dict.fromkeys(chunk_doc[cid] for cid, _ in ranked if cid in chunk_doc))
+        return ndcg_at_k(docs[:10], qrels.get(query_ids[index], {}), 10)
+
+    return metric
+
+
+def labelled_metric(*, knowledge_base: KnowledgeBase, questions: list[LabelledQuestion]):
+    """MRR@10 of a chunk ranking under the labelled hit rule."""
+    rows = {cid: (source, title, text) for cid, source, title, text in Chunk.objects.filter(
+        document__knowledge_base=knowledge_base).values_list("id", "document__source_name", "document__title", "text")}
+
+    def metric(index: int, ranked) -> float:
+        judged = [rows[cid] for cid, _ in ranked[:LABELLED_DEPTH] if cid in rows]
+        hit, _ = first_hit_rank(questions[index], judged)
+        return 0.0 if hit is None else 1.0 / hit
+
+    return metric

@@ -23,6 +23,7 @@ class KnowledgeBase(models.Model):
     class Fusion(models.TextChoices):
         RRF = "rrf", "Reciprocal rank fusion"
         WEIGHTED = "weighted", "Weighted (min-max normalised scores)"
+        ZSCORE = "zscore", "Weighted (z-score normalised scores)"
 
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
@@ -52,12 +53,16 @@ class KnowledgeBase(models.Model):
     fusion = models.CharField(max_length=16, choices=Fusion.choices, default=Fusion.RRF)
     rrf_k = models.PositiveSmallIntegerField(default=60, validators=[MinValueValidator(1)])
     dense_weight = models.FloatField(default=0.5, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
-                                     help_text="Weighted fusion only: weight of the dense score (BM25 gets the rest).")
+                                     help_text="Weighted and z-score fusion: weight of the dense score (BM25 gets the "
+                                               "rest).")
     candidates = models.PositiveSmallIntegerField(default=100, validators=[MinValueValidator(10),
                                                                            MaxValueValidator(1000)],
                                                   help_text="Hits taken from each of FAISS and BM25 before fusion.")
     mmr_lambda = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
                                    help_text="Set (e.g. 0.7) to diversify results with MMR; empty disables it.")
+    # What `manage.py evaluate --calibrate --save` chose for fusion, rrf_k, dense_weight and mmr_lambda, on
+    # which evaluation set and with what score; empty until a base has been calibrated.
+    retrieval_calibration = models.JSONField(default=dict, blank=True, editable=False)
     use_reranker = models.BooleanField(default=True,
                                        help_text="Rerank with the cross-encoder when RERANKER_MODEL_PATH is set.")
 

@@ -291,7 +291,7 @@ def _reranker():
 def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, Any]]:
     """Ranked [{"id", "kb", "version", "score", "scores"}]: a few more than top_k, so that hits in documents
     deleted since can be dropped without returning short."""
-    from .rag.fusion import mmr, rrf, weighted_fusion
+    from .rag.fusion import fuse, mmr
 
     needs_vector = mode != "bm25" or any(kb.mmr_lambda is not None for kb, _ in held)
     # Each version is searched with the query vector of the model that built it (encoded once per model).
@@ -304,8 +304,7 @@ def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, A
                  if mode in ("hybrid", "dense") and query_vec is not None else [])
         bm25 = bundle.bm25_search(query, n) if mode in ("hybrid", "bm25") else []
         if mode == "hybrid":
-            fused = (rrf([dense, bm25], k=kb.rrf_k) if kb.fusion == KnowledgeBase.Fusion.RRF
-                     else weighted_fusion([dense, bm25], [kb.dense_weight, 1.0 - kb.dense_weight]))
+            fused = fuse(kb.fusion, dense, bm25, rrf_k=kb.rrf_k, dense_weight=kb.dense_weight)
         else:
             fused = dense or bm25
         dense_scores, bm25_scores = dict(dense), dict(bm25)

@@ -15,6 +15,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from apps.core.errors import ApplicationError, NotFound
+from apps.core.schema import paginated
 
 from . import selectors, services
 from .serializers import (
@@ -46,7 +47,7 @@ def _kb_with_stats(user, kb_id: int):
 
 
 class KnowledgeBaseListCreateView(APIView):
-    @extend_schema(responses=KnowledgeBaseSerializer(many=True), summary="Knowledge bases you can read",
+    @extend_schema(responses=paginated(KnowledgeBaseSerializer), summary="Knowledge bases you can read",
                    tags=["knowledge"])
     def get(self, request):
         queryset = selectors.knowledge_bases_with_stats(user=request.user).order_by("name", "pk")
@@ -92,7 +93,7 @@ class DocumentListUploadView(APIView):
     @extend_schema(
         parameters=[OpenApiParameter("status", str, enum=["pending", "processing", "ready", "failed"],
                                      description="Only documents in this state")],
-        responses={200: DocumentSerializer(many=True), 404: OpenApiTypes.OBJECT},
+        responses={200: paginated(DocumentSerializer), 404: OpenApiTypes.OBJECT},
         summary="Documents of a knowledge base, with their ingestion status", tags=["knowledge"])
     def get(self, request, kb_id: int):
         kb = selectors.knowledge_base_get(user=request.user, ref=kb_id)

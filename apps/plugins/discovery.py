@@ -1,21 +1,25 @@
-"""Finding plugin classes: built-ins, dotted paths from settings, the `kotaemon_site.plugins` entry-point
-group, and modules in the plugins directory. Django-free: runs only inside sandbox worker processes,
-so a module that fails to import (or crashes the interpreter) is reported and skipped, never taking
-the web process down.
+"""Finding plugins: built-ins, dotted paths from settings, the `kotaemon_site.plugins` entry-point
+group, and modules in the plugins directory. Django-free.
+
+Identity comes from the platform, never from the plugin: `candidates()` runs in the web process and
+lists locations WITHOUT importing anything, naming each one after where it is (the built-in module,
+the file or package in PLUGINS_DIR, the entry point's name, the last module of a dotted path or an
+explicit `name=dotted.path`). Each location is then imported in its own sandbox worker
+(`describe_unit`), which can only describe the plugin named after it: a module that declares another
+plugin's name is a load error, and one module cannot describe (or forge) another. Secrets are given
+only to a worker that loaded the location its name maps to.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
-import inspect
 import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from .base import BasePlugin
+from .base import NAME_RE, BasePlugin
 
 ENTRY_POINT_GROUP = "kotaemon_site.plugins"
 BUILTIN_MODULES = (
@@ -53,13 +57,13 @@ def _error_text(exc: BaseException) -> str:
 
 
 def _plugin_classes(obj: object, module_name: str | None = None) -> list[type[BasePlugin]]:
-    if inspect.isclass(obj):
+    if isinstance(obj, type):
         if not issubclass(obj, BasePlugin):
             raise TypeError(f"{obj!r} is not a BasePlugin subclass")
         return [obj]
     if isinstance(obj, ModuleType):
-        found = [c for _, c in inspect.getmembers(obj, inspect.isclass)
-                 if issubclass(c, BasePlugin) and c is not BasePlugin and c.__module__ == obj.__name__
+        found = [c for c in list(vars(obj).values()) if isinstance(c, type)
+                 and issubclass(c, BasePlugin) and c is not BasePlugin and c.__module__ == obj.__name__
                  and getattr(c, "name", "")]
         return sorted(found, key=lambda c: c.name)
     raise TypeError(f"{obj!r} is neither a module nor a plugin class")
@@ -128,6 +132,8 @@ def discover(*, plugins_dir: str | None, dotted_paths: list[str], entry_points: 
     `on_import(source, ref)` is called before each import, so a supervisor can tell which module hung;
     refs in `skip` are not imported (they hung last time).
     """
+    import importlib.metadata  # lazily: it costs a noticeable part of a worker's start
+
     found: list[Found] = []
     errors: list[LoadError] = []
     names: dict[str, Found] = {}
@@ -178,6 +184,8 @@ def discover(*, plugins_dir: str | None, dotted_paths: list[str], entry_points: 
 
 def load_plugin_class(source: str, ref: str, name: str) -> type[BasePlugin]:
     """Import only what one plugin needs (per-plugin workers never import the others)."""
+    import importlib.metadata  # lazily: it costs a noticeable part of a worker's start
+
     if source == "builtin" or source == "setting":
         obj = importlib.import_module(ref) if source == "builtin" else _import_dotted(ref)
     elif source == "entry_point":
@@ -194,3 +202,141 @@ def load_plugin_class(source: str, ref: str, name: str) -> type[BasePlugin]:
             cls.validate_class()
             return cls
     raise LookupError(f"{source} {ref} no longer provides a plugin named {name!r}")
+
+
+# --- platform-side naming (no imports of plugin code) -------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    source: str   # builtin | setting | entry_point | dir
+    ref: str
+    name: str     # chosen by the platform from the location
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "ref": self.ref, "name": self.name}
+
+
+def setting_name(entry: str) -> tuple[str, str]:
+    """'crm=acme.plugins.crm.CrmPlugin' -> ('crm', path); 'acme.plugins.crm.CrmPlugin' -> ('crm', path);
+    'acme.plugins.hr' -> ('hr', path). A trailing capitalised component is the class, not the name."""
+    name, sep, path = entry.partition("=")
+    if sep:
+        return name.strip(), path.strip()
+    parts = entry.strip().split(".")
+    if len(parts) > 1 and parts[-1][:1].isupper():
+        parts = parts[:-1]
+    return parts[-1], entry.strip()
+
+
+def entry_points_listed(extra_paths: list[str] | None = None) -> list:
+    """The group's entry points, read from distribution metadata only (nothing is imported)."""
+    import importlib.metadata
+
+    seen, out = set(), []
+    dists = importlib.metadata.distributions(path=list(extra_paths or []) + sys.path) if extra_paths \
+        else importlib.metadata.distributions()
+    for dist in dists:
+        for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP and ep.name not in seen:
+                seen.add(ep.name)
+                out.append(ep)
+    return out
+
+
+def candidates(*, plugins_dir: str | None, dotted_paths: list[str], entry_points: bool = True,
+               builtins: bool = True, extra_paths: list[str] | None = None) -> tuple[list[Unit], list[LoadError]]:
+    """Every plugin location, named by the platform; first one wins on a name clash (built-ins, settings,
+    entry points, the directory), the others are reported."""
+    units: list[Unit] = []
+    errors: list[LoadError] = []
+    taken: dict[str, Unit] = {}
+
+    def add(source: str, ref: str, name: str) -> None:
+        if not NAME_RE.match(name or ""):
+            errors.append(LoadError(source, ref, f"{name!r} is not a valid plugin name ({NAME_RE.pattern}); "
+                                                 "plugins are named after their module"))
+            return
+        if name in taken:
+            other = taken[name]
+            errors.append(LoadError(source, ref, f"plugin name {name!r} is already provided by "
+                                                 f"{other.source} {other.ref}; skipped"))
+            return
+        unit = Unit(source, ref, name)
+        taken[name] = unit
+        units.append(unit)
+
+    if builtins:
+        for module in BUILTIN_MODULES:
+            add("builtin", module, module.rsplit(".", 1)[-1])
+    for entry in dotted_paths:
+        name, path = setting_name(entry)
+        add("setting", path, name)
+    if entry_points:
+        try:
+            for ep in entry_points_listed(extra_paths):
+                add("entry_point", ep.name, ep.name)
+        except Exception as exc:  # noqa: BLE001 - broken distribution metadata must not stop discovery
+            errors.append(LoadError("entry_point", ENTRY_POINT_GROUP, _error_text(exc)))
+    for path in local_candidates(plugins_dir):
+        add("dir", str(path), path.stem if path.is_file() else path.name)
+    return units, errors
+
+
+def module_root(dotted: str, search: list[str]) -> Path | None:
+    """Where the top-level package of a dotted path lives (found without executing it), to bind it
+    read-only into the sandbox; None when it is not found (the worker then reports the import error)."""
+    from importlib.machinery import PathFinder
+
+    top = dotted.split(".")[0].split(":")[0]
+    spec = PathFinder.find_spec(top, search)
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        locations = list(spec.submodule_search_locations)
+        return Path(locations[0]) if locations else None
+    return Path(spec.origin) if spec.origin else None
+
+
+# --- worker-side description ---------------------------------------------------------------------
+
+def describe_unit(source: str, ref: str, name: str) -> dict:
+    """Import one location (inside a sandbox worker) and describe the plugin named `name` there."""
+    import importlib.metadata  # lazily: it costs a noticeable part of a worker's start
+
+    out = {"source": source, "ref": ref, "name": name, "plugin": None, "errors": []}
+    try:
+        if source == "builtin":
+            obj = importlib.import_module(ref)
+        elif source == "setting":
+            obj = _import_dotted(ref)
+        elif source == "entry_point":
+            matches = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name == ref]
+            if not matches:
+                raise LookupError(f"entry point {ref!r} is not installed")
+            obj = matches[0].load()
+        elif source == "dir":
+            obj = import_local_file(Path(ref))
+        else:
+            raise LookupError(f"unknown plugin source {source!r}")
+        classes = _plugin_classes(obj)
+    except BaseException as exc:  # noqa: BLE001 - any import-time failure is a load error, even SystemExit
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        out["errors"].append(_error_text(exc))
+        return out
+    mine = [c for c in classes if c.name == name]
+    others = sorted(c.name for c in classes if c.name != name)
+    if others:
+        out["errors"].append(f"declares plugin name(s) {others}; a module provides only the plugin named after "
+                             f"its location ({name!r}), so these were ignored")
+    if not mine:
+        if not classes:
+            out["errors"].append("no plugin class found (subclass BasePlugin and set `name`)")
+        return out
+    try:
+        mine[0].validate_class()
+    except Exception as exc:  # noqa: BLE001
+        out["errors"].append(_error_text(exc))
+        return out
+    out["plugin"] = mine[0].describe()
+    return out

@@ -22,3 +22,8 @@ plugin_workers_started_total = Counter(
 plugin_config_version = Gauge(
     "kotaemon_plugin_config_version", "Plugin config version this instance runs", registry=REGISTRY,
 )
+plugin_sandbox_violations_total = Counter(
+    "kotaemon_plugin_sandbox_violations_total",
+    "Forbidden operations plugins attempted (reported by the worker's audit hook or enforced by the kernel)",
+    ["plugin", "code"], registry=REGISTRY,
+)

@@ -3,14 +3,23 @@
 Each enabled plugin gets its own small pool of long-lived worker processes (worker.py), so one
 plugin never shares an interpreter with another plugin's code or secrets, and a plugin that hangs
 or blows its memory limit loses only its own worker, which is killed and replaced. Workers are
-started on first use and reused (start-up ~0.1-0.3 s; a warm call costs a pipe round trip).
+started on first use and reused (a warm call costs a pipe round trip).
+
+With `sandbox="bwrap"` (the default) every worker, discovery workers included, runs inside
+bubblewrap: its own user (uid 65534), pid, network, ipc, uts and cgroup namespaces, a mount
+namespace holding only read-only binds of the Python runtime, the shared libraries, site-packages,
+the plugin contract and that one plugin's code, a fresh /proc, a minimal /dev and a size-capped
+tmpfs scratch dir; cleared environment; capabilities dropped; no further user namespaces; killed
+with the web process. Without bubblewrap, untrusted plugins are refused (SandboxUnavailable);
+`sandbox="none"` (PLUGIN_SANDBOX=none) explicitly runs them with only the in-process layers.
 
 Nothing here reads Django settings: services.py builds RuntimeOptions and PluginSpecs and supplies
-the RPC handler that serves storage and ticket requests on the plugin's behalf.
+the RPC handler that serves storage, HTTP and ticket requests on the plugin's behalf.
 """
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import logging
 import os
 import select
@@ -18,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -26,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .discovery import Unit, candidates, module_root
 from .worker import BOOT, MAX_FRAME, ProtocolError, _HEADER, write_frame
 
 logger = logging.getLogger(__name__)
@@ -46,7 +57,14 @@ class RuntimeOptions:
     builtins: bool = True
     python: str = sys.executable
     sys_path: tuple[str, ...] = ()   # extra import paths for workers (e.g. a `pip install --target` dir)
+    sandbox: str = "bwrap"           # bwrap | none (explicitly unsafe for untrusted plugins)
+    cpu_seconds: int = 300           # RLIMIT_CPU over a worker's life; recycled before it runs out
+    file_size_mb: int = 64           # RLIMIT_FSIZE
+    scratch_mb: int = 64             # size of the tmpfs scratch dir
+    max_processes: int = 64          # RLIMIT_NPROC (threads count; enforced when the web process is not root)
+    max_open_files: int = 256
     on_spawn: Callable[[str], None] | None = field(default=None, compare=False, hash=False)
+    on_violation: Callable[[str, str, str], None] | None = field(default=None, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -89,31 +107,231 @@ class WorkerLost(Exception):
         self.outcome, self.code, self.message = outcome, code, message
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(problem: str) -> None:
+    if problem not in _warned:
+        _warned.add(problem)
+        logger.warning("plugin sandbox unavailable: built-in plugins run without OS isolation, others are refused",
+                       extra={"problem": problem})
+
+
+def unit_binds(source: str, ref: str, options: RuntimeOptions) -> list[str]:
+    """What one plugin location needs bound into its sandbox besides the runtime and site-packages."""
+    if source == "dir":
+        return [os.path.realpath(ref)]
+    if source == "setting":
+        root = module_root(ref.partition("=")[2] or ref, list(options.sys_path) + sys.path)
+        if root is not None:
+            real = os.path.realpath(root)
+            if not any(real.startswith(d + os.sep) for d in site_dirs()):
+                return [real]
+    return []
+
+
+def unit_sys_path(source: str, ref: str, options: RuntimeOptions) -> list[str]:
+    if source == "setting":
+        root = module_root(ref, list(options.sys_path) + sys.path)
+        if root is not None:
+            return [os.path.dirname(os.path.realpath(root))]
+    return []
+
+
+SCRATCH = "/scratch"
+_BASE_ENV = {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1",
+             "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
 def _child_env(tmp_dir: str) -> dict[str, str]:
     # Built from nothing, not filtered from os.environ: a new secret variable can never leak by omission.
-    return {"PATH": os.defpath, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": tmp_dir, "TMPDIR": tmp_dir,
-            "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1"}
+    return {"PATH": os.defpath, "HOME": tmp_dir, "TMPDIR": tmp_dir, **_BASE_ENV}
+
+
+# bubblewrap's --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that started the
+# process ends. Pools start replacements from short-lived threads, so every worker is started from
+# this one long-lived thread instead.
+_spawner_lock = threading.Lock()
+_spawner: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="plugin-spawner")
+        executor = _spawner
+    return executor.submit(subprocess.Popen, argv, **kwargs).result()
+
+
+def _forget_spawner() -> None:
+    global _spawner
+    _spawner = None
+
+
+os.register_at_fork(after_in_child=_forget_spawner)
+
+_probe_lock = threading.Lock()
+_probes: dict[tuple, str | None] = {}
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+def base_python() -> str:
+    """The real interpreter binary (a venv's python is a symlink into a directory we do not bind)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def site_dirs() -> list[str]:
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys(os.path.realpath(p) for p in (paths["purelib"], paths["platlib"]) if os.path.isdir(p)))
+
+
+def _contract_files() -> list[Path]:
+    """The only project files a sandbox sees: the plugin contract, the worker and the built-ins."""
+    plugins = ROOT / "apps" / "plugins"
+    files = [ROOT / "apps" / "__init__.py"] + [plugins / n for n in
+                                                ("__init__.py", "base.py", "worker.py", "discovery.py", "httpclient.py")]
+    return files + sorted((plugins / "builtin").glob("*.py"))
+
+
+def _system_binds() -> list[str]:
+    args: list[str] = []
+    for path in ("/usr/lib", "/usr/lib64", "/usr/lib32", "/lib", "/lib64", "/lib32", "/usr/share/zoneinfo"):
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    prefix = os.path.realpath(sys.base_prefix)
+    args += ["--ro-bind", prefix, prefix]
+    exe = base_python()
+    if not exe.startswith(prefix + os.sep):
+        args += ["--ro-bind", exe, exe]
+    return args
+
+
+def bwrap_argv(options: RuntimeOptions, binds: list[str], *, disable_userns: bool = True) -> list[str]:
+    argv = [bwrap_path() or "bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+            "--unshare-uts", "--unshare-cgroup-try", "--uid", "65534", "--gid", "65534", "--hostname", "plugin",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
+    if disable_userns:
+        argv.append("--disable-userns")
+    for key, value in {"PATH": "/nonexistent", "HOME": SCRATCH, "TMPDIR": SCRATCH, **_BASE_ENV}.items():
+        argv += ["--setenv", key, value]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(options.scratch_mb * 1024 * 1024), "--tmpfs", SCRATCH]
+    argv += _system_binds()
+    for path in _contract_files():
+        if path.exists():
+            argv += ["--ro-bind", str(path), str(path)]
+    for path in site_dirs() + [os.path.realpath(p) for p in options.sys_path if os.path.exists(p)]:
+        argv += ["--ro-bind", path, path]
+    for path in dict.fromkeys(binds):
+        if os.path.exists(path):
+            argv += ["--ro-bind", path, path]
+    # The sandbox's root (bubblewrap's own tmpfs holding the mount points) read-only: the scratch dir is
+    # the one writable place.
+    argv += ["--remount-ro", "/", "--chdir", SCRATCH, "--"]
+    return argv
+
+
+def sandbox_problem(options: RuntimeOptions) -> str | None:
+    """None when bubblewrap works here (probed once per process), else why not."""
+    exe = bwrap_path()
+    if exe is None:
+        return ("bubblewrap (bwrap) is not installed: install the Debian package `bubblewrap`, or set "
+                "PLUGIN_SANDBOX=none to run untrusted plugins without OS isolation (unsafe)")
+    key = (exe, base_python(), options.scratch_mb)
+    with _probe_lock:
+        if key in _probes:
+            return _probes[key]
+        problem = None
+        for disable_userns in (True, False):
+            argv = bwrap_argv(options, [], disable_userns=disable_userns) + [base_python(), "-I", "-S", "-c", "print('ok')"]
+            try:
+                done = subprocess.run(argv, capture_output=True, timeout=30, env={"PATH": os.defpath})
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                problem = f"bubblewrap could not start: {exc}"
+                continue
+            if done.returncode == 0 and done.stdout.strip() == b"ok":
+                problem = None
+                _probes[("userns",) + key] = None if disable_userns else "no --disable-userns"
+                break
+            problem = ("bubblewrap cannot create the sandbox here (user namespaces disabled?): "
+                       + done.stderr.decode(errors="replace").strip()[:300])
+        _probes[key] = problem
+        return problem
+
+
+# Signals a worker dies of when the kernel enforces a limit: (outcome, code, message).
+_SIGNAL_OUTCOMES = {
+    signal.SIGSYS: ("denied", "sandbox_violation",
+                    "the plugin made a forbidden system call (process start, network socket, namespace, ptrace...) "
+                    "and the kernel killed its worker"),
+    signal.SIGXCPU: ("error", "cpu_limit_exceeded", "the worker used up its CPU-time limit"),
+    signal.SIGXFSZ: ("error", "file_size_limit_exceeded", "the plugin wrote a file past the size limit"),
+}
+
+
+def exit_outcome(returncode: int | None, sandboxed: bool) -> tuple[str, str, str]:
+    """Why a worker exited: bubblewrap reports a child killed by signal N as 128 + N."""
+    signum = None
+    if returncode is not None and returncode < 0:
+        signum = -returncode
+    elif sandboxed and returncode is not None and returncode > 128:
+        signum = returncode - 128
+    if signum in _SIGNAL_OUTCOMES:
+        return _SIGNAL_OUTCOMES[signum]
+    if returncode == 71:
+        return ("denied", "sandbox_tampered", "the plugin tampered with its sandbox's protocol pipe")
+    return ("error", "worker_crashed", f"the worker process exited (status {returncode})")
 
 
 class WorkerProcess:
     """One sandbox worker and its pipe protocol. Not thread-safe: a pool lends it to one caller at a time."""
 
-    def __init__(self, init: dict[str, Any], options: RuntimeOptions) -> None:
-        self.tmp_dir = tempfile.mkdtemp(prefix="kotaemon-plugin-")
+    def __init__(self, init: dict[str, Any], options: RuntimeOptions, *, binds: list[str] = (),
+                 trusted: bool = False, label: str = "") -> None:
         self.version: int | None = None
         self.buffer = bytearray()
+        self.violations: list[dict[str, str]] = []
+        self.options = options
+        self.label = label
+        self.cpu = 0.0
+        self.sandboxed = options.sandbox == "bwrap"
+        if self.sandboxed:
+            problem = sandbox_problem(options)
+            if problem is not None:
+                if not trusted:
+                    raise WorkerLost("error", "sandbox_unavailable", problem)
+                # Built-in plugins are platform code: without bubblewrap they still run, with the other layers.
+                _warn_once(problem)
+                self.sandboxed = False
+        self.tmp_dir = tempfile.mkdtemp(prefix="kotaemon-plugin-")
+        if self.sandboxed:
+            userns = _probes.get(("userns", bwrap_path(), base_python(), options.scratch_mb)) is None
+            argv = bwrap_argv(options, list(binds), disable_userns=userns) + [base_python(), "-I", "-S", "-c", BOOT,
+                                                                                    str(ROOT)]
+            env, cwd = {"PATH": os.defpath}, "/"
+        else:
+            argv, env, cwd = [options.python, "-I", "-c", BOOT, str(ROOT)], _child_env(self.tmp_dir), self.tmp_dir
         try:
-            self.proc = subprocess.Popen(
-                [options.python, "-I", "-c", BOOT, str(ROOT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=None, cwd=self.tmp_dir, env=_child_env(self.tmp_dir), close_fds=True,
-            )
+            self.proc = _spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, cwd=cwd, env=env,
+                               close_fds=True)
         except OSError as exc:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             raise WorkerLost("error", "worker_start_failed", f"could not start a plugin worker: {exc}") from None
         self.started = time.monotonic()
         init = dict(init, memory_limit_mb=options.memory_limit_mb, denied_paths=list(options.denied_paths),
-                    sys_path=list(options.sys_path), plugins_dir=options.plugins_dir)
+                    sys_path=list(options.sys_path) + list(init.get("extra_sys_path") or []),
+                    site_dirs=site_dirs() if self.sandboxed else [],
+                    sandboxed=self.sandboxed, cpu_seconds=options.cpu_seconds, file_size_mb=options.file_size_mb,
+                    max_processes=options.max_processes if self.sandboxed else None,
+                    max_open_files=options.max_open_files,
+                    # A module's own byte-code cache is looked up beside it (not bound: the lookup just misses).
+                    readable_paths=list(binds) + [os.path.join(os.path.dirname(b), "__pycache__") for b in binds]
+                    + list(options.sys_path))
         try:
             write_frame(self.proc.stdin, init)
         except (OSError, ValueError) as exc:
@@ -151,9 +369,33 @@ class WorkerProcess:
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:
-                code = self.proc.wait(timeout=5)
-                raise WorkerLost("error", "worker_crashed", f"the worker process exited (status {code})")
+                try:
+                    code = self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    code = None
+                outcome, err, message = exit_outcome(code, self.sandboxed)
+                self.violation(err, message) if outcome == "denied" else None
+                raise WorkerLost(outcome, err, message)
             self.buffer.extend(chunk)
+
+    def violation(self, code: str, message: str) -> None:
+        """A refusal the worker reported (or the kernel enforced): kept for the call, and recorded by the
+        web process's callback at once, where the plugin cannot reach it."""
+        record = {"code": str(code)[:64], "message": str(message)[:300]}
+        self.violations.append(record)
+        if self.options.on_violation is not None:
+            try:
+                self.options.on_violation(self.label, record["code"], record["message"])
+            except Exception:  # noqa: BLE001 - recording must never break the call
+                logger.exception("could not record a plugin sandbox violation")
+
+    def frame(self, deadline: float) -> dict[str, Any]:
+        """The next frame that is not a violation report (those are recorded on the way)."""
+        while True:
+            frame = self.read(deadline)
+            if frame.get("op") != "violation":
+                return frame
+            self.violation(frame.get("code") or "operation_not_allowed", frame.get("message") or "")
 
     def send(self, message: dict[str, Any]) -> None:
         try:
@@ -167,12 +409,19 @@ class WorkerProcess:
         """Send a request, serve the worker's RPCs until it answers "done". RPC denials override the outcome."""
         self.send(message)
         denied: dict[str, str] | None = None
+        first = len(self.violations)
         while True:
-            frame = self.read(deadline)
+            frame = self.frame(deadline)
             op = frame.get("op")
             if op == "done":
+                if isinstance(frame.get("cpu"), (int, float)):
+                    self.cpu = float(frame["cpu"])
+                if len(self.violations) > first:
+                    # A refusal marks the whole call, even if the plugin caught the error and carried on.
+                    denied = self.violations[first]
                 if denied is not None:
-                    frame = {"op": "done", "outcome": "denied", "error": denied, "result": None, "patch": {}}
+                    frame = {"op": "done", "outcome": "denied", "error": denied, "result": None, "patch": {},
+                             "recycle": frame.get("recycle")}
                 return frame
             if op != "rpc":
                 raise WorkerLost("error", "protocol_error", f"unexpected frame {op!r}")
@@ -236,10 +485,13 @@ class PluginPool:
 
     def _spawn(self) -> WorkerProcess:
         worker = WorkerProcess({"mode": "plugin", "plugin": {"name": self.name, "source": self.source,
-                                                             "ref": self.ref}}, self.options)
+                                                             "ref": self.ref},
+                                "extra_sys_path": unit_sys_path(self.source, self.ref, self.options)},
+                               self.options, binds=unit_binds(self.source, self.ref, self.options),
+                               trusted=self.source == "builtin", label=self.name)
         self.spawned += 1
         try:
-            frame = worker.read(time.monotonic() + self.options.start_timeout)
+            frame = worker.frame(time.monotonic() + self.options.start_timeout)
         except WorkerLost as exc:
             worker.kill()
             if exc.outcome == "timeout":
@@ -282,7 +534,9 @@ class PluginPool:
 
     def release(self, worker: WorkerProcess, healthy: bool) -> None:
         with self.cond:
-            keep = healthy and worker.alive() and not self.closed
+            # Retired before RLIMIT_CPU (a lifetime budget) could kill it in the middle of a call.
+            fresh = worker.cpu < 0.8 * self.options.cpu_seconds if self.options.cpu_seconds else True
+            keep = healthy and fresh and worker.alive() and not self.closed
             if keep:
                 self.idle.append(worker)
             else:
@@ -375,6 +629,56 @@ class PluginPool:
             worker.close(rpc=rpc)
 
 
+def clean_description(unit: Unit, raw: Any) -> dict[str, Any]:
+    """A worker's description of its plugin is data from plugin code: keep only well-formed fields, and
+    take the name and location from the platform (the unit), never from the description."""
+    from .base import INTENT_STAGE, SCOPES, STAGES
+
+    if not isinstance(raw, dict):
+        raise TypeError("not an object")
+    schema = raw.get("config_schema")
+    if not isinstance(schema, dict):
+        raise ValueError("config_schema is not an object")
+    scopes = raw.get("scopes") or []
+    if not isinstance(scopes, list) or not all(s in SCOPES for s in scopes):
+        raise ValueError(f"unknown scopes {scopes!r}")
+    hooks = []
+    for h in raw.get("hooks") or []:
+        if not (isinstance(h, dict) and h.get("stage") in STAGES + (INTENT_STAGE,) and isinstance(h.get("method"), str)
+                and h["method"].isidentifier() and not h["method"].startswith("_")):
+            raise ValueError(f"malformed hook {h!r}"[:200])
+        hooks.append({"stage": h["stage"], "method": h["method"], "priority": int(h.get("priority") or 0),
+                      "intent": str(h["intent"]) if h.get("intent") else None,
+                      "examples": [str(x) for x in h.get("examples") or []][:200],
+                      "keywords": [str(x) for x in h.get("keywords") or []][:50],
+                      "configurable": bool(h.get("configurable"))})
+    if not hooks:
+        raise ValueError("no hooks")
+    return {"name": unit.name, "source": unit.source, "ref": unit.ref, "description": str(raw.get("description") or "")[:2000],
+            "version": str(raw.get("version") or "")[:50], "config_schema": schema, "scopes": list(scopes),
+            "hooks": hooks, "class": str(raw.get("class") or "")[:300]}
+
+
+# Descriptions of locations whose code is known by content (a single-file module, the built-ins):
+# the same bytes describe the same way, so rediscovery need not import them again in a fresh sandbox.
+_described: dict[tuple, tuple[dict | None, list[dict[str, str]]]] = {}
+
+
+def _cache_key(unit: Unit) -> tuple | None:
+    import hashlib
+
+    try:
+        if unit.source == "dir" and os.path.isfile(unit.ref):
+            with open(unit.ref, "rb") as fh:
+                return (unit.source, unit.ref, unit.name, hashlib.sha256(fh.read()).hexdigest())
+        if unit.source == "builtin":
+            return (unit.source, unit.ref, unit.name,
+                    tuple(os.stat(p).st_mtime_ns for p in _contract_files() if p.exists()))
+    except OSError:
+        return None
+    return None
+
+
 @dataclass
 class Catalogue:
     plugins: dict[str, dict[str, Any]]
@@ -395,44 +699,100 @@ class PluginRuntime:
         _runtimes.add(self)
 
     def discover(self) -> Catalogue:
-        """Import every plugin in a throwaway worker and describe them (the web process imports none).
+        """Find plugin locations here (no imports), then describe each in its own sandbox worker.
 
-        A module whose import hangs past start_timeout is reported as a load error and discovery runs
-        again without it, so one bad module never hides the others.
+        Built-ins share one worker (platform code); every other location gets its own, so a module can
+        describe only itself. A module whose import hangs past start_timeout or crashes is reported as a
+        load error and never hides the others.
         """
-        skip: list[str] = []
-        hung: list[dict[str, str]] = []
-        for _ in range(20):
+        units, errors = candidates(plugins_dir=self.options.plugins_dir, dotted_paths=list(self.options.dotted_paths),
+                                   entry_points=self.options.entry_points, builtins=self.options.builtins,
+                                   extra_paths=list(self.options.sys_path))
+        load_errors = [e.to_dict() for e in errors]
+        plugins: dict[str, dict[str, Any]] = {}
+        todo = []
+        for unit in units:
+            cached = _described.get(_cache_key(unit))
+            if cached is None:
+                todo.append(unit)
+                continue
+            if cached[0] is not None:
+                plugins[unit.name] = dict(cached[0])
+            load_errors += [dict(e) for e in cached[1]]
+        groups = [[u for u in todo if u.source == "builtin"]] + [[u] for u in todo if u.source != "builtin"]
+        groups = [g for g in groups if g]
+        if groups:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, len(groups))) as pool:
+                for described, failed in pool.map(self._describe_group, groups):
+                    plugins.update(described)
+                    load_errors += failed
+        order = {u.name: i for i, u in enumerate(units)}
+        return Catalogue(dict(sorted(plugins.items(), key=lambda kv: order[kv[0]])), load_errors, time.time())
+
+    def _describe_group(self, units: list[Unit]) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
+        described: dict[str, dict[str, Any]] = {}
+        failed: list[dict[str, str]] = []
+        pending = list(units)
+        while pending:
+            trusted = all(u.source == "builtin" for u in pending)
+            binds = [b for u in pending for b in unit_binds(u.source, u.ref, self.options)]
+            extra = [p for u in pending for p in unit_sys_path(u.source, u.ref, self.options)]
             try:
-                worker = WorkerProcess({"mode": "discover", "plugins_dir": self.options.plugins_dir,
-                                        "dotted_paths": list(self.options.dotted_paths), "skip": skip,
-                                        "entry_points": self.options.entry_points,
-                                        "builtins": self.options.builtins}, self.options)
+                worker = WorkerProcess({"mode": "describe", "units": [u.to_dict() for u in pending],
+                                        "extra_sys_path": extra}, self.options, binds=binds, trusted=trusted,
+                                       label=pending[0].name)
             except WorkerLost as exc:
-                return Catalogue({}, hung + [{"source": "discovery", "ref": str(self.options.plugins_dir),
-                                              "error": exc.message}], time.time())
-            current: dict[str, str] | None = None
+                failed += [{"source": u.source, "ref": u.ref, "error": exc.message} for u in pending]
+                break
+            current: int | None = None
             try:
                 while True:
-                    frame = worker.read(time.monotonic() + self.options.start_timeout)
+                    # The trusted bootstrap (interpreter, sandbox, limits) is not the module's import: on a
+                    # loaded machine it alone can take seconds, so only imports are held to start_timeout.
+                    budget = self.options.start_timeout if current is not None else max(self.options.start_timeout, 30)
+                    frame = worker.frame(time.monotonic() + budget)
                     if frame.get("op") == "importing":
-                        current = {"source": frame.get("source", ""), "ref": frame.get("ref", "")}
+                        current = 0 if current is None else current + 1
+                        worker.label = pending[min(current, len(pending) - 1)].name
                         continue
                     break
             except WorkerLost as exc:
                 if current is None:
-                    return Catalogue({}, hung + [{"source": "discovery", "ref": str(self.options.plugins_dir),
-                                                  "error": f"plugin discovery failed: {exc.message}"}], time.time())
-                what = "did not finish importing within" if exc.outcome == "timeout" else "crashed the interpreter in"
-                hung.append(current | {"error": f"import {what} {self.options.start_timeout}s"
-                                                if exc.outcome == "timeout" else f"import {what} ({exc.message})"})
-                skip.append(current["ref"])
+                    failed += [{"source": u.source, "ref": u.ref, "error": f"plugin discovery failed: {exc.message}"}
+                               for u in pending]
+                    break
+                unit = pending[min(current, len(pending) - 1)]
+                if exc.outcome == "timeout":
+                    error = f"import did not finish importing within {self.options.start_timeout}s"
+                else:
+                    error = f"import crashed the interpreter ({exc.message})"
+                failed.append({"source": unit.source, "ref": unit.ref, "error": error})
+                pending = pending[current + 1:]
                 continue
             finally:
                 worker.kill()
-            plugins = {p["name"]: p for p in frame.get("plugins", [])}
-            return Catalogue(plugins, hung + list(frame.get("errors", [])), time.time())
-        return Catalogue({}, hung, time.time())
+            results = frame.get("units") if frame.get("op") == "catalogue" else None
+            if not isinstance(results, list) or len(results) != len(pending):
+                failed += [{"source": u.source, "ref": u.ref, "error": "the discovery worker answered nonsense"}
+                           for u in pending]
+                break
+            for unit, result in zip(pending, results):
+                result = result if isinstance(result, dict) else {}
+                errors = [{"source": unit.source, "ref": unit.ref, "error": str(error)[:1000]}
+                          for error in (result.get("errors") or [])[:5]]
+                meta = None
+                if result.get("plugin") is not None:
+                    try:
+                        meta = described[unit.name] = clean_description(unit, result["plugin"])
+                    except (TypeError, ValueError, KeyError) as exc:
+                        errors.append({"source": unit.source, "ref": unit.ref,
+                                       "error": f"invalid plugin description: {exc}"[:1000]})
+                failed += errors
+                key = _cache_key(unit)
+                if key is not None:
+                    _described[key] = (meta, errors)
+            break
+        return described, failed
 
     def pool(self, spec: PluginSpec) -> PluginPool:
         with self.lock:

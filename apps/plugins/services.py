@@ -83,8 +83,18 @@ def _runtime_options() -> RuntimeOptions:
         denied_paths=tuple(denied), start_timeout=settings.PLUGIN_START_TIMEOUT_SECONDS,
         pool_size=max(1, settings.PLUGIN_WORKERS_PER_PLUGIN), entry_points=settings.PLUGIN_ENTRY_POINTS,
         sys_path=tuple(str(p) for p in settings.PLUGIN_PYTHONPATH),
+        sandbox=settings.PLUGIN_SANDBOX, cpu_seconds=settings.PLUGIN_CPU_SECONDS,
+        file_size_mb=settings.PLUGIN_MAX_FILE_MB, scratch_mb=settings.PLUGIN_SCRATCH_MB,
+        max_processes=settings.PLUGIN_MAX_PROCESSES,
         on_spawn=lambda name: metrics.plugin_workers_started_total.labels(name).inc(),
+        on_violation=_on_violation,
     )
+
+
+def _on_violation(plugin: str, code: str, message: str) -> None:
+    """Every refusal a worker reports or the kernel enforces, recorded in the web process as it happens."""
+    metrics.plugin_sandbox_violations_total.labels(plugin or "unknown", code).inc()
+    logger.warning("plugin sandbox violation", extra={"plugin": plugin, "error_code": code, "detail": message})
 
 
 @dataclass

@@ -1,17 +1,21 @@
 """Sandbox worker: the only process where plugin code is imported and run.
 
-Started by runner.py as `python -I -c BOOT <project root>` with a scrubbed environment (no Django
-settings module, no secrets, no proxies) and a private temporary directory as working directory.
-It speaks length-prefixed JSON frames on stdin/stdout; plugin output to stdout is redirected to
-stderr so it cannot corrupt the protocol.
+Started by runner.py, normally inside bubblewrap (own user, pid, network, ipc, uts and mount
+namespaces; read-only binds of the Python runtime, site-packages, the plugin contract and ONE
+plugin's code; a size-capped tmpfs as its only writable place; no platform files, environment,
+sockets or other processes). It speaks length-prefixed JSON frames on stdin/stdout; plugin output
+to stdout is redirected to stderr so it cannot corrupt the protocol.
 
-Containment inside the process (defence in depth; for hostile third-party code also run the web
-process's workers under their own uid or container):
-- RLIMIT_AS caps the address space, so a runaway allocation raises MemoryError here and the worker
-  is recycled; the parent kills it on a wall-clock timeout.
-- An audit hook (PEP 578, cannot be removed once installed) refuses: sockets to hosts outside the
-  plugin's allow-list, starting processes, signalling other processes, writing files outside the
-  private temp dir, and reading the platform's data directories or other processes' /proc entries.
+Before any plugin code is imported, the trusted bootstrap (main) in this process:
+- sets rlimits: address space, CPU seconds, file size (SIGXFSZ restored to its default, so a
+  plugin that writes past the limit dies and the web process records it), processes, no core dumps;
+- installs a seccomp filter (kernel-enforced, all threads): starting processes (fork, vfork, clone
+  without CLONE_THREAD, execve), IPv4/IPv6/packet sockets, ptrace, namespaces, mount, bpf, keyrings
+  and similar kill the whole worker at once (the web process sees SIGSYS and records a violation);
+- adds an audit hook (PEP 578) as a second line: it refuses the same operations one level up, plus
+  ctypes, sqlite3, gc object walks and tracing, file writes outside the scratch dir and reads of
+  platform paths, and reports every refusal to the web process immediately on the pipe. It holds no
+  mutable state a plugin could flip: once a refusal is written to the pipe it cannot be taken back.
 Django-free by design: nothing here may import Django or the project's settings.
 """
 from __future__ import annotations
@@ -70,121 +74,220 @@ def read_frame(stream: BinaryIO) -> dict[str, Any]:
 _BLOCKED_EVENTS = {
     "subprocess.Popen": "starting processes", "os.system": "starting processes", "os.exec": "starting processes",
     "os.posix_spawn": "starting processes", "os.spawn": "starting processes", "os.fork": "forking",
-    "os.forkpty": "forking", "os.kill": "signalling processes", "os.killpg": "signalling processes",
-    "signal.pthread_kill": "signalling processes", "os.remove": "deleting files", "os.rmdir": "deleting files",
-    "shutil.rmtree": "deleting files", "os.rename": "renaming files", "os.symlink": "creating links",
-    "os.link": "creating links", "os.chmod": "changing permissions", "os.chown": "changing ownership",
-    "os.truncate": "truncating files", "socket.bind": "listening on sockets", "ctypes.dlopen": "loading native code",
+    "os.forkpty": "forking", "pty.spawn": "starting processes", "os.kill": "signalling processes",
+    "os.killpg": "signalling processes", "signal.pthread_kill": "signalling processes",
+    "os.chown": "changing ownership",
+    "ctypes.dlopen": "loading native code", "ctypes.dlsym": "loading native code",
+    "ctypes.call_function": "calling native code", "ctypes.addressof": "raw memory access",
+    "ctypes.string_at": "raw memory access", "ctypes.wstring_at": "raw memory access",
+    "ctypes.cdata": "raw memory access", "ctypes.cdata/buffer": "raw memory access",
+    "sqlite3.connect": "opening databases", "sqlite3.enable_load_extension": "loading native code",
+    "gc.get_objects": "walking the interpreter's objects", "gc.get_referrers": "walking the interpreter's objects",
+    "gc.get_referents": "walking the interpreter's objects", "sys.settrace": "tracing the interpreter",
+    "sys.setprofile": "tracing the interpreter", "sys._current_frames": "inspecting other threads",
+    "os.add_dll_directory": "loading native code",
 }
+# File changes allowed only inside the scratch dir: event -> positions of its path arguments.
+_SCRATCH_EVENTS = {"os.remove": (0,), "os.rmdir": (0,), "shutil.rmtree": (0,), "os.rename": (0, 1),
+                   "os.truncate": (0,), "os.chmod": (0,), "os.symlink": (0, 1), "os.link": (0, 1), "os.mkdir": (0,),
+                   "os.utime": (0,), "os.chflags": (0,), "os.setxattr": (0,), "os.removexattr": (0,)}
+# Plugins have no network of their own: every socket operation is refused as host_not_allowed.
+_NETWORK_EVENTS = frozenset({"socket.bind", "socket.connect", "socket.sendto", "socket.getaddrinfo",
+                             "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo"})
+_INET_FAMILIES = (socket.AF_INET, socket.AF_INET6) + ((socket.AF_PACKET,) if hasattr(socket, "AF_PACKET") else ())
 
 
-class Policy:
-    """What the current operation may touch. Swapped per operation by the worker loop."""
+class PipeWriter:
+    """The protocol's write end. One lock for every writer (the loop, audit hooks in any thread).
 
-    def __init__(self, denied_paths: list[str], tmp_dir: str, allowed_paths: list[str] = ()) -> None:
-        self.denied_paths = [os.path.realpath(p) for p in denied_paths if p]
-        # Plugin code may live under a denied tree (e.g. PLUGINS_DIR inside DATA_DIR): it stays readable.
-        self.allowed_paths = [os.path.realpath(p) for p in allowed_paths if p]
-        self.tmp_dir = os.path.realpath(tmp_dir)
-        self.allowed_hosts: list[str] = []
-        self.allowed_ips: set[str] = set()
-        self.denials: list[dict[str, str]] = []
-        self.guard = threading.local()
+    `inode` is the pipe as it was at start: the hook refuses to report into anything else, so a plugin
+    that dup2()s /dev/null over the protocol fd to swallow its refusals kills its worker instead."""
 
-    def deny(self, code: str, message: str):
-        from .base import PluginDenied
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
+        self.lock = threading.RLock()
 
-        self.denials.append({"code": code, "message": message[:300]})
+    def write(self, message: dict[str, Any]) -> None:
+        data = json.dumps(message, default=str, ensure_ascii=False).encode("utf-8")
+        if len(data) > MAX_FRAME:
+            raise ProtocolError(f"frame of {len(data)} bytes exceeds {MAX_FRAME}")
+        frame = memoryview(_HEADER.pack(len(data)) + data)
+        with self.lock:
+            while frame:
+                frame = frame[os.write(self.fd, frame):]
+
+
+def make_audit_hook(*, writer: PipeWriter, scratch: str, denied_paths: tuple[str, ...],
+                    readable: tuple[str, ...]):
+    """An audit hook whose whole state lives in its closure, as immutable values or captured functions:
+    monkeypatching os, builtins or this module afterwards changes nothing it uses (see the module doc)."""
+    from types import MappingProxyType
+
+    from .base import PluginDenied
+
+    blocked = MappingProxyType(dict(_BLOCKED_EVENTS))
+    network = frozenset(_NETWORK_EVENTS)
+    scratch_events = MappingProxyType(dict(_SCRATCH_EVENTS))
+    inet = tuple(_INET_FAMILIES)
+    realpath, fsdecode, fstat, write, exit_ = os.path.realpath, os.fsdecode, os.fstat, os.write, os._exit
+    sep, devnull = os.sep, os.devnull
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+    scratch = realpath(scratch)
+    denied = tuple(realpath(p) for p in denied_paths if p)
+    readable = tuple(realpath(p) for p in readable if p)
+    fd, identity, pid, lock = writer.fd, writer.identity, os.getpid(), writer.lock
+    pack, dumps = _HEADER.pack, json.dumps
+    isinstance_, str_, bytes_, int_, len_, any_ = isinstance, str, bytes, int, len, any
+
+    def report(code: str, message: str) -> PluginDenied:
+        data = dumps({"op": "violation", "code": code, "message": message[:300]}).encode()
+        try:
+            st = fstat(fd)
+            if (st.st_dev, st.st_ino) != identity:
+                exit_(71)  # the protocol pipe was swapped out: fail closed, the web process sees the crash
+            frame = pack(len_(data)) + data
+            with lock:
+                while frame:
+                    frame = frame[write(fd, frame):]
+        except OSError:
+            exit_(71)
         return PluginDenied(code, message)
 
-    def reset(self, allowed_hosts: list[str]) -> None:
-        self.allowed_hosts = list(allowed_hosts)
-        self.allowed_ips = set()
-        self.denials = []
+    def inside(path: str, roots: tuple[str, ...]) -> bool:
+        return any_(path == r or path.startswith(r + sep) for r in roots)
 
-    def _path_denied(self, path: str) -> str | None:
-        real = os.path.realpath(path)
-        if real.startswith("/proc/"):
-            part = real.split("/")[2]
-            if part.isdigit() and int(part) != os.getpid():
-                return "reading other processes"
-        if any(real == a or real.startswith(a + os.sep) for a in self.allowed_paths):
-            return None
-        for denied in self.denied_paths:
-            if real == denied or real.startswith(denied + os.sep):
-                return "reading platform data"
-        return None
-
-    def _host_ok(self, host: Any, port: Any) -> bool:
-        from .httpclient import host_allowed
-
-        if isinstance(host, bytes):
-            host = host.decode("ascii", "replace")
-        if not isinstance(host, str):
-            return False
-        return host in self.allowed_ips or host_allowed(host, port if isinstance(port, int) else None,
-                                                         self.allowed_hosts)
-
-    def audit(self, event: str, args: tuple) -> None:
-        if getattr(self.guard, "active", False):
-            return
-        reason = _BLOCKED_EVENTS.get(event)
+    def hook(event: str, args: tuple) -> None:
+        reason = blocked.get(event)
         if reason is not None:
-            raise self.deny("operation_not_allowed", f"plugins may not do {event} ({reason})")
+            raise report("operation_not_allowed", f"plugins may not do {event} ({reason})")
+        positions = scratch_events.get(event)
+        if positions is not None:
+            for i in positions:
+                path = args[i] if len_(args) > i else None
+                if isinstance_(path, bytes_):
+                    path = fsdecode(path)
+                if isinstance_(path, str_) and not inside(realpath(path), (scratch,)):
+                    raise report("operation_not_allowed", f"plugins may change files only under their scratch dir "
+                                                          f"({event} {path!r})")
+            return
+        if event in network:
+            raise report("host_not_allowed", f"plugins have no network ({event}); use ctx.http, served by the platform")
         if event == "open":
-            path, mode = args[0], args[1]
-            if isinstance(path, bytes):
-                path = os.fsdecode(path)
-            if not isinstance(path, str):
+            path, mode, flags = args[0], args[1], args[2]
+            if isinstance_(path, bytes_):
+                path = fsdecode(path)
+            if not isinstance_(path, str_):
                 return
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                      (isinstance(args[2], int) and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
-            if writing:
-                real = os.path.realpath(path)
-                if not (real == self.tmp_dir or real.startswith(self.tmp_dir + os.sep)) and real != os.devnull:
-                    raise self.deny("operation_not_allowed", f"plugins may write files only under their temp dir, "
-                                                             f"not {path!r}")
-            why = self._path_denied(path)
-            if why:
-                raise self.deny("operation_not_allowed", f"plugins may not open {path!r} ({why})")
-        elif event == "socket.getaddrinfo":
-            host, port = args[0], args[1]
-            if host is None:
-                return
-            if not self._host_ok(host, port):
-                raise self.deny("host_not_allowed", f"host {host!r} is not in this plugin's allowed hosts")
-            # Remember what an allowed name resolves to, so the connect that follows is recognised.
-            self.guard.active = True
-            try:
-                for info in socket.getaddrinfo(host, port):
-                    self.allowed_ips.add(info[4][0])
-            except OSError:
-                pass
-            finally:
-                self.guard.active = False
-        elif event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
-            address = args[1]
-            if event == "socket.sendmsg" and address is None:
-                return
-            if not isinstance(address, tuple):
-                raise self.deny("host_not_allowed", "plugins may not use local (unix) sockets")
-            host, port = address[0], address[1]
-            try:
-                ipaddress.ip_address(host)
-                is_ip = True
-            except ValueError:
-                is_ip = False
-            if (is_ip and host in self.allowed_ips) or self._host_ok(host, port):
-                return
-            raise self.deny("host_not_allowed", f"address {host!r} is not in this plugin's allowed hosts")
+            real = realpath(path)
+            writing = (isinstance_(mode, str_) and any_(c in mode for c in "wax+")) or \
+                      (isinstance_(flags, int_) and flags & write_flags)
+            if writing and not inside(real, (scratch,)) and real != devnull:
+                raise report("operation_not_allowed", f"plugins may write files only under their scratch dir, "
+                                                      f"not {path!r}")
+            if real.startswith("/proc/"):
+                part = real.split("/")[2]
+                if part.isdigit() and int_(part) != pid:
+                    raise report("operation_not_allowed", f"plugins may not open {path!r} (other processes)")
+            if not inside(real, readable) and inside(real, denied):
+                raise report("operation_not_allowed", f"plugins may not open {path!r} (platform data)")
+        elif event == "socket.__new__":
+            if len_(args) > 1 and args[1] in inet:
+                raise report("host_not_allowed", "plugins have no network; use ctx.http (served by the platform)")
+        elif event == "socket.sendmsg" and len_(args) > 1 and args[1] is not None:
+            raise report("host_not_allowed", "plugins have no network; use ctx.http (served by the platform)")
+
+    return hook
+
+
+# Seccomp (x86_64 and aarch64). Any other architecture runs without this layer (namespaces, rlimits
+# and the audit hook still apply); docs/plugins.md says so.
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_SYSCALLS = {
+    "x86_64": {"clone": 56, "clone3": 435, "socket": 41, "seccomp": 317, "kill": [
+        57, 58, 59, 322, 101, 272, 308, 165, 166, 155, 310, 311, 246, 320, 321, 323, 425, 248, 249, 250, 298,
+        169, 175, 176, 313]},
+    "aarch64": {"clone": 220, "clone3": 435, "socket": 198, "seccomp": 277, "kill": [
+        221, 281, 117, 97, 268, 40, 39, 41, 270, 271, 104, 294, 280, 282, 425, 217, 218, 219, 241, 142, 105,
+        106, 273]},
+}
+# x86_64 kill list: fork vfork execve execveat ptrace unshare setns mount umount2 pivot_root process_vm_readv
+# process_vm_writev kexec_load kexec_file_load bpf userfaultfd io_uring_setup add_key request_key keyctl
+# perf_event_open reboot init_module delete_module finit_module (aarch64: the same calls by their numbers).
+
+
+def seccomp_program(machine: str) -> bytes:
+    import struct as st
+
+    nr = _SYSCALLS[machine]
+    ld, jeq, jset, jge, ret = 0x20, 0x15, 0x45, 0x35, 0x06
+    kill, allow, enosys = 0x80000000, 0x7FFF0000, 0x00050000 | 38
+
+    def ins(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return st.pack("HBBI", code, jt, jf, k)
+
+    prog = [ins(ld, 4), ins(jeq, _AUDIT_ARCH[machine], 1, 0), ins(ret, kill), ins(ld, 0)]
+    if machine == "x86_64":
+        prog += [ins(jge, 0x40000000, 0, 1), ins(ret, kill)]          # the x32 ABI would dodge the numbers below
+    prog += [ins(jeq, nr["clone3"], 0, 1), ins(ret, enosys)]          # glibc falls back to clone(), checked next
+    prog += [ins(jeq, nr["clone"], 0, 4), ins(ld, 16), ins(jset, 0x00010000, 0, 1), ins(ret, allow), ins(ret, kill)]
+    prog += [ins(jeq, nr["socket"], 0, 6), ins(ld, 16), ins(jeq, 2, 3, 0), ins(jeq, 10, 2, 0), ins(jeq, 17, 1, 0),
+             ins(ret, allow), ins(ret, kill)]
+    for number in nr["kill"]:
+        prog += [ins(jeq, number, 0, 1), ins(ret, kill)]
+    prog.append(ins(ret, allow))
+    return b"".join(prog)
+
+
+def install_seccomp() -> bool:
+    """Load the filter into every thread of this process (TSYNC). False when the architecture is unknown."""
+    import ctypes
+    import platform
+
+    machine = platform.machine()
+    if machine not in _SYSCALLS:
+        return False
+    code = seccomp_program(machine)
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS failed")
+    prog = SockFprog(len(code) // 8, code)
+    # seccomp(SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog)
+    if libc.syscall(_SYSCALLS[machine]["seccomp"], 1, 1, ctypes.byref(prog)) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp filter could not be installed")
+    return True
+
+
+def apply_limits(init: dict[str, Any]) -> None:
+    """rlimits with hard == soft, so plugin code cannot raise them again."""
+    import signal
+
+    def cap(res: int, value: int | None) -> None:
+        if value:
+            resource.setrlimit(res, (int(value), int(value)))
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    cap(resource.RLIMIT_AS, (init.get("memory_limit_mb") or 0) * 1024 * 1024)
+    cap(resource.RLIMIT_CPU, init.get("cpu_seconds"))
+    cap(resource.RLIMIT_FSIZE, (init.get("file_size_mb") or 0) * 1024 * 1024)
+    cap(resource.RLIMIT_NPROC, init.get("max_processes"))
+    cap(resource.RLIMIT_NOFILE, init.get("max_open_files"))
+    # Python ignores SIGXFSZ; restored, a write past the file-size limit kills the worker (recorded).
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    signal.signal(signal.SIGXCPU, signal.SIG_DFL)
 
 
 class _Channel:
-    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
-        self.inp, self.out = inp, out
+    def __init__(self, inp: BinaryIO, writer: PipeWriter) -> None:
+        self.inp, self.writer = inp, writer
 
     def send(self, message: dict[str, Any]) -> None:
-        write_frame(self.out, message)
+        self.writer.write(message)
 
     def recv(self) -> dict[str, Any]:
         return read_frame(self.inp)
@@ -232,14 +335,6 @@ class Tickets:
         return self._channel.rpc("tickets.create", subject=subject, description=description, priority=priority)
 
 
-class _NoTickets:
-    def __init__(self, policy: Policy) -> None:
-        self._policy = policy
-
-    def create(self, **_kwargs: Any) -> dict[str, Any]:
-        raise self._policy.deny("scope_missing", "this plugin does not declare the 'tickets:create' scope")
-
-
 def _error_payload(exc: BaseException) -> dict[str, str]:
     from .base import PluginError
 
@@ -254,21 +349,15 @@ class Worker:
     def __init__(self, channel: _Channel, init: dict[str, Any]) -> None:
         self.channel = channel
         self.init = init
-        self.policy = Policy(init.get("denied_paths", []), os.getcwd(),
-                             [init.get("plugins_dir") or "", *(init.get("sys_path") or [])])
         self.cls = None
         self.instance = None
         self.version: int | None = None
         self.config: dict[str, Any] = {}
-        self.scopes: list[str] = []
-        self.allowed_hosts: list[str] = []
 
     # -- lifecycle ------------------------------------------------------------------------------
     def setup(self, msg: dict[str, Any]) -> dict[str, Any]:
         self.teardown()
         self.config = msg.get("config") or {}
-        self.scopes = list(msg.get("scopes") or [])
-        self.allowed_hosts = list(msg.get("allowed_hosts") or [])
         self.version = msg.get("version")
         instance = self.cls()
         instance.setup(self.config, Storage(self.channel, "plugin"))
@@ -282,7 +371,7 @@ class Worker:
 
     # -- hooks ----------------------------------------------------------------------------------
     def invoke(self, msg: dict[str, Any]) -> dict[str, Any]:
-        from .base import HookContext, Identity, Result, SCOPE_TICKETS
+        from .base import HookContext, Identity, Result
         from .httpclient import HttpClient
 
         if self.instance is None:
@@ -290,7 +379,7 @@ class Worker:
         ctx_in = msg.get("ctx") or {}
         user = msg.get("user") or {}
         sources = [dict(s) for s in ctx_in.get("sources") or []]
-        http = HttpClient(self.channel.rpc, timeout=float(msg.get("http_timeout") or 5.0))
+        # Scopes are enforced by the web process when it serves these calls, not here.
         ctx = HookContext(
             stage=msg["stage"], message=ctx_in.get("message", ""), query=ctx_in.get("query", ""),
             intent=msg.get("intent"), confidence=msg.get("confidence"), slots=dict(msg.get("slots") or {}),
@@ -298,9 +387,9 @@ class Worker:
                           groups=tuple(user.get("groups") or ())),
             config=self.config, history=list(ctx_in.get("history") or []), sources=sources,
             plugin_results=list(ctx_in.get("plugin_results") or []), answer=ctx_in.get("answer"),
-            storage=Storage(self.channel, "plugin"), user_storage=Storage(self.channel, "user"), http=http,
-            tickets=Tickets(self.channel) if SCOPE_TICKETS in self.scopes else _NoTickets(self.policy),
-            conversation_id=ctx_in.get("conversation_id"),
+            storage=Storage(self.channel, "plugin"), user_storage=Storage(self.channel, "user"),
+            http=HttpClient(self.channel.rpc, timeout=float(msg.get("http_timeout") or 5.0)),
+            tickets=Tickets(self.channel), conversation_id=ctx_in.get("conversation_id"),
         )
         original_query = ctx.query
         returned = getattr(self.instance, msg["method"])(ctx)
@@ -328,7 +417,6 @@ class Worker:
         from .base import PluginError
 
         op = msg.get("op")
-        self.policy.reset([])  # no sockets at all: HTTP goes through the platform over the pipe
         reply: dict[str, Any] = {"op": "done", "outcome": "ok"}
         try:
             if op == "setup":
@@ -349,21 +437,15 @@ class Worker:
             reply = {"op": "done", "outcome": exc.outcome, "error": _error_payload(exc)}
         except Exception as exc:  # noqa: BLE001 - any plugin failure is reported, never fatal to the worker
             reply = {"op": "done", "outcome": "error", "error": _error_payload(exc)}
-        if self.policy.denials:
-            # A forbidden attempt marks the whole call, even if the plugin caught the error and carried on.
-            reply = {"op": "done", "outcome": "denied", "error": self.policy.denials[0], "result": None, "patch": {}}
+        # Refusals were reported to the web process as they happened; it marks the call "denied" itself.
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        reply["cpu"] = round(usage.ru_utime + usage.ru_stime, 3)
         return reply
 
 
-def _limit_memory(limit_mb: int | None) -> None:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if limit_mb:
-        limit = int(limit_mb) * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
 def _watch_parent() -> None:
-    """Exit when the web process dies, even if a plugin is stuck (nobody would ever kill us)."""
+    """Without a sandbox: exit when the web process dies, even if a plugin is stuck (bubblewrap's
+    --die-with-parent does this in the sandbox)."""
     parent = os.getppid()
 
     def watch() -> None:
@@ -375,38 +457,53 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _describe(units: list[dict[str, str]], channel: _Channel) -> None:
+    """Describe the plugin at each location; the web process, not the module, decides the names."""
+    from .discovery import describe_unit
+
+    out = []
+    for unit in units:
+        channel.send({"op": "importing", "source": unit["source"], "ref": unit["ref"]})
+        out.append(describe_unit(unit["source"], unit["ref"], unit["name"]))
+    channel.send({"op": "catalogue", "units": out})
+
+
 def main() -> None:
+    import site
+
     # The protocol owns the original stdout; anything a plugin prints goes to stderr instead.
-    proto_out = os.fdopen(os.dup(1), "wb")
+    writer = PipeWriter(os.dup(1))
     os.dup2(2, 1)
     sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), write_through=True)
-    channel = _Channel(sys.stdin.buffer, proto_out)
-    _watch_parent()
+    channel = _Channel(sys.stdin.buffer, writer)
     init = channel.recv()
-    _limit_memory(init.get("memory_limit_mb"))
-    worker = Worker(channel, init)
-    sys.addaudithook(worker.policy.audit)
-
-    from .discovery import discover, load_plugin_class
-
+    if not init.get("sandboxed"):
+        _watch_parent()
+    for extra in init.get("site_dirs") or []:
+        site.addsitedir(extra)
     for extra in reversed(init.get("sys_path") or []):
         sys.path.insert(1, extra)
-    if init.get("mode") == "discover":
-        found, errors = discover(plugins_dir=init.get("plugins_dir"), dotted_paths=init.get("dotted_paths") or [],
-                                 entry_points=init.get("entry_points", True), builtins=init.get("builtins", True),
-                                 skip=set(init.get("skip") or ()),
-                                 on_import=lambda source, ref: channel.send({"op": "importing", "source": source,
-                                                                             "ref": ref}))
-        channel.send({"op": "catalogue", "plugins": [f.describe() for f in found],
-                      "errors": [e.to_dict() for e in errors]})
-        return
+    # Everything the worker itself needs is imported before plugin code can run.
+    from . import base, discovery, httpclient  # noqa: F401
+
+    apply_limits(init)
+    seccomp = install_seccomp() if init.get("seccomp", True) else False
+    for name in [m for m in sys.modules if m == "ctypes" or m.startswith("ctypes.")]:
+        del sys.modules[name]  # re-importing ctypes needs dlopen, which the hook refuses
+    sys.addaudithook(make_audit_hook(writer=writer, scratch=os.getcwd(),
+                                     denied_paths=tuple(init.get("denied_paths") or ()),
+                                     readable=tuple(init.get("readable_paths") or ())))
+    if init.get("mode") == "describe":
+        _describe(list(init.get("units") or []), channel)
+        os._exit(0)
     spec = init["plugin"]
+    worker = Worker(channel, init)
     try:
-        worker.cls = load_plugin_class(spec["source"], spec["ref"], spec["name"])
+        worker.cls = discovery.load_plugin_class(spec["source"], spec["ref"], spec["name"])
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which records a load error
         channel.send({"op": "load_error", "error": _error_payload(exc)})
-        return
-    channel.send({"op": "ready", "plugin": worker.cls.describe()})
+        os._exit(0)
+    channel.send({"op": "ready", "seccomp": seccomp})
     while True:
         try:
             msg = channel.recv()

@@ -51,12 +51,25 @@ def test_labelled_set_is_ingested_once_and_scored_per_mode_and_subset(encode_cou
     assert "| bm25 " in text and "hit@3" in text and "tag:cross-lingual" in text
     assert encode_counter["texts"] == encoded  # BM25 needs no query vector either
 
+    # Calibration on the set: the chosen settings are stored on the base and used by the evaluation after it.
+    calibrated = json.loads(evaluate("--kb", "eval-handbook", "--mode", "hybrid", "--calibrate", "--save", "--json"))
+    cal = calibrated["calibration"]
+    kb.refresh_from_db()
+    assert cal["saved"] and cal["queries"] == 6 and cal["cross_validation"]["folds"] == 2
+    assert [kb.fusion, kb.rrf_k, kb.dense_weight, kb.mmr_lambda] == [cal["chosen"][k] for k in
+                                                                     ("fusion", "rrf_k", "dense_weight", "mmr_lambda")]
+    assert kb.retrieval_calibration["source"].endswith("handbook.jsonl")
+    assert cal["chosen_score"] >= cal["current_score"]
+    assert calibrated["results"][0]["metrics"]["mrr@10"] == pytest.approx(cal["chosen_score"])
+
 
 def test_bad_inputs_are_command_errors(tmp_path):
     with pytest.raises(CommandError, match="--kb"):
         evaluate()
     with pytest.raises(CommandError, match="No knowledge base"):
         evaluate("--kb", "absent")
+    with pytest.raises(CommandError, match="--save goes with --calibrate"):
+        evaluate("--kb", "absent", "--save")
     with pytest.raises(CommandError, match="No documents folder"):
         evaluate("--documents", str(tmp_path / "absent"))
     broken = tmp_path / "broken.jsonl"

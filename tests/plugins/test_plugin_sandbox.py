@@ -170,7 +170,11 @@ def test_platform_data_is_unreadable_even_when_plugins_live_beside_it(plugins_di
     assert ctx.plugin_results[0].ok is False
     record = _last("reader")
     assert (record.outcome, record.error_code) == ("denied", "operation_not_allowed")
-    assert "reading platform data" in record.error_message
+    assert "(platform data)" in record.error_message
+    enable("reader", config={"path": str(plugins_dir / "reader.py")})
+    ctx = _run(user, make_turn, "read it")
+    assert ctx.plugin_results[0].ok and "class Reader" in ctx.plugin_results[0].content
+    # Only its own code is in its sandbox: the neighbouring plugin's module is not there at all.
     enable("reader", config={"path": str(plugins_dir / "recorder.py")})
     ctx = _run(user, make_turn, "read it")
-    assert ctx.plugin_results[0].ok and "class Recorder" in ctx.plugin_results[0].content
+    assert ctx.plugin_results[0].ok is False and _last("reader").outcome == "denied"

@@ -28,23 +28,56 @@ def rrf(result_lists: Sequence[Sequence[tuple[int, float]]], k: int = 60, weight
     return _sorted(scores, best_rank)
 
 
-def weighted_fusion(result_lists: Sequence[Sequence[tuple[int, float]]], weights: Sequence[float] | None = None) -> Ranked:
-    """Convex combination of per-list min-max normalised scores (missing from a list = 0).
+def weighted_fusion(result_lists: Sequence[Sequence[tuple[int, float]]], weights: Sequence[float] | None = None,
+                    normalization: str = "minmax") -> Ranked:
+    """Convex combination of per-list normalised scores.
 
-    Weights are non-negative and rescaled to sum to 1. A list whose scores are all equal
-    normalises to 1.0 for each of its members.
+    ``normalization="minmax"``: each list is scaled to [0, 1]; an id missing from a list scores 0 there
+    (the list's minimum). A list whose scores are all equal normalises to 1.0 for each of its members.
+    ``normalization="zscore"``: each list is standardised ((s - mean) / std); an id missing from a list
+    gets that list's lowest standardised score, so absence never beats presence. Weights are
+    non-negative and rescaled to sum to 1.
     """
+    if normalization not in ("minmax", "zscore"):
+        raise ValueError(f"unknown normalization {normalization!r}")
     weights = _weights(result_lists, weights)
     total = sum(weights)
     if total <= 0:
         raise ValueError("at least one weight must be positive")
+    normalise = _min_max if normalization == "minmax" else _z_score
+    normalised_lists = [normalise(results) for results in result_lists]
+    floors = [min((score for _, score in lst), default=0.0) for lst in normalised_lists]
+    all_ids = {doc_id for lst in normalised_lists for doc_id, _ in lst}
     scores: dict[int, float] = {}
     best_rank: dict[int, int] = {}
-    for weight, results in zip(weights, result_lists):
-        for rank, (doc_id, normalised) in enumerate(_min_max(results), start=1):
-            scores[doc_id] = scores.get(doc_id, 0.0) + (weight / total) * normalised
+    for weight, normalised, floor in zip(weights, normalised_lists, floors):
+        present = dict(normalised)
+        if normalization == "zscore":
+            for doc_id in all_ids:  # absent ids score the list's floor
+                scores[doc_id] = scores.get(doc_id, 0.0) + (weight / total) * present.get(doc_id, floor)
+        else:
+            for doc_id, value in normalised:
+                scores[doc_id] = scores.get(doc_id, 0.0) + (weight / total) * value
+        for rank, (doc_id, _) in enumerate(normalised, start=1):
             best_rank[doc_id] = min(best_rank.get(doc_id, rank), rank)
     return _sorted(scores, best_rank)
+
+
+FUSIONS = ("rrf", "weighted", "zscore")
+
+
+def fuse(kind: str, dense: Sequence[tuple[int, float]], bm25: Sequence[tuple[int, float]], *, rrf_k: int = 60,
+         dense_weight: float = 0.5) -> Ranked:
+    """The hybrid ranking of one knowledge base: ``kind`` is ``rrf`` (rank-based, k = ``rrf_k``),
+    ``weighted`` (min-max convex combination) or ``zscore`` (z-score convex combination), the last two
+    with ``dense_weight`` for the dense list and the rest for BM25. The one place retrieval and
+    calibration both fuse, so a calibrated setting means the same thing when it is served."""
+    if kind == "rrf":
+        return rrf([dense, bm25], k=rrf_k)
+    if kind in ("weighted", "zscore"):
+        return weighted_fusion([dense, bm25], [dense_weight, 1.0 - dense_weight],
+                               normalization="minmax" if kind == "weighted" else "zscore")
+    raise ValueError(f"unknown fusion {kind!r}")
 
 
 def _weights(result_lists: Sequence[Sequence[tuple[int, float]]], weights: Sequence[float] | None) -> list[float]:
@@ -65,6 +98,17 @@ def _min_max(results: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
     if high == low:
         return [(doc_id, 1.0) for doc_id, _ in results]
     return [(doc_id, (score - low) / (high - low)) for doc_id, score in results]
+
+
+def _z_score(results: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    if not results:
+        return []
+    values = np.asarray([score for _, score in results], dtype=np.float64)
+    std = float(values.std())
+    if std == 0.0:
+        return [(doc_id, 0.0) for doc_id, _ in results]
+    mean = float(values.mean())
+    return [(doc_id, (score - mean) / std) for doc_id, score in results]
 
 
 def _sorted(scores: dict[int, float], best_rank: dict[int, int]) -> Ranked:

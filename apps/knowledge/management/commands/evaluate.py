@@ -32,13 +32,26 @@ class Command(BaseCommand):
         parser.add_argument("--kb", help=_("Knowledge base slug (default: a scratch base eval-<name>)"))
         parser.add_argument("--chunk-tokens", type=int)
         parser.add_argument("--chunk-overlap", type=int)
+        parser.add_argument("--calibrate", action="store_true",
+                            help=_("Choose fusion (RRF k, min-max or z-score weight) on training queries first: with "
+                                   "--dataset the --calibration-split queries, with --questions the question set "
+                                   "itself (2-fold cross-validated figures are printed too)"))
+        parser.add_argument("--calibration-split", default="train",
+                            help=_("BEIR split to calibrate on (default: train)"))
+        parser.add_argument("--mmr", action="store_true", help=_("With --calibrate: also try MMR lambdas"))
+        parser.add_argument("--save", action="store_true",
+                            help=_("With --calibrate: store the chosen settings on the knowledge base (used by "
+                                   "retrieval and by the evaluation that follows)"))
         parser.add_argument("--json", action="store_true", help=_("One JSON object on stdout instead of tables"))
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, dataset, questions, documents, mode, split, kb, chunk_tokens, chunk_overlap, json,
-               no_progress, **options):
+               no_progress, calibrate, calibration_split, mmr, save, **options):
         prepare_process("worker")
         self.as_json = json
+        self.calibration = {"on": calibrate, "split": calibration_split, "mmr": mmr, "save": save}
+        if save and not calibrate:
+            raise CommandError(_("--save goes with --calibrate."))
         modes = mode or MODES
         if dataset:
             if documents:
@@ -69,6 +82,9 @@ class Command(BaseCommand):
         stats = evaluation.beir_corpus_load(knowledge_base=knowledge_base, corpus=corpus, on_progress=bar.update)
         bar.close()
         self._corpus_table(root.name, stats)
+        calibration = None
+        if self.calibration["on"]:
+            calibration = self._beir_calibrate(root, knowledge_base, no_progress)
         rows, results = [], []
         for name in modes:
             bar = progress(len(queries), f"queries ({name})", unit="query", disable=no_progress)
@@ -88,7 +104,29 @@ class Command(BaseCommand):
                     f"{knowledge_base.chunk_overlap} tokens; references: all-MiniLM-L6-v2 dense 0.645 (MTEB), "
                     "BM25 0.665 (BEIR paper)")
         return {"dataset": root.name, "split": split, "knowledge_base": knowledge_base.slug,
-                "corpus": _stats_dict(stats), "results": results}
+                "corpus": _stats_dict(stats), "calibration": calibration, "results": results}
+
+    def _beir_calibrate(self, root: Path, knowledge_base, no_progress) -> dict:
+        from apps.knowledge import evaluation
+
+        split = self.calibration["split"]
+        try:
+            _, train_queries, train_qrels = evaluation.load_beir(root, split=split)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CommandError(_("No readable %(split)s split: %(error)s") % {"split": split, "error": exc})
+        ids = list(train_queries)
+        bar = progress(len(ids), f"calibration candidates ({split})", unit="query", disable=no_progress)
+        candidates = evaluation.query_candidates(knowledge_base=knowledge_base, queries=[train_queries[i] for i in ids],
+                                                 depth=evaluation.RUN_DEPTH_DOCUMENTS * 4,
+                                                 with_vectors=self.calibration["mmr"], on_progress=bar.update)
+        bar.close()
+        metric = evaluation.beir_metric(knowledge_base=knowledge_base, query_ids=ids, qrels=train_qrels)
+        result = evaluation.ranking_calibrate(knowledge_base=knowledge_base, candidates=candidates, metric=metric,
+                                              objective=f"nDCG@10 on {root.name} {split}",
+                                              source=f"{root.name}:{split}", save=self.calibration["save"],
+                                              try_mmr=self.calibration["mmr"])
+        self._calibration_table(result)
+        return result.to_dict()
 
     # -- labelled question sets ------------------------------------------------------------
 
@@ -127,6 +165,21 @@ class Command(BaseCommand):
         if missing:
             self.stderr.write(_("warning: %(count)d question(s) expect a document the knowledge base does not have: "
                                 "%(names)s") % {"count": len(missing), "names": ", ".join(sorted(missing)[:5])})
+        calibration = None
+        if self.calibration["on"]:
+            bar = progress(len(questions), "calibration candidates", unit="question", disable=no_progress)
+            candidates = evaluation.query_candidates(knowledge_base=knowledge_base,
+                                                     queries=[q.question for q in questions],
+                                                     depth=evaluation.LABELLED_DEPTH,
+                                                     with_vectors=self.calibration["mmr"], on_progress=bar.update)
+            bar.close()
+            metric = evaluation.labelled_metric(knowledge_base=knowledge_base, questions=questions)
+            result = evaluation.ranking_calibrate(knowledge_base=knowledge_base, candidates=candidates, metric=metric,
+                                                  objective=f"MRR@10 on {path.name}", source=str(path),
+                                                  save=self.calibration["save"], cross_validate=True,
+                                                  try_mmr=self.calibration["mmr"])
+            self._calibration_table(result)
+            calibration = result.to_dict()
         rows, subset_rows, results = [], [], []
         for name in modes:
             bar = progress(len(questions), f"questions ({name})", unit="question", disable=no_progress)
@@ -150,7 +203,7 @@ class Command(BaseCommand):
                     f"{evaluation.PASSAGE_COVERAGE:.0%} of the passage's token bigrams")
         return {"questions_file": str(path), "knowledge_base": knowledge_base.slug,
                 "corpus": _stats_dict(stats) if stats else None, "missing_documents": sorted(missing),
-                "results": results}
+                "calibration": calibration, "results": results}
 
     # -- output -----------------------------------------------------------------------------
 
@@ -164,6 +217,19 @@ class Command(BaseCommand):
         if stats.failures:
             self._write(table(["file", "error", "reason"],
                               [[f.name, f.error_code, f.error_message] for f in stats.failures]))
+
+    def _calibration_table(self, result) -> None:
+        from apps.knowledge.rag.calibration import RankingParams
+
+        rows = [["current", RankingParams(**result.current).label(), f"{result.current_score:.4f}"],
+                ["chosen", RankingParams(**result.chosen).label(), f"{result.chosen_score:.4f}"]]
+        rows += [[f"#{i}", label, f"{value:.4f}"] for i, (label, value) in enumerate(result.scored[:5], start=1)]
+        if result.cross_validation:
+            cv = result.cross_validation
+            rows.append([f"{cv['folds']}-fold held-out", "chosen / current",
+                         f"{cv['held_out']:.4f} / {cv['current_held_out']:.4f}"])
+        rows.append(["saved on the base", "yes" if result.saved else "no (add --save)", ""])
+        self._write(table(["calibration", result.objective, f"{result.queries} queries"], rows))
 
     def _write(self, text: str) -> None:
         if not self.as_json:
