@@ -3,7 +3,7 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-    dependencies = [("knowledge", "0005_retrieval_calibration")]
+    dependencies = [("knowledge", "0006_chunk_search_context")]
 
     operations = [
         # Existing bases keep the model their vectors were built with; new ones get the default.
