@@ -1,6 +1,7 @@
 """Writes for conversations and the chat turn used by REST, the websocket and the web page alike."""
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import secrets
@@ -12,7 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
-from django.utils import timezone
+from django.utils import timezone, translation
 from django.utils.translation import gettext
 
 from apps.core.errors import ApplicationError, NotFound
@@ -103,6 +104,8 @@ class ChatTurnResult:
 
 
 _FOLLOW_UP_START = re.compile(r"^\s*(and|but|also|so|then|or|what about|how about|and what|same for|why)\b", re.I)
+# Chinese follow-ups: "那要多久？", "还有呢", "它支持微信支付吗？" (no word boundaries in Chinese).
+_ZH_FOLLOW_UP = re.compile(r"^\s*(那|那么|还有|另外|而且|但是|可是|如果是|同样|它|它们|这个|那个|这些|那些|这样)|它")
 _ANAPHORA = frozenset("it its it's that this those these they them their there he she him her his hers one ones "
                       "same such former latter".split())
 
@@ -115,7 +118,8 @@ def contextualise(message: str, state: dict[str, Any]) -> str:
     if not previous:
         return message
     words = re.findall(r"[a-z']+", message.lower())
-    follow_up = (bool(_FOLLOW_UP_START.match(message)) or any(w in _ANAPHORA for w in words)
+    follow_up = (bool(_FOLLOW_UP_START.match(message) or _ZH_FOLLOW_UP.search(message))
+                 or any(w in _ANAPHORA for w in words)
                  or len(terms(message)) <= 1)
     if not follow_up:
         return message
@@ -273,7 +277,8 @@ def turn_open(*, user: AbstractBaseUser, session_id: str | None, message: Any, k
         _touch(conversation, message)
     spec = {"turn_id": turn_id, "session_id": conversation.session_id, "conversation_id": conversation.pk,
             "user_id": user.pk, "message": message, "knowledge_bases": [kb.slug for kb in kbs] if kbs else None,
-            "channel": channel, "user_message_id": user_msg.pk, "message_id": reply.pk, "created": time.time()}
+            "channel": channel, "user_message_id": user_msg.pk, "message_id": reply.pk, "created": time.time(),
+            "language": translation.get_language()}
     try:
         writer = turn_create(turn_id, spec=spec, session_id=conversation.session_id)
         writer.emit({"type": "turn", "turn_id": turn_id, "session_id": conversation.session_id,
@@ -479,6 +484,17 @@ def _emit_error(writer, exc: ApplicationError) -> None:
         pass
 
 
+def _in_turn_language(func):
+    """A turn runs in a background thread or, after a takeover, on another instance: it speaks the
+    interface language of the request that opened it (messages, "nothing found"), not the process's."""
+    @functools.wraps(func)
+    def wrapper(spec: dict[str, Any], *args, **kwargs):
+        with translation.override(spec.get("language") or settings.LANGUAGE_CODE):
+            return func(spec, *args, **kwargs)
+    return wrapper
+
+
+@_in_turn_language
 def turn_execute(spec: dict[str, Any], writer, *, on_token: TokenCallback | None = None,
                  shown: str | None = None, user: AbstractBaseUser | None = None) -> ChatTurnResult:
     """Generate the answer of an opened turn while holding its lease (writer). Idempotent across
