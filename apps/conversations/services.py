@@ -13,6 +13,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from django.utils import translation
 from django.utils.translation import gettext
 
 from apps.core.errors import ApplicationError, NotFound
@@ -273,7 +274,9 @@ def turn_open(*, user: AbstractBaseUser, session_id: str | None, message: Any, k
         _touch(conversation, message)
     spec = {"turn_id": turn_id, "session_id": conversation.session_id, "conversation_id": conversation.pk,
             "user_id": user.pk, "message": message, "knowledge_bases": [kb.slug for kb in kbs] if kbs else None,
-            "channel": channel, "user_message_id": user_msg.pk, "message_id": reply.pk, "created": time.time()}
+            "channel": channel, "user_message_id": user_msg.pk, "message_id": reply.pk, "created": time.time(),
+            # The requester's language: a background thread or another instance answers in it too.
+            "language": translation.get_language()}
     try:
         writer = turn_create(turn_id, spec=spec, session_id=conversation.session_id)
         writer.emit({"type": "turn", "turn_id": turn_id, "session_id": conversation.session_id,
@@ -483,6 +486,12 @@ def turn_execute(spec: dict[str, Any], writer, *, on_token: TokenCallback | None
                  shown: str | None = None, user: AbstractBaseUser | None = None) -> ChatTurnResult:
     """Generate the answer of an opened turn while holding its lease (writer). Idempotent across
     instances: an answer already completed is only re-announced."""
+    with translation.override(spec.get("language") or translation.get_language()):
+        return _turn_execute(spec, writer, on_token=on_token, shown=shown, user=user)
+
+
+def _turn_execute(spec: dict[str, Any], writer, *, on_token: TokenCallback | None, shown: str | None,
+                  user: AbstractBaseUser | None) -> ChatTurnResult:
     from django.contrib.auth import get_user_model
 
     from .turn_stream import LeaseLost

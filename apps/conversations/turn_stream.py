@@ -31,6 +31,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from django.conf import settings
@@ -558,6 +559,17 @@ def is_local(turn_id: str) -> bool:
     return _keeper.is_local(turn_id)
 
 
+# Blocking reads of followers on other instances (XREAD BLOCK up to idle_seconds) get their own threads,
+# so that many resumed streams cannot starve the default executor that chat turns and the ORM use.
+_read_pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="turn-read")
+
+
+async def _off_loop(fn, *args, **kwargs):
+    import functools
+
+    return await asyncio.get_running_loop().run_in_executor(_read_pool, functools.partial(fn, *args, **kwargs))
+
+
 async def turn_follow(turn_id: str, *, after: int = 0, idle_seconds: float = 1.0,
                       on_orphan: Callable[[str], Any] | None = None) -> AsyncIterator[Event]:
     """Every event of a turn after offset `after`, until a terminal one.
@@ -579,7 +591,7 @@ async def turn_follow(turn_id: str, *, after: int = 0, idle_seconds: float = 1.0
     unsubscribe = _subscribe(turn_id, deliver)
     last = after
     try:
-        for offset, event in await asyncio.to_thread(backend.read, turn_id, after=after):
+        for offset, event in await _off_loop(backend.read, turn_id, after=after):
             last = offset
             yield offset, event
             if event.get("type") in TERMINAL:
@@ -594,10 +606,10 @@ async def turn_follow(turn_id: str, *, after: int = 0, idle_seconds: float = 1.0
                 except asyncio.TimeoutError:
                     batch = []
             else:
-                batch = await asyncio.to_thread(backend.wait, turn_id, after=last, timeout=idle_seconds)
+                batch = await _off_loop(backend.wait, turn_id, after=last, timeout=idle_seconds)
             if batch and batch[0][0] > last + 1:
                 # Local delivery skipped something (subscribed late, or a takeover here): fill from the log.
-                batch = await asyncio.to_thread(backend.read, turn_id, after=last)
+                batch = await _off_loop(backend.read, turn_id, after=last)
             fresh = [e for e in batch if e[0] > last]
             for offset, event in fresh:
                 last = offset
@@ -607,9 +619,9 @@ async def turn_follow(turn_id: str, *, after: int = 0, idle_seconds: float = 1.0
             if fresh:
                 continue
             # Quiet: is anyone still generating it?
-            holder = await asyncio.to_thread(backend.lease_holder, turn_id)
+            holder = await _off_loop(backend.lease_holder, turn_id)
             if holder is None:
-                tail = await asyncio.to_thread(backend.read, turn_id, after=last)
+                tail = await _off_loop(backend.read, turn_id, after=last)
                 if tail:
                     for offset, event in tail:
                         last = offset
@@ -617,9 +629,9 @@ async def turn_follow(turn_id: str, *, after: int = 0, idle_seconds: float = 1.0
                         if event.get("type") in TERMINAL:
                             return
                     continue
-                if await asyncio.to_thread(backend.spec, turn_id) is None:
+                if await _off_loop(backend.spec, turn_id) is None:
                     return  # expired or never existed
                 if on_orphan is not None:
-                    await asyncio.to_thread(on_orphan, turn_id)
+                    await _off_loop(on_orphan, turn_id)
     finally:
         unsubscribe()

@@ -51,23 +51,45 @@ class _LLMHandler(BaseHTTPRequestHandler):
         system = messages[0]["content"] if messages else ""
         sources = sorted({int(n) for n in re.findall(r"^\[(\d+)\]", system, re.M)})
         dialogue = [{"role": m["role"], "content": m["content"]} for m in messages[1:-1]]
-        # Cite every source, so the response shows all that retrieval returned.
-        text = "".join(f"[{n}]" for n in sources) + " SEEN " + json.dumps(dialogue)
+        question = messages[-1]["content"] if messages else ""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Connection", "close")
         self.end_headers()
-        for piece in (text[: len(text) // 2], text[len(text) // 2:]):
+        if question.startswith("SLOW"):
+            # A deliberately slow model: one word every SLOW_DELAY seconds, the same words every time.
+            pieces = slow_answer_pieces(question)
+        else:
+            # Cite every source, so the response shows all that retrieval returned.
+            text = "".join(f"[{n}]" for n in sources) + " SEEN " + json.dumps(dialogue)
+            pieces = [text[: len(text) // 2], text[len(text) // 2:]]
+        for piece in pieces:
+            if question.startswith("SLOW"):
+                time.sleep(SLOW_DELAY)
             chunk = {"choices": [{"delta": {"content": piece}}]}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            try:
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the instance asking was killed mid-answer
         usage = {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
         self.wfile.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
         self.wfile.flush()
         self.close_connection = True
 
 
+SLOW_DELAY = 0.1
+SLOW_WORDS = 40
+
+
+def slow_answer_pieces(question: str) -> list[str]:
+    """The slow model's answer to `question`: SLOW_WORDS words, citing source [1]."""
+    return ["Slowly [1]:"] + [f" w{i}" for i in range(SLOW_WORDS - 2)] + [" done."]
+
+
 class FakeLLM:
-    """An OpenAI-compatible chat-completions server (streamed) whose answer is the dialogue it received."""
+    """An OpenAI-compatible chat-completions server (streamed) whose answer is the dialogue it received;
+    a question starting with SLOW gets a fixed answer, one word every SLOW_DELAY seconds."""
 
     def __init__(self) -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _LLMHandler)

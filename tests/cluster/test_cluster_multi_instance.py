@@ -11,6 +11,8 @@ The scenarios run in file order on one cluster (booting it is the expensive part
              fail and never mix versions; the propagation time is measured and printed
   (b)        kill -9 of the instance that served the last turn: the next turn continues elsewhere
   nginx      (a) and (b) again through deploy/nginx.conf, where nginx is installed
+  resume     through nginx: kill -9 of the instance streaming a slow answer over a websocket; the client
+             reconnects, resumes from its offset and receives one complete answer (gap printed)
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import httpx
 import pytest
 
 from tests.cluster.support import side_redis_url
-from tests.cluster.harness import AdminSession, Cluster, FakeLLM, metric, seen_dialogue, wait_until
+from tests.cluster.harness import (AdminSession, Cluster, FakeLLM, metric, seen_dialogue, slow_answer_pieces,
+                                   wait_until)
 from tests.helpers import ROOT, VENV_BIN
 
 # django_db: pytest-django creates the test database only for sessions with marked tests. The tests
@@ -94,7 +97,9 @@ def cluster(request, django_db_setup, django_db_blocker, redis_url):
     print(f"\n[cluster] process logs in {workdir}")
     c = Cluster(redis_url=side_redis_url(redis_url), workdir=workdir,
                 extra_env={"GENERATOR": "openai", "LLM_BASE_URL": llm.base_url, "LLM_MODEL": "fake",
-                           "API_KEY_CACHE_SECONDS": "300", "KNOWLEDGE_REBUILD_DELAY_SECONDS": "0.2"})
+                           "API_KEY_CACHE_SECONDS": "300", "KNOWLEDGE_REBUILD_DELAY_SECONDS": "0.2",
+                           # A killed instance's turn is taken over once its lease lapses (resumable answers).
+                           "TURN_LEASE_SECONDS": "2"})
     c.llm = llm
     with django_db_blocker.unblock():
         User = get_user_model()
@@ -486,3 +491,100 @@ def test_through_nginx_affinity_and_failover(cluster):
     # Without a session id, requests spread over the instances.
     spread = {c.alice.chat(lb.url, RETURN_QUESTION).headers["x-instance-id"] for _ in range(9)}
     assert len(spread) >= 2, spread
+
+
+# --- resumable answers: kill -9 of the instance streaming an answer ---------------------------------
+def _recv_until_closed_or_done(ws, frames: list, stamps: list, stop_after_tokens: int | None = None) -> bool:
+    """Append frames until the answer (True), the socket closes (False) or enough tokens arrived (None)."""
+    import json as _json
+
+    from websockets.exceptions import ConnectionClosed
+
+    while True:
+        try:
+            frame = _json.loads(ws.recv(timeout=60))
+        except ConnectionClosed:
+            return False
+        frames.append(frame)
+        stamps.append(time.monotonic())
+        if frame["type"] in ("answer", "error"):
+            return True
+        if stop_after_tokens and sum(f["type"] == "token" for f in frames) >= stop_after_tokens:
+            return None
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (CI installs Debian's nginx)")
+def test_kill_9_of_the_instance_streaming_an_answer_resumes_elsewhere(cluster):
+    import json as _json
+
+    from websockets.sync.client import connect as ws_connect
+
+    c = cluster
+    ensure_three(c)
+    lb = c.nginx if c.nginx and c.nginx.alive() else c.start_nginx(WEB)
+    session = f"resume-{uuid.uuid4().hex[:12]}"
+    question = "SLOW: how are refunds paid, step by step?"
+    expected = "".join(slow_answer_pieces(question)).strip()
+    url = f"ws://127.0.0.1:{lb.port}/ws/chat/{session}/"
+    headers = {"Authorization": c.alice.headers["Authorization"]}
+    origin = f"http://127.0.0.1:{lb.port}"
+    frames: list[dict] = []
+    stamps: list[float] = []
+    with ws_connect(url, origin=origin, additional_headers=headers, open_timeout=30) as ws:
+        ws.send(_json.dumps({"type": "message", "message": question, "knowledge_bases": ["policies"]}))
+        assert _recv_until_closed_or_done(ws, frames, stamps, stop_after_tokens=8) is None
+        turn_id = frames[0]["turn_id"]
+        owner = c.redis().get(f"{c.prefix}:turn:{turn_id}:lease").decode()
+        victim = next(n for n in WEB if owner.startswith(c.instance_id(n) + ":"))
+        last_before = stamps[-1]
+        killed = time.monotonic()
+        c.kill9(victim)
+        # Frames already in flight may still arrive; then the socket drops.
+        assert _recv_until_closed_or_done(ws, frames, stamps) is False
+    closed = time.monotonic()
+    offset_before = frames[-1]["offset"]
+    reconnected = None
+    for attempt in range(20):  # nginx skips the dead instance; the same session lands elsewhere
+        try:
+            ws = ws_connect(url, origin=origin, additional_headers=headers, open_timeout=10)
+            reconnected = time.monotonic()
+            break
+        except Exception:
+            time.sleep(0.1)
+    assert reconnected is not None, "could not reconnect through nginx"
+    resumed_frames: list[dict] = []
+    resumed_stamps: list[float] = []
+    with ws:
+        ws.send(_json.dumps({"type": "resume", "turn_id": turn_id, "offset": offset_before}))
+        assert _recv_until_closed_or_done(ws, resumed_frames, resumed_stamps) is True, resumed_frames[-3:]
+    all_frames = frames + resumed_frames
+    assert [f["offset"] for f in all_frames] == list(range(1, len(all_frames) + 1))  # nothing lost, nothing twice
+    text = ""
+    for frame in all_frames:
+        if frame["type"] == "reset":
+            text = ""
+        elif frame["type"] == "token":
+            text += frame["text"]
+    answer = all_frames[-1]
+    assert answer["type"] == "answer", answer
+    assert text.strip() == expected == answer["answer"], (text, answer)
+    new_owner_frames = [s for f, s in zip(resumed_frames, resumed_stamps) if f["type"] == "token"]
+    # Exactly once in the database: one user message, one complete answer, seen alike by every instance.
+    for target in WEB:
+        if not c.instances[target].alive():
+            continue
+        page = c.alice.get(target, f"/api/v1/conversations/{session}/messages/").json()["results"]
+        assert [(m["role"], m["status"], m["content"]) for m in page] == [
+            ("user", "complete", question), ("assistant", "complete", expected)], page
+    takeovers = sum(metric(metrics_of(c, n), "kotaemon_chat_turn_takeovers_total") for n in WEB if n != victim)
+    assert takeovers >= 1
+    print(f"\n[cluster] resumable answer, kill -9 of {victim} after {offset_before} events "
+          f"({sum(f['type'] == 'token' for f in frames)} tokens) of a {len(slow_answer_pieces(question))}-token "
+          f"answer at 0.1 s/token, lease 2 s:"
+          f"\n[cluster]   kill -> socket closed {closed - killed:.2f} s; kill -> reconnected through nginx "
+          f"{reconnected - killed:.2f} s"
+          f"\n[cluster]   kill -> first event after resume {resumed_stamps[0] - killed:.2f} s; "
+          f"gap between the last token before and the first new token "
+          f"{(new_owner_frames[0] if new_owner_frames else resumed_stamps[-1]) - last_before:.2f} s"
+          f"\n[cluster]   kill -> complete answer {resumed_stamps[-1] - killed:.2f} s; "
+          f"resets {sum(f['type'] == 'reset' for f in all_frames)}; takeovers counted {takeovers:.0f}")

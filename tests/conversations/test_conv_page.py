@@ -122,3 +122,52 @@ def test_chat_in_a_real_browser(user, other_user):
     from apps.conversations.models import Message
 
     assert Message.objects.filter(conversation__session_id=theirs.session_id).count() == 2
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)
+def test_a_refresh_mid_answer_resumes_the_stream(user):
+    """A deliberately slow language model; the page is reloaded while the answer streams: the reloaded
+    page shows the saved part at once, replays the turn's log and ends with the one complete answer."""
+    from playwright.sync_api import sync_playwright
+
+    from apps.conversations.models import Message
+    from tests.conversations.slow_llm import SlowLLM
+    from tests.helpers import asgi_server, server_env
+
+    reset_conversation_runtime()
+    build_knowledge_base(user, slug="support")
+    llm = SlowLLM(delay=0.08, words=100)
+    question = "How do I request a refund?"
+    env = server_env(GENERATOR="openai", LLM_BASE_URL=llm.base_url, LLM_MODEL="slow", TURN_PERSIST_SECONDS="0.2")
+    try:
+        with asgi_server(env=env) as (addr, _proc), sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page.goto(f"http://{addr}/")
+            page.fill("#id_username", "alice")
+            page.fill("#id_password", "pw-alice-123")
+            page.click("button[type=submit]")
+            page.wait_for_selector("#message-input")
+            page.fill("#message-input", question)
+            page.keyboard.press("Enter")
+            page.wait_for_function("() => (document.querySelector('.msg.assistant .bubble.streaming') || {})"
+                                   ".textContent?.includes('-5')", timeout=60_000)
+            assert "?c=" in page.url
+            page.reload()
+            # The saved part is shown at once, before the stream resumes.
+            page.wait_for_selector(".msg.assistant .bubble.streaming", timeout=30_000)
+            answer = page.locator(".msg.assistant .bubble:not(.streaming)").last
+            answer.locator("a.cite").first.wait_for(timeout=60_000)
+            page.screenshot(path="/tmp/conv_refresh_resumed.png")
+            assert page.locator(".msg.user").count() == 1 and page.locator(".msg.assistant").count() == 1
+            text = answer.inner_text()
+            browser.close()
+    finally:
+        llm.stop()
+    expected = llm.expected(question)
+    assert expected.split(" [1]")[0] in text  # all of it, once (the marker is rendered as a link)
+    rows = off_loop(lambda: list(Message.objects.values_list("role", "status", "content").order_by("id")))
+    assert rows == [("user", "complete", question), ("assistant", "complete", expected)]
+    assert len(llm.requests) == 1  # one generation: the refresh neither restarted nor duplicated it

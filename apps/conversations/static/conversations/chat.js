@@ -1,4 +1,6 @@
 // Web chat: conversation list, streamed answers over the websocket, citations, feedback.
+// Answers survive a lost connection and a page refresh: every frame carries its offset in the turn's
+// event log, and a (re)connected socket asks for the rest with {"type": "resume", turn_id, offset}.
 // No framework: DOM built with textContent only, so no answer or title is ever parsed as HTML.
 // Strings come from Django's JavaScript catalog (/jsi18n/, loaded before this file): gettext and
 // interpolate only return text, which still goes into the DOM through textContent.
@@ -23,7 +25,8 @@
   let sessionId = null;
   let socket = null;
   let socketReady = null;
-  let pending = null; // {bubble, text}
+  let pending = null; // {bubble, text, turnId, offset}: the answer being streamed
+  let reconnects = 0;
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -224,19 +227,46 @@
     ws.sid = sid;
     socket = ws;
     socketReady = new Promise((resolve, reject) => {
-      ws.onopen = () => resolve(ws);
+      ws.onopen = () => { reconnects = 0; resolve(ws); };
       ws.onerror = () => reject(new Error(gettext("Could not connect to the chat service.")));
     });
     ws.onmessage = (event) => onFrame(JSON.parse(event.data));
+    ws.addEventListener("open", () => { if (pending && pending.turnId && pending.resumeOnOpen) resume(ws); });
     ws.onclose = () => {
-      if (pending) { failAssistant(pending.bubble, { message: gettext("The connection was lost. Please send your message again.") }); pending = null; setBusy(false); }
       if (socket === ws) socket = null;
+      if (!pending) return;
+      if (!pending.turnId || reconnects >= 8) {
+        failAssistant(pending.bubble, { message: gettext("The connection was lost. Please send your message again.") });
+        pending = null; setBusy(false);
+        return;
+      }
+      // The answer goes on being generated (by this instance or, if it died, another one): reconnect
+      // and ask for the rest from the last offset we have.
+      pending.bubble.classList.add("reconnecting");
+      pending.resumeOnOpen = true;
+      const delay = Math.min(4000, 250 * 2 ** reconnects++);
+      setTimeout(() => { if (pending && ws.sid === sessionId) connect(ws.sid).catch(() => {}); }, delay);
     };
     return socketReady;
   }
 
+  function resume(ws) {
+    pending.resumeOnOpen = false;
+    ws.send(JSON.stringify({ type: "resume", turn_id: pending.turnId, offset: pending.offset || 0 }));
+  }
+
   function onFrame(frame) {
-    if (frame.type === "token" && pending) {
+    if (pending && typeof frame.offset === "number") {
+      if (frame.offset <= (pending.offset || 0)) return; // already have it (a resume overlaps)
+      pending.offset = frame.offset;
+      pending.bubble.classList.remove("reconnecting");
+    }
+    if (frame.type === "turn" && pending) {
+      pending.turnId = frame.turn_id;
+    } else if (frame.type === "reset" && pending) {
+      pending.text = "";
+      pending.bubble.textContent = "";
+    } else if (frame.type === "token" && pending) {
       pending.text += frame.text;
       pending.bubble.textContent = pending.text;
       scrollDown();
@@ -246,6 +276,11 @@
       pending = null;
       setBusy(false);
       if (isNew) refreshList(); else bumpConversation(frame.session_id);
+    } else if (frame.type === "error" && frame.code === "turn_not_found" && pending) {
+      // The answer's log expired or was never there: the saved conversation is the truth.
+      pending = null;
+      setBusy(false);
+      openConversation(sessionId);
     } else if (frame.type === "error") {
       if (pending) { failAssistant(pending.bubble, frame); pending = null; }
       else { const bubble = addAssistantBubble(); failAssistant(bubble, frame); }
@@ -267,7 +302,7 @@
   async function send(text) {
     if (!sessionId) sessionId = newSessionId();
     addUserMessage(text);
-    pending = { bubble: addAssistantBubble(), text: "" };
+    pending = { bubble: addAssistantBubble(), text: "", turnId: null, offset: 0 };
     setBusy(true);
     try {
       const ws = await connect(sessionId);
@@ -292,17 +327,27 @@
     clearMessages(false);
     try {
       const data = await api("GET", `/api/v1/conversations/${encodeURIComponent(sid)}/messages/?limit=200`);
+      let streaming = null;
       for (const m of data.results) {
         if (m.role === "user") addUserMessage(m.content);
+        else if (m.status === "streaming") streaming = m;
         else finishAssistant(addAssistantBubble(), { answer: m.content, citations: m.citations, message_id: m.id,
           usage: { generator: m.generator, latency_ms: m.latency_ms } }, m.feedback);
+      }
+      if (streaming && streaming.turn_id) {
+        // Refreshed mid-answer: show what was saved, then replay the turn's log from the start.
+        const bubble = addAssistantBubble();
+        bubble.textContent = streaming.content;
+        pending = { bubble, text: "", turnId: streaming.turn_id, offset: 0, resumeOnOpen: true };
+        setBusy(true);
       }
       if (!data.results.length) clearMessages(true);
     } catch (e) {
       clearMessages(true);
       failAssistant(addAssistantBubble(), { message: e.message });
     }
-    connect(sid).catch(() => {});
+    connect(sid).then((ws) => { if (pending && pending.resumeOnOpen && ws.readyState === WebSocket.OPEN) resume(ws); })
+      .catch(() => {});
   }
 
   function startNewChat() {
