@@ -23,8 +23,24 @@ env = environ.Env()
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The demo (make demo) and the test runner are the only places where insecure defaults are allowed.
-DEMO = env.bool("KOTAEMON_DEMO", default=False)
 TESTING = env.bool("KOTAEMON_TESTING", default="pytest" in sys.modules)
+DEMO_MARKER = BASE_DIR / "var" / "demo-mode"
+
+
+def _demo_marker() -> bool:
+    """`make demo` (demo_setup) leaves var/demo-mode naming this checkout, so later `manage.py` commands in it
+    find the demo's settings without KOTAEMON_DEMO=1. Only where nothing is configured: never with a
+    SECRET_KEY or DATABASE_URL (every production deployment sets SECRET_KEY, or refuses to start), a data dir
+    elsewhere, or under the test runner; and only for the checkout that wrote it."""
+    if TESTING or any(os.environ.get(name) for name in ("SECRET_KEY", "DATABASE_URL", "KOTAEMON_DATA_DIR", "DEBUG")):
+        return False
+    try:
+        return DEMO_MARKER.read_text(encoding="utf-8").strip() == str(BASE_DIR)
+    except OSError:
+        return False
+
+
+DEMO = env.bool("KOTAEMON_DEMO", default=False) if "KOTAEMON_DEMO" in os.environ else _demo_marker()
 DEBUG = env.bool("DEBUG", default=DEMO)
 _DEV_DEFAULTS = DEBUG or DEMO or TESTING
 

@@ -44,8 +44,9 @@ class IndexVersionInline(admin.TabularInline):
     max_num = 0
     can_delete = False
     ordering = ["-version"]
-    fields = ["version", "status_badge", "chunk_count", "document_count", "dense_kind", "encoded_count",
-              "build_seconds", "created_at", "activated_at", "retired_at"]
+    fields = ["version", "status_badge", "build_kind", "segment_count", "chunk_count", "document_count",
+              "written_count", "tombstone_count", "dense_kind", "encoded_count", "build_seconds", "created_at",
+              "activated_at", "retired_at"]
     readonly_fields = fields
     verbose_name_plural = _("Index versions (newest first)")
 
@@ -65,7 +66,7 @@ class IndexVersionInline(admin.TabularInline):
 class KnowledgeBaseAdmin(admin.ModelAdmin):
     form = KnowledgeBaseAdminForm
     list_display = ["name", "slug", "owner", "visibility", "documents_total", "documents_ready", "documents_failed",
-                    "active_index", "last_build"]
+                    "active_index", "index_health", "last_build"]
     list_filter = ["is_public"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
@@ -112,7 +113,7 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
     def get_queryset(self, request):
         active = IndexVersion.objects.filter(knowledge_base=OuterRef("pk"), status=IndexVersion.Status.ACTIVE)
         live = Q(documents__deleted_at__isnull=True)
-        qs = super().get_queryset(request)
+        qs = super().get_queryset(request).filter(deleted_at__isnull=True)  # deleted: hidden, purged in the background
         if not authz.can(request.user, "knowledge.read_all"):
             qs = qs.filter(pk__in=authz.knowledge_bases_editable(request.user).values("pk"))
         return qs.select_related("owner").annotate(
@@ -151,6 +152,18 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         if obj.active_version is None:
             return badge("pending", _("none"))
         return format_html(_("v{} · {} chunks"), obj.active_version, obj.active_chunks)
+
+    @admin.display(description=_("index here"))
+    def index_health(self, obj):
+        """This instance's copy of the base's index: a version it cannot load degrades only this base."""
+        from .index_registry import registry
+
+        state = registry.status(obj.pk)
+        labels = {"ok": ("ready", _("loaded")), "loading": ("processing", _("loading")),
+                  "cold": ("pending", _("not loaded")), "degraded": ("failed", _("degraded")),
+                  "unavailable": ("failed", _("unavailable"))}
+        colour, label = labels[state["state"]]
+        return badge(colour, label, title=state["error"])
 
     @admin.display(description=_("last build"), ordering="last_build_at")
     def last_build(self, obj):
@@ -267,11 +280,12 @@ class DocumentAdmin(admin.ModelAdmin):
     search_fields = ["title", "source_name", "source_url", "sha256"]
     list_select_related = ["knowledge_base", "updated_by"]
     readonly_fields = ["status_badge", "error", "detected_type", "page_count", "size", "sha256", "version",
-                       "created_by", "created_at", "updated_by", "updated_at", "ingested_at", "source_link"]
+                       "created_by", "created_at", "updated_by", "updated_at", "ingested_at", "ingest_attempts",
+                       "source_link"]
     fieldsets = [
         (None, {"fields": ["knowledge_base", "title", "file", "source_url"]}),
         (_("Ingestion"), {"fields": ["status_badge", "error", "detected_type", "page_count", "size", "sha256",
-                                  "version", "ingested_at", "source_link"]}),
+                                  "version", "ingested_at", "ingest_attempts", "source_link"]}),
         (_("History"), {"fields": ["created_by", "created_at", "updated_by", "updated_at"]}),
     ]
     inlines = [ChunkInline]
@@ -316,6 +330,8 @@ class DocumentAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("status"), ordering="status")
     def status_badge(self, obj):
+        if obj.error_code == "ingest_stuck":  # parked by the sweeper after repeated attempts
+            return badge("failed", _("parked"), title=obj.error_message)
         return badge(obj.status, obj.get_status_display(), title=obj.error_message)
 
     @admin.display(description=_("error"), ordering="error_code")
@@ -402,8 +418,9 @@ class DocumentAdmin(admin.ModelAdmin):
 
 @admin.register(IndexVersion)
 class IndexVersionAdmin(admin.ModelAdmin):
-    list_display = ["knowledge_base", "version", "status_badge", "chunk_count", "document_count", "dense_kind",
-                    "encoded_count", "build_seconds", "created_at", "activated_at", "retired_at"]
+    list_display = ["knowledge_base", "version", "status_badge", "build_kind", "segment_count", "chunk_count",
+                    "document_count", "written_count", "tombstone_count", "dense_kind", "encoded_count", "build_seconds",
+                    "created_at", "activated_at", "retired_at"]
     list_filter = ["status", "knowledge_base"]
     list_select_related = ["knowledge_base"]
 

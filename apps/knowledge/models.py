@@ -144,6 +144,9 @@ class Chunk(models.Model):
     char_end = models.PositiveIntegerField()
     token_count = models.PositiveIntegerField()
     content_hash = models.CharField(max_length=64)
+    # Keyword-search context indexed with the text (not shown, not embedded): document title and
+    # heading path, and the other form of abbreviations the chunk uses (rag.chunker._add_context).
+    search_context = models.TextField(blank=True, default="")
     # float32 little-endian bytes of the L2-normalised vector; reused by (embedding_model, content_hash).
     embedding = models.BinaryField(null=True, blank=True, editable=False)
     embedding_model = models.CharField(max_length=200, blank=True)

@@ -212,7 +212,8 @@ def _held_bundles(kbs: list[KnowledgeBase], *, explicit: bool) -> list:
         except IndexUnavailable as exc:
             if explicit:
                 raise ApplicationError(
-                    "index_unavailable", f"The index of knowledge base '{kb.slug}' cannot be loaded right now.",
+                    "index_unavailable", gettext("The index of knowledge base '%(slug)s' cannot be loaded right now.")
+                                         % {"slug": kb.slug},
                     details={"knowledge_base": kb.slug, "version": exc.failure.version}, status=503) from exc
             logger.warning("knowledge base left out of a search: index unavailable",
                            extra={"knowledge_base": kb.pk, "version": exc.failure.version})

@@ -38,7 +38,7 @@ from .embeddings import embedder, vector_from_bytes, vector_to_bytes, vectors_fo
 from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
 from .rag.analyzer import Analyzer, get_analyzer, parse_user_dictionary
-from .rag.chunker import ChunkSpec, chunk_document
+from .rag.chunker import ChunkSpec, chunk_document, keyword_index_text
 from .rag.errors import IngestError
 from .rag.index import (
     MANIFEST_NAME,
@@ -716,7 +716,7 @@ def _parse_and_chunk(item: _Prepared, count_tokens: Callable[[str], int]) -> Non
     try:
         item.parsed = parse(item.data, filename=_source_filename(item.document), limits=parse_limits())
         item.specs = chunk_document(item.parsed, count_tokens=count_tokens, chunk_tokens=kb.chunk_tokens,
-                                    overlap_tokens=kb.chunk_overlap)
+                                    overlap_tokens=kb.chunk_overlap, title=item.document.title or None)
     except IngestError as exc:
         item.parsed, item.error = None, (exc.code, exc.message)
     item.data = b""  # the bytes can be large; only the parsed text is kept
@@ -750,7 +750,8 @@ def _write(item: _Prepared, vectors, model_id: str, encoded: int) -> IngestOutco
     Chunk.objects.bulk_create([
         Chunk(document=document, position=spec.position, text=spec.text, page=spec.page,
               heading_path=list(spec.heading_path), char_start=spec.char_start, char_end=spec.char_end,
-              token_count=spec.token_count, content_hash=spec.content_hash, embedding=vector_to_bytes(vector),
+              token_count=spec.token_count, content_hash=spec.content_hash, search_context=spec.context,
+              embedding=vector_to_bytes(vector),
               embedding_model=model_id)
         for spec, vector in zip(item.specs, vectors)
     ], batch_size=500)
@@ -1071,7 +1072,7 @@ def _chunk_batches_by_documents(document_ids: Sequence[int], model, counters: di
         rows = (Chunk.objects.filter(document_id__in=document_ids[start:start + 500], superseded_at__isnull=True,
                                      document__status=Document.Status.READY, document__deleted_at__isnull=True)
                 .order_by("id").values_list("id", "document_id", "text", "content_hash", "embedding",
-                                            "embedding_model", "document__ingested_at"))
+                                            "embedding_model", "document__ingested_at", "search_context"))
         yield from _batches(rows.iterator(chunk_size=2000), model, counters, stamps)
 
 
@@ -1080,7 +1081,7 @@ def _chunk_batches_by_ids(ids, model, counters: dict):
         part = [int(i) for i in ids[start:start + _BUILD_BATCH]]
         rows = (Chunk.objects.filter(pk__in=part).order_by("id")
                 .values_list("id", "document_id", "text", "content_hash", "embedding", "embedding_model",
-                             "document__ingested_at"))
+                             "document__ingested_at", "search_context"))
         yield from _batches(rows.iterator(chunk_size=2000), model, counters, None)
 
 
@@ -1119,7 +1120,8 @@ def _segment_batch(rows: list, model, counters: dict):
                    for n, i in enumerate(stale)]
         Chunk.objects.bulk_update(updates, ["embedding", "embedding_model"], batch_size=500)
     return SegmentBatch(np.asarray([r[0] for r in rows], dtype=np.int64),
-                        np.asarray([r[1] for r in rows], dtype=np.int64), vectors, [r[2] for r in rows])
+                        np.asarray([r[1] for r in rows], dtype=np.int64), vectors,
+                        [keyword_index_text(r[2], r[7]) for r in rows])  # BM25's input: context + text
 
 
 def _lock_knowledge_base(knowledge_base_id: int) -> None:

@@ -16,6 +16,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
+from apps.core import authz
 from apps.core.errors import ApplicationError
 
 from . import schema
@@ -37,15 +38,18 @@ class PluginConfigForm(forms.ModelForm):
     config = forms.CharField(widget=forms.Textarea(attrs={"rows": 12, "cols": 90, "style": "font-family:monospace"}),
                              required=False, help_text=_("JSON object. Omitted settings use the defaults shown below."))
     allowed_hosts = forms.CharField(required=False, widget=forms.TextInput(attrs={"size": 80}),
-                                    help_text=_("Comma-separated extra hosts (host, host:port, *.domain). Hosts of "
-                                                "URL settings are allowed automatically."))
+                                    help_text=_("Comma-separated hosts the plugin may call (host, host:port, "
+                                                "*.domain). URL settings never allow their own host."))
+    granted_scopes = forms.CharField(required=False, widget=forms.TextInput(attrs={"size": 40}),
+                                     help_text=_("Comma-separated sensitive scopes granted to this plugin, e.g. "
+                                                 "knowledge:read (chunk text in after_retrieval hooks)."))
     allowed_groups = forms.ModelMultipleChoiceField(queryset=Group.objects.all(), required=False,
                                                     widget=admin.widgets.FilteredSelectMultiple(_("groups"), False),
                                                     help_text=_("Empty: every signed-in user may trigger this plugin."))
 
     class Meta:
         model = PluginConfig
-        fields = ["enabled", "config", "allowed_groups", "allowed_hosts", "timeout_seconds"]
+        fields = ["enabled", "config", "allowed_groups", "allowed_hosts", "granted_scopes", "timeout_seconds"]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -56,6 +60,7 @@ class PluginConfigForm(forms.ModelForm):
         if not self.is_bound:
             self.initial["config"] = json.dumps(self.instance.config or {}, indent=2, sort_keys=True)
             self.initial["allowed_hosts"] = ", ".join(self.instance.allowed_hosts or [])
+            self.initial["granted_scopes"] = ", ".join(self.instance.granted_scopes or [])
         set_ = set(self.view.secrets_set) if self.view else set()
         for name in self.secret_names:
             state = _("set; leave blank to keep") if name in set_ else _("not set")
@@ -76,6 +81,9 @@ class PluginConfigForm(forms.ModelForm):
             raise forms.ValidationError(_("The config must be a JSON object ({...})."))
         return value
 
+    def clean_granted_scopes(self):
+        return [h.strip() for h in (self.cleaned_data.get("granted_scopes") or "").split(",") if h.strip()]
+
     def clean_allowed_hosts(self):
         return [h.strip() for h in (self.cleaned_data.get("allowed_hosts") or "").split(",") if h.strip()]
 
@@ -86,6 +94,7 @@ class PluginConfigForm(forms.ModelForm):
             "secrets": {n: data.get(f"secret__{n}") for n in self.secret_names if data.get(f"secret__{n}")},
             "clear_secrets": [n for n in self.secret_names if data.get(f"clear__{n}")],
             "allowed_groups": list(data.get("allowed_groups") or []), "allowed_hosts": data.get("allowed_hosts", []),
+            "granted_scopes": data.get("granted_scopes", []),
             "timeout_seconds": data.get("timeout_seconds"),
         }
 
@@ -107,7 +116,7 @@ class PluginConfigForm(forms.ModelForm):
 
 
 @admin.register(PluginConfig)
-class PluginConfigAdmin(admin.ModelAdmin):
+class PluginConfigAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     form = PluginConfigForm
     list_display = ["name", "status_badge", "description", "scopes", "groups", "version", "updated_at"]
     readonly_fields = ["name", "status_badge", "plugin_details", "version", "updated_at", "updated_by"]
@@ -121,12 +130,12 @@ class PluginConfigAdmin(admin.ModelAdmin):
                 (_("Configuration"), {"fields": ["enabled", "config"]})]
         if secret_fields:
             sets.append((_("Secrets (write-only)"), {"fields": secret_fields}))
-        sets.append((_("Permissions and limits"), {"fields": ["allowed_groups", "allowed_hosts", "timeout_seconds"]}))
+        sets.append((_("Permissions and limits"), {"fields": ["allowed_groups", "allowed_hosts", "granted_scopes", "timeout_seconds"]}))
         sets.append((_("History"), {"fields": ["version", "updated_at", "updated_by"]}))
         return sets
 
     def get_form(self, request, obj=None, change=False, **kwargs):
-        kwargs["fields"] = ["enabled", "config", "allowed_groups", "allowed_hosts", "timeout_seconds"]
+        kwargs["fields"] = ["enabled", "config", "allowed_groups", "allowed_hosts", "granted_scopes", "timeout_seconds"]
         return super().get_form(request, obj, change, **kwargs)
 
     def has_add_permission(self, request) -> bool:
@@ -239,7 +248,7 @@ class PluginConfigAdmin(admin.ModelAdmin):
 
 
 @admin.register(PluginInvocation)
-class PluginInvocationAdmin(admin.ModelAdmin):
+class PluginInvocationAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     list_display = ["created_at", "plugin", "stage", "intent", "outcome", "error_code", "duration_ms", "user"]
     list_filter = ["outcome", "plugin", "stage"]
     search_fields = ["plugin", "intent", "error_code"]
@@ -254,7 +263,7 @@ class PluginInvocationAdmin(admin.ModelAdmin):
 
 
 @admin.register(Ticket)
-class TicketAdmin(admin.ModelAdmin):
+class TicketAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     list_display = ["number", "subject", "user", "status", "priority", "assignee", "created_at"]
     list_filter = ["status", "priority", "source_plugin"]
     search_fields = ["number", "subject", "user__username", "user__email"]

@@ -17,13 +17,16 @@ from typing import Any, Callable, Iterable
 STAGES = ("before_retrieval", "after_retrieval", "after_answer")
 INTENT_STAGE = "intent"
 
-# Scopes a plugin may declare. Enabling a plugin in the admin grants the scopes it declares;
-# a capability used without its scope fails with outcome "denied".
+# Scopes a plugin may declare. Enabling a plugin in the admin grants the scopes it declares, except
+# EXPLICIT_SCOPES; a capability used without its scope fails with outcome "denied".
 SCOPE_HTTP = "http"                            # outbound HTTP, only to the hosts its config allows
 SCOPE_STORAGE = "storage"                      # its own namespaced key-value store
 SCOPE_CONVERSATION = "conversation:read"       # recent turns of the current conversation
 SCOPE_TICKETS = "tickets:create"               # open a support ticket for the current user
-SCOPES = (SCOPE_HTTP, SCOPE_STORAGE, SCOPE_CONVERSATION, SCOPE_TICKETS)
+SCOPE_KNOWLEDGE = "knowledge:read"             # chunk text of the retrieved sources (explicit grant only)
+SCOPES = (SCOPE_HTTP, SCOPE_STORAGE, SCOPE_CONVERSATION, SCOPE_TICKETS, SCOPE_KNOWLEDGE)
+# Scopes that enabling does not grant: an administrator grants them one by one (PluginConfig.granted_scopes).
+EXPLICIT_SCOPES = (SCOPE_KNOWLEDGE,)
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,63}$")
 INTENT_RE = re.compile(r"^[a-z][a-z0-9_]{1,63}$")

@@ -32,8 +32,11 @@ class PluginConfig(models.Model):
                                             help_text="Only members of these groups trigger the plugin. "
                                                       "Empty: every signed-in user.")
     allowed_hosts = models.JSONField(default=list, blank=True,
-                                     help_text="Extra hosts the plugin's HTTP client may call "
-                                               "(host, host:port or *.domain), besides hosts of URL settings.")
+                                     help_text="The only hosts the plugin's HTTP client may call "
+                                               "(host, host:port or *.domain); URL settings never allow their host.")
+    granted_scopes = models.JSONField(default=list, blank=True,
+                                      help_text="Sensitive scopes the plugin declares and an administrator grants "
+                                                "(knowledge:read: chunk text in after_retrieval hooks).")
     timeout_seconds = models.FloatField(null=True, blank=True,
                                         help_text="Wall-clock limit per call; empty: PLUGIN_TIMEOUT_SECONDS.")
     version = models.PositiveIntegerField(default=1)

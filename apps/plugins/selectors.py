@@ -32,6 +32,7 @@ def plugin_list() -> dict[str, Any]:
             "name": view.name, "status": view.status, "enabled": view.enabled,
             "description": meta.get("description", ""), "version": meta.get("version", ""),
             "source": meta.get("source", ""), "ref": meta.get("ref", ""), "scopes": list(view.scopes),
+            "declared_scopes": list(view.declared_scopes), "granted_scopes": sorted(view.granted_scopes),
             "intents": sorted({i.intent for i in view.intents()}),
             "stages": sorted({h["stage"] for h in meta.get("hooks", []) if h["stage"] != "intent"}),
             "allowed_groups": sorted(view.groups) if view.groups is not None else None,

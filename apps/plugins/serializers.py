@@ -12,6 +12,8 @@ class PluginConfigUpdateSerializer(serializers.Serializer):
     allowed_groups = serializers.ListField(child=serializers.CharField(), required=False,
                                            help_text="Group names; [] means every signed-in user.")
     allowed_hosts = serializers.ListField(child=serializers.CharField(), required=False)
+    granted_scopes = serializers.ListField(child=serializers.CharField(), required=False,
+                                           help_text="Sensitive scopes granted explicitly, e.g. knowledge:read.")
     timeout_seconds = serializers.FloatField(required=False, allow_null=True)
 
 

@@ -29,7 +29,8 @@ from apps.core.errors import ApplicationError, NotFound, PermissionDenied
 from apps.core.events import publish_on_commit, register_handler
 
 from . import metrics, schema
-from .base import SCOPE_CONVERSATION, SCOPE_HTTP, SCOPE_STORAGE, SCOPE_TICKETS, STAGES
+from .base import (EXPLICIT_SCOPES, SCOPE_CONVERSATION, SCOPE_HTTP, SCOPE_KNOWLEDGE, SCOPE_STORAGE, SCOPE_TICKETS,
+                   SCOPES, STAGES)
 from .models import PluginConfig, PluginInvocation, PluginRegistryState, Ticket
 from .router import IntentRouter, IntentSpec, RouteDecision
 from .runner import CallOutcome, PluginRuntime, PluginSpec, RpcError, RuntimeOptions
@@ -110,6 +111,7 @@ class PluginView:
     config: dict[str, Any] = field(default_factory=dict, repr=False)
     secrets_set: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)
+    granted_scopes: frozenset[str] = frozenset()   # explicit grants (EXPLICIT_SCOPES) by an administrator
     groups: frozenset[str] | None = None  # None: every signed-in user
     timeout: float = 5.0
     version: int = 0
@@ -119,8 +121,13 @@ class PluginView:
         return self.status == "enabled"
 
     @property
-    def scopes(self) -> tuple[str, ...]:
+    def declared_scopes(self) -> tuple[str, ...]:
         return tuple((self.meta or {}).get("scopes") or ())
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """What the plugin may use: declared, and for EXPLICIT_SCOPES also granted by an administrator."""
+        return tuple(s for s in self.declared_scopes if s not in EXPLICIT_SCOPES or s in self.granted_scopes)
 
     def spec(self) -> PluginSpec:
         meta = self.meta or {}
@@ -255,6 +262,7 @@ def _view(name: str, meta: dict | None, row: PluginConfig | None) -> PluginView:
                       timeout=(row.timeout_seconds if row and row.timeout_seconds else settings.PLUGIN_TIMEOUT_SECONDS),
                       version=row.version if row else 0)
     if row is not None:
+        view.granted_scopes = frozenset(row.granted_scopes or ())
         groups = [g.name for g in row.allowed_groups.all()]
         view.groups = frozenset(groups) if groups else None
     if meta is None:
@@ -413,11 +421,24 @@ class _Prepared:
     config: dict[str, Any]
     secrets: dict[str, str]
     hosts: list[str] | None
+    granted: list[str] | None = None
+
+
+def _clean_grants(scopes: Any) -> list[str]:
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise ApplicationError("invalid_granted_scopes", gettext("granted_scopes must be a list of scope names."))
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise ApplicationError("invalid_granted_scopes", gettext("Unknown scopes: %(unknown)s.")
+                                                         % {"unknown": ', '.join(unknown)},
+                               details={"invalid": unknown, "known": list(SCOPES)})
+    return sorted(set(scopes))
 
 
 def plugin_config_validate(*, name: str, enabled: bool | None = None, config: dict[str, Any] | None = None,
                            secrets: dict[str, str] | None = None, clear_secrets: Iterable[str] = (),
-                           allowed_hosts: list[str] | None = None, timeout_seconds: float | None = _UNSET) -> _Prepared:
+                           allowed_hosts: list[str] | None = None, timeout_seconds: float | None = _UNSET,
+                           granted_scopes: list[str] | None = None) -> _Prepared:
     """Check a change without saving it (the admin form shows these errors). Raises ApplicationError."""
     snap = plugins_snapshot(need_catalogue=True)
     view = snap.plugins.get(name)
@@ -465,13 +486,15 @@ def plugin_config_validate(*, name: str, enabled: bool | None = None, config: di
                 or not 0 < timeout_seconds <= 60:
             raise ApplicationError("invalid_timeout", gettext("timeout_seconds must be between 0 and 60."))
     hosts = _clean_hosts(allowed_hosts) if allowed_hosts is not None else None
-    return _Prepared(row, will_enable, new_config, stored_secrets, hosts)
+    granted = _clean_grants(granted_scopes) if granted_scopes is not None else None
+    return _Prepared(row, will_enable, new_config, stored_secrets, hosts, granted)
 
 
 def plugin_config_update(*, name: str, actor: AbstractBaseUser | None = None, enabled: bool | None = None,
                          config: dict[str, Any] | None = None, secrets: dict[str, str] | None = None,
                          clear_secrets: Iterable[str] = (), allowed_groups: Iterable[Group | int] | None = None,
-                         allowed_hosts: list[str] | None = None, timeout_seconds: float | None = _UNSET) -> PluginConfig:
+                         allowed_hosts: list[str] | None = None, timeout_seconds: float | None = _UNSET,
+                         granted_scopes: list[str] | None = None) -> PluginConfig:
     """Change a plugin's settings; takes effect on every instance without a restart (teardown of the old
     instance, setup of the new). Secrets given as "" keep their stored value. Raises
     ApplicationError("invalid_plugin_config", details={"problems": [{"field", "message"}]}) on a bad config.
@@ -479,7 +502,7 @@ def plugin_config_update(*, name: str, actor: AbstractBaseUser | None = None, en
     ensure_plugin_admin(actor)
     prepared = plugin_config_validate(name=name, enabled=enabled, config=config, secrets=secrets,
                                       clear_secrets=clear_secrets, allowed_hosts=allowed_hosts,
-                                      timeout_seconds=timeout_seconds)
+                                      timeout_seconds=timeout_seconds, granted_scopes=granted_scopes)
     row = prepared.row
     with transaction.atomic():
         row.enabled = prepared.enabled
@@ -487,6 +510,8 @@ def plugin_config_update(*, name: str, actor: AbstractBaseUser | None = None, en
         row.secrets_encrypted = secrets_encrypt(prepared.secrets)
         if prepared.hosts is not None:
             row.allowed_hosts = prepared.hosts
+        if prepared.granted is not None:
+            row.granted_scopes = prepared.granted
         if timeout_seconds is not _UNSET:
             row.timeout_seconds = timeout_seconds
         row.version = (row.version or 0) + 1 if row.pk else 1
@@ -690,11 +715,13 @@ def _checked(outcome: CallOutcome) -> CallOutcome:
 
 # --- the chat turn hook ---------------------------------------------------------------------------------
 
-def _source_dict(key: int, source: Any) -> dict[str, Any]:
+def _source_dict(key: int, source: Any, *, with_text: bool) -> dict[str, Any]:
     get = (lambda k, d=None: source.get(k, d)) if isinstance(source, dict) else \
         (lambda k, d=None: getattr(source, k, d))
+    # Chunk text only for plugins granted knowledge:read; the others see where a source is, not what it says.
     return {"key": key, "chunk_id": get("chunk_id"), "document_id": get("document_id"),
-            "document_title": get("document_title", ""), "text": str(get("text", "") or "")[:2000],
+            "document_title": get("document_title", ""),
+            "text": str(get("text", "") or "")[:2000] if with_text else "",
             "page": get("page"), "heading_path": list(get("heading_path", []) or []), "score": get("score"),
             "url": get("url", "")}
 
@@ -703,7 +730,7 @@ def _ctx_payload(ctx: Any, stage: str, view: PluginView) -> dict[str, Any]:
     return {
         "message": ctx.message, "query": ctx.query, "conversation_id": ctx.conversation_id,
         "history": list(ctx.history or [])[-20:] if SCOPE_CONVERSATION in view.scopes else [],
-        "sources": [_source_dict(i, s) for i, s in enumerate(ctx.sources or [])],
+        "sources": [_source_dict(i, s, with_text=SCOPE_KNOWLEDGE in view.scopes) for i, s in enumerate(ctx.sources or [])],
         "plugin_results": [r.to_dict() for r in ctx.plugin_results if getattr(r, "ok", False)],
         "answer": ctx.answer if stage == "after_answer" else None,
     }

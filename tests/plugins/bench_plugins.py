@@ -38,6 +38,23 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _http_rpc(host: str):
+    """What the web process does for ctx.http (apps.plugins.services._plugin_http), without Django settings."""
+    import base64
+
+    from apps.core.outbound import fetch
+    from apps.plugins.httpclient import host_allowed
+
+    def rpc(method, args):
+        assert method == "http.request", method
+        resp = fetch(args["url"], method=args["verb"], headers=args.get("headers") or {}, timeout=3, max_bytes=2 << 20,
+                     max_redirects=5, allow=["127.0.0.1"], host_filter=lambda h, p: host_allowed(h, p, [host]))
+        return {"status": resp.status, "headers": resp.headers, "url": resp.url,
+                "body": base64.b64encode(resp.content).decode()}
+
+    return rpc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=300)
@@ -46,14 +63,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         plugins = Path(tmp) / "plugins"
         plugins.mkdir()
-        (plugins / "bench_echo.py").write_text(textwrap.dedent("""
-            import time
+        # A module provides only the plugin named after it (identity comes from the platform).
+        (plugins / "echo.py").write_text(textwrap.dedent("""
             from apps.plugins.base import BasePlugin, intent_hook
             class Echo(BasePlugin):
                 name = "echo"
                 @intent_hook(intent="echo", keywords=["echo"])
                 def go(self, ctx):
                     return "echo " + ctx.message
+        """))
+        (plugins / "sleepy.py").write_text(textwrap.dedent("""
+            import time
+            from apps.plugins.base import BasePlugin, intent_hook
             class Sleepy(BasePlugin):
                 name = "sleepy"
                 @intent_hook(intent="sleepy", keywords=["sleepy"])
@@ -67,7 +88,7 @@ def main() -> None:
         out["discovered"] = sorted(catalogue.plugins)
         msg = {"op": "invoke", "stage": "intent", "method": "go", "intent": "echo", "slots": {},
                "user": {"id": 1, "username": "bench"}, "ctx": {"message": "hi"}}
-        echo = PluginSpec("echo", "dir", str(plugins / "bench_echo.py"), 1)
+        echo = PluginSpec("echo", "dir", str(plugins / "echo.py"), 1)
         t = time.perf_counter()
         first = runtime.call(echo, msg, timeout=5)
         out["cold_call_ms"] = ms(time.perf_counter() - t)
@@ -87,15 +108,16 @@ def main() -> None:
                 "refunds_path": "/r", "user_key": "id", "max_orders": 3, "request_timeout_seconds": 3},
                 scopes=("http",), allowed_hosts=(orders.url.split("//")[1],))
             order_msg = dict(msg, method="query_order", intent="query_order")
-            assert runtime.call(spec, order_msg, timeout=5).outcome == "ok"
+            http = _http_rpc(orders.url.split("//")[1])
+            assert runtime.call(spec, order_msg, timeout=5, rpc=http).outcome == "ok"
             calls = []
             for _ in range(args.calls):
                 t = time.perf_counter()
-                runtime.call(spec, order_msg, timeout=5)
+                runtime.call(spec, order_msg, timeout=5, rpc=http)
                 calls.append(time.perf_counter() - t)
             out["order_query_warm_ms"] = {"p50": ms(statistics.median(calls)), "p95": ms(pct(calls, 95))}
 
-        sleepy = PluginSpec("sleepy", "dir", str(plugins / "bench_echo.py"), 1)
+        sleepy = PluginSpec("sleepy", "dir", str(plugins / "sleepy.py"), 1)
         runtime.call(sleepy, dict(msg, method="go"), timeout=0.01)  # start a worker (it is killed and replaced)
         time.sleep(1.0)  # the replacement starts in the background
         t = time.perf_counter()

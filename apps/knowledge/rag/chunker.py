@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .parsers import Block, ParsedDocument
 
@@ -41,6 +41,9 @@ class ChunkSpec:
     char_end: int
     token_count: int
     content_hash: str
+    context: str = ""
+    """Search context, not part of ``text``: the title and heading path, then the other form of each
+    abbreviation the document defines that this chunk uses in one form only (see ``_add_context``)."""
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,14 @@ class _Segment:
     end: int
     tokens: int
     block: int
+    unit: int = 0  # a block, or a numbered clause / list item inside one: kept whole where it fits
 
 
 _LINE_GAP = re.compile(r"(\s*\n\s*)")
-# Latin sentence ends need the following space ("3.11" and "e.g." stay whole); Chinese ones
+# Latin sentence ends need the following space ("3.11" and "e.g." stay whole) and are not a clause
+# number ("2. The tenant", "b. Late"); Chinese ones
 # (。！？；… and their full-width forms) end a sentence with or without one.
-_SENTENCE_GAP = re.compile(r"(?:[.!?…]+[\"'”’)\]]*(?=\s)|[。！？；!?;…]*[。！？；][”’」』）)\]]*|…{2,})(\s*)")
+_SENTENCE_GAP = re.compile(r"(?:(?<!\b\d)(?<!\b\d\d)(?<!\b[a-z])[.!?…]+[\"'”’)\]]*(?=\s)|[。！？；!?;…]*[。！？；][”’」』）)\]]*|…{2,})(\s*)")
 # Inside an over-long sentence: Chinese clause punctuation, then Latin commas and semicolons.
 _CLAUSE_GAP = re.compile(r"(?:[，、：]|[,;:](?=\s))(\s*)")
 _WORD_GAP = re.compile(r"(\s+)")
@@ -81,6 +86,15 @@ def contextual_text(chunk: ChunkSpec, title: str, *, max_title_chars: int = 200)
     return f"{title}\n\n{chunk.text}"
 
 
+def keyword_index_text(text: str, context: str) -> str:
+    """What BM25 indexes for a chunk: its search context, then its text, as one field.
+
+    Measured on the Debian development sets (BM25 alone, benchmarks/chunking_variants.py): one field
+    beat the chunk alone and a separate context field (scores added, weight 0.5); see docs/knowledge.md.
+    """
+    return f"{context}\n{text}" if context else text
+
+
 def chunk_document(
     doc: ParsedDocument,
     *,
@@ -89,8 +103,14 @@ def chunk_document(
     overlap_tokens: int = 40,
     min_tokens: int | None = None,
     max_tokens: int = MODEL_MAX_TOKENS,
+    structure: bool = True,
+    title: str | None = None,
 ) -> list[ChunkSpec]:
     """Split ``doc`` into chunks (see module docstring).
+
+    ``structure`` (default) keeps numbered clauses and list items whole where they fit and fills
+    :attr:`ChunkSpec.context` (title, heading path, abbreviations); False is the plain packing.
+    ``title`` overrides the parsed title in the context.
 
     ``min_tokens`` (default ``chunk_tokens // 8``) is the size under which a trailing piece counts as
     tiny. Raises ``ValueError`` for inconsistent sizes.
@@ -109,11 +129,38 @@ def chunk_document(
         ]
         if not segments:
             continue
-        pieces = _merge_tail(_pack(segments, chunk_tokens, overlap_tokens), segments, min_tokens, max_tokens)
+        if structure:
+            segments = _with_units(text, segments)
+        pieces = _pack(segments, chunk_tokens, overlap_tokens, whole_units=structure)
+        pieces = _merge_tail(pieces, segments, min_tokens, max_tokens)
         block = doc.blocks[section[0]]
         for first, last in pieces:
             chunks.append(_make_chunk(len(chunks), text, segments[first : last + 1], block, count_tokens))
+    if structure:
+        _add_context(chunks, doc, title=doc.title if title is None else title)
     return chunks
+
+
+# A numbered clause or list item starts here: 1. / 1.2 / 1) / (a) / a) / (iv) / Article 5 / Section 3 /
+# § 4 / 第五条 / 第三章 / 一、 / （二） / - / • . Such a clause is a unit the packer keeps whole.
+_CLAUSE_START = re.compile(
+    r"\s*(?:\(?\d{1,3}(?:\.\d{1,3})*[.)、]\s|\d{1,3}(?:\.\d{1,3})+\s|\([a-z]{1,2}\)\s|[a-z]\)\s|\((?:[ivxlc]+)\)\s"
+    r"|(?:article|section|clause|rule|part|chapter)\s+[\dIVXLC]+\b|§\s*\d"
+    r"|第[一二三四五六七八九十百千零〇\d]+[条章节款项编部]|[一二三四五六七八九十]+[、.]|[（(][一二三四五六七八九十]+[）)]"
+    r"|[-*•·]\s)",
+    re.IGNORECASE,
+)
+
+
+def _with_units(text: str, segments: list[_Segment]) -> list[_Segment]:
+    """Number the units: every block starts one, and so does every segment that starts a clause."""
+    out: list[_Segment] = []
+    unit = -1
+    for index, segment in enumerate(segments):
+        if index == 0 or segment.block != segments[index - 1].block or _CLAUSE_START.match(text, segment.start):
+            unit += 1
+        out.append(replace(segment, unit=unit))
+    return out
 
 
 def _trimmed(text: str, start: int, end: int) -> tuple[int, int]:
@@ -230,13 +277,26 @@ def _char_segments(
     return segments
 
 
-def _pack(segments: list[_Segment], limit: int, overlap: int) -> list[tuple[int, int]]:
-    """Greedy packing into (first, last) segment ranges; overlap only inside one block."""
+def _pack(segments: list[_Segment], limit: int, overlap: int, *, whole_units: bool = False
+          ) -> list[tuple[int, int]]:
+    """Greedy packing into (first, last) segment ranges; overlap only inside one block.
+
+    With ``whole_units``, a unit (block, clause, list item) that fits in one chunk but not in what is
+    left of the current one starts the next chunk instead of being cut; a cut at a unit boundary
+    needs no overlap. A unit larger than a chunk is packed greedily, with overlap, as before.
+    """
+    unit_tokens: dict[int, int] = {}
+    for segment in segments:
+        unit_tokens[segment.unit] = unit_tokens.get(segment.unit, 0) + segment.tokens
     pieces: list[tuple[int, int]] = []
     first = 0
     while first < len(segments):
         last, total = first, segments[first].tokens
         while last + 1 < len(segments) and total + segments[last + 1].tokens <= limit:
+            following = segments[last + 1]
+            if (whole_units and following.unit != segments[last].unit
+                    and total + unit_tokens[following.unit] > limit >= unit_tokens[following.unit]):
+                break
             last += 1
             total += segments[last].tokens
         pieces.append((first, last))
@@ -244,7 +304,8 @@ def _pack(segments: list[_Segment], limit: int, overlap: int) -> list[tuple[int,
         if following >= len(segments):
             break
         first = following
-        if overlap and segments[last].block == segments[following].block:
+        at_boundary = whole_units and segments[last].unit != segments[following].unit
+        if overlap and not at_boundary and segments[last].block == segments[following].block:
             first = _overlap_start(segments, pieces[-1][0], following, overlap, limit)
     return pieces
 
@@ -276,3 +337,15 @@ def _merge_tail(
     if fresh < min_tokens and merged <= max_tokens:
         return pieces[:-2] + [(prev_first, last_last)]
     return pieces
+
+
+def _add_context(chunks: list[ChunkSpec], doc: ParsedDocument, *, title: str) -> None:
+    from .abbreviations import expansions_for, find_abbreviations
+
+    abbreviations = find_abbreviations(doc.text)
+    title = " ".join(title.split())
+    for chunk in chunks:
+        path = [part for part in chunk.heading_path if part]
+        lines = [" › ".join(([title] if title and (not path or path[0] != title) else []) + path)]
+        lines.extend(expansions_for(chunk.text, abbreviations))
+        chunk.context = "\n".join(line for line in lines if line)

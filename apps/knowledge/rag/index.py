@@ -140,7 +140,7 @@ class DenseIndex:
         n = self.count
         idmap = n * 24  # the id array and IndexIDMap2's reverse map
         if self.kind == "ivfpq":
-            return idmap + (0 if self.mmapped else n * (self.dim // 8 + 8)) + 4 * self.dim * 256 * 2
+            return idmap + (0 if self.mmapped else n * (self.dim // 4 + 8)) + 4 * self.dim * 256 * 2
         codes = 0 if self.mmapped else n * self.dim * 4
         graph = n * HNSW_M * 2 * 4 if self.kind == "hnsw" else 0
         return idmap + codes + graph
@@ -297,7 +297,9 @@ def _new_ivfpq_index(dim: int, total: int, sample: np.ndarray) -> Any:
     import faiss
 
     nlist = int(min(max(64, 4 * math.sqrt(total)), max(64, len(sample) // 39)))
-    m = dim // 8 if dim % 8 == 0 else next(d for d in (48, 32, 24, 16, 12, 8, 4, 2, 1) if dim % d == 0)
+    # dim/4 sub-quantizers of 8 bits: 96 bytes for 384 dimensions (16x smaller than float32); dim/8 lost
+    # too much recall (docs/benchmarks.md).
+    m = next(d for d in (dim // 4, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1) if d and dim % d == 0)
     quantizer = faiss.IndexFlatIP(dim)
     inner = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
     inner.train(np.ascontiguousarray(sample, dtype=np.float32))

@@ -442,9 +442,56 @@ _LIST_LINE = re.compile(r"^\s*([-*+•]|\d{1,3}[.)])\s+\S")
 
 
 def _parse_text(data: bytes, filename: str | None, limits: ParseLimits) -> ParsedDocument:
+    """Paragraphs at blank lines; a short standalone line that reads as a heading (``Article 5
+    Termination``, ``第三章 劳动合同``, ``2.1 Scope``, ``一、总则``, ``TERMS AND CONDITIONS``) becomes a
+    heading, and so does such a first line of a paragraph, so the heading path of plain-text legal
+    and reference documents is known and a heading is never cut from its clause."""
     text = _decode_text(data)
-    blocks = [_text_block(part) for part in _PARAGRAPH_BREAK.split(text) if part.strip()]
-    return ParsedDocument(type="text", title="", blocks=blocks)
+    headings = _HeadingStack()
+    blocks: list[Block] = []
+    parts = [part for part in _PARAGRAPH_BREAK.split(text) if part.strip()]
+    for number, part in enumerate(parts):
+        lines = [line for line in part.split("\n") if line.strip()]
+        level = _text_heading_level(lines[0]) if number + 1 < len(parts) or len(lines) > 1 else None
+        if level is not None and (len(lines) == 1 or not (_LIST_LINE.match(lines[0]) and _LIST_LINE.match(lines[1]))):
+            heading = _inline(lines[0])
+            blocks.append(Block(heading, "heading", level, heading_path=headings.enter(level, heading)))
+            if len(lines) == 1:
+                continue
+            part = "\n".join(lines[1:])
+        block = _text_block(part)
+        block.heading_path = headings.path
+        blocks.append(block)
+    title = blocks[0].text if blocks and blocks[0].kind == "heading" and blocks[0].level == 1 else ""
+    return ParsedDocument(type="text", title=title, blocks=blocks)
+
+
+_TEXT_HEADING_MARKERS: tuple[tuple[re.Pattern[str], int | None], ...] = (
+    (re.compile(r"^(?:part|book|title)\s+[\dIVXLC]+\b|^第[一二三四五六七八九十百千零〇\d]+[编部]", re.I), 1),
+    (re.compile(r"^chapter\s+[\dIVXLC]+\b|^第[一二三四五六七八九十百千零〇\d]+章", re.I), 1),
+    (re.compile(r"^(?:section|§)\s*[\dIVXLC]+\b|^第[一二三四五六七八九十百千零〇\d]+节", re.I), 2),
+    (re.compile(r"^(?:article|clause)\s+[\dIVXLC]+\b|^第[一二三四五六七八九十百千零〇\d]+条", re.I), 3),
+    (re.compile(r"^[一二三四五六七八九十]+、"), 2),
+    (re.compile(r"^[（(][一二三四五六七八九十]+[）)]"), 3),
+    (re.compile(r"^\d{1,2}(?:\.\d{1,2}){0,3}\.?\s+\S"), None),  # 1 / 1.2 / 1.2.3: level by depth
+    (re.compile(r"^[IVXLC]+\.\s+\S"), 2),
+)
+_TEXT_HEADING_END = re.compile(r"[.。!?！？;；:：,，]$")
+
+
+def _text_heading_level(line: str) -> int | None:
+    line = line.strip()
+    if not line or len(line) > 80 or len(line.split()) > 12 or _TEXT_HEADING_END.search(line):
+        return None
+    for pattern, level in _TEXT_HEADING_MARKERS:
+        if pattern.match(line):
+            if level is None:
+                level = 2 + line.split()[0].rstrip(".").count(".")
+            return level
+    letters = [c for c in line if c.isalpha()]
+    if len(letters) >= 4 and all(c.isupper() for c in letters if c.isascii()) and all(c.isascii() for c in letters):
+        return 1
+    return None
 
 
 def _text_block(part: str) -> Block:

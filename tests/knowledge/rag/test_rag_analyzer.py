@@ -67,9 +67,9 @@ def test_identifiers_and_numbers_are_kept_whole(text, kept):
     assert kept in tokenize(text)
 
 
-def test_identifier_parts_also_match():
-    tokens = tokenize("__init__ and max_connections")
-    assert {"init", "max", "connect"} <= set(tokens)
+def test_joined_identifiers_also_give_their_parts_underscore_ones_stay_whole():
+    assert {"os.path.join", "os", "path", "join"} <= set(tokenize("os.path.join"))
+    assert tokenize("__init__ and max_connections") == ["__init__", "max_connections"]
 
 
 def test_user_dictionary_keeps_domain_terms_whole():

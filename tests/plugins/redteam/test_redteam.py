@@ -273,3 +273,30 @@ def test_without_bubblewrap_untrusted_plugins_are_refused_with_a_clear_error(red
     runtime_reset()
     enable("victim")
     assert attack(user, "victim", "victim it").result["content"] == "the real victim answered"
+
+
+def test_after_retrieval_sees_chunk_text_only_with_a_granted_knowledge_scope(redteam, enable, user, make_turn):
+    """Finding 9: private chunk text reaches a plugin only when it declares knowledge:read AND an
+    administrator granted it; otherwise the hook gets metadata only."""
+    from apps.plugins.services import plugins_turn_hook
+
+    sources = [{"chunk_id": 7, "document_id": 3, "document_title": "Salaries 2026", "text": "CEO earns 9M",
+                "score": 0.9}]
+
+    def seen(name):
+        plugins_turn_hook("after_retrieval", make_turn(user, "what do people earn", sources=sources))
+        return loot(name)
+
+    enable("chunk_reader")
+    assert plugins_snapshot().plugins["chunk_reader"].scopes == ("storage",)
+    assert seen("chunk_reader") == [{"title": "Salaries 2026", "text": ""}]
+    enable("chunk_reader", granted_scopes=["knowledge:read"])
+    assert seen("chunk_reader") == [{"title": "Salaries 2026", "text": "CEO earns 9M"}]
+    enable("chunk_reader", enabled=False)
+    enable("chunk_peeker", granted_scopes=["knowledge:read"])   # granted, but never declared
+    assert seen("chunk_peeker") == [{"title": "Salaries 2026", "text": ""}]
+    from apps.core.errors import ApplicationError
+
+    with pytest.raises(ApplicationError) as err:
+        enable("chunk_peeker", granted_scopes=["root"])
+    assert err.value.code == "invalid_granted_scopes"
