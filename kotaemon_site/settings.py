@@ -23,8 +23,24 @@ env = environ.Env()
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The demo (make demo) and the test runner are the only places where insecure defaults are allowed.
-DEMO = env.bool("KOTAEMON_DEMO", default=False)
 TESTING = env.bool("KOTAEMON_TESTING", default="pytest" in sys.modules)
+DEMO_MARKER = BASE_DIR / "var" / "demo-mode"
+
+
+def _demo_marker() -> bool:
+    """`make demo` (demo_setup) leaves var/demo-mode naming this checkout, so later `manage.py` commands in it
+    find the demo's settings without KOTAEMON_DEMO=1. Only where nothing is configured: never with a
+    SECRET_KEY or DATABASE_URL (every production deployment sets SECRET_KEY, or refuses to start), a data dir
+    elsewhere, or under the test runner; and only for the checkout that wrote it."""
+    if TESTING or any(os.environ.get(name) for name in ("SECRET_KEY", "DATABASE_URL", "KOTAEMON_DATA_DIR", "DEBUG")):
+        return False
+    try:
+        return DEMO_MARKER.read_text(encoding="utf-8").strip() == str(BASE_DIR)
+    except OSError:
+        return False
+
+
+DEMO = env.bool("KOTAEMON_DEMO", default=False) if "KOTAEMON_DEMO" in os.environ else _demo_marker()
 DEBUG = env.bool("DEBUG", default=DEMO)
 _DEV_DEFAULTS = DEBUG or DEMO or TESTING
 
@@ -398,6 +414,11 @@ LOGGING = {
 INDEX_ROOT = Path(env("INDEX_ROOT", default=str(DATA_DIR / "indexes")))
 EMBEDDING_MODEL_PATH = env("EMBEDDING_MODEL_PATH", default="")  # empty: the bundled all-MiniLM-L6-v2
 EMBEDDING_BATCH_SIZE = env.int("EMBEDDING_BATCH_SIZE", default=32)
+# Embedding models per knowledge base (apps/knowledge/embeddings.py): the model new bases get, the backend
+# every model runs on (auto = int8 ONNX Runtime where installed), and where exported ONNX files are cached.
+EMBEDDING_DEFAULT_MODEL = env("EMBEDDING_DEFAULT_MODEL", default="all-minilm-l6-v2")
+EMBEDDING_BACKEND = env("EMBEDDING_BACKEND", default="auto")
+EMBEDDING_CACHE_DIR = Path(env("EMBEDDING_CACHE_DIR", default=str(DATA_DIR / "embedding-cache")))
 TORCH_NUM_THREADS = env.int("TORCH_NUM_THREADS", default=0)  # 0: decided per process kind
 RERANKER_MODEL_PATH = env("RERANKER_MODEL_PATH", default="")
 KNOWLEDGE_MAX_UPLOAD_BYTES = env.int("KNOWLEDGE_MAX_UPLOAD_BYTES", default=50 * 1024 * 1024)

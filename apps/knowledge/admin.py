@@ -44,8 +44,9 @@ class IndexVersionInline(admin.TabularInline):
     max_num = 0
     can_delete = False
     ordering = ["-version"]
-    fields = ["version", "status_badge", "chunk_count", "document_count", "dense_kind", "encoded_count",
-              "build_seconds", "created_at", "activated_at", "retired_at"]
+    fields = ["version", "status_badge", "embedding", "progress", "build_kind", "segment_count", "chunk_count",
+              "document_count", "written_count", "tombstone_count", "dense_kind", "encoded_count", "build_seconds",
+              "created_at", "activated_at", "retired_at"]
     readonly_fields = fields
     verbose_name_plural = _("Index versions (newest first)")
 
@@ -60,12 +61,37 @@ class IndexVersionInline(admin.TabularInline):
     def status_badge(self, obj):
         return badge(obj.status, title=obj.error_message)
 
+    @admin.display(description=_("embedding model"))
+    def embedding(self, obj):
+        return embedding_label(obj)
+
+    @admin.display(description=_("encoding progress"))
+    def progress(self, obj):
+        return encode_progress(obj)
+
+
+def embedding_label(version: IndexVersion) -> str:
+    if not version.embedding_key:
+        return version.embedding_model
+    return f"{version.embedding_key} · {version.embedding_backend} · {version.embedding_dimension or '?'}d"
+
+
+def encode_progress(version: IndexVersion):
+    """Chunks encoded of those this build must encode (a model change re-encodes all of them)."""
+    if not version.encode_total:
+        return "–"
+    if version.status == IndexVersion.Status.BUILDING:
+        percent = 100 * version.encoded_count // max(1, version.encode_total)
+        return format_html('<progress value="{}" max="{}"></progress> {} / {} ({}%)', version.encoded_count,
+                           version.encode_total, version.encoded_count, version.encode_total, percent)
+    return f"{version.encoded_count} / {version.encode_total}"
+
 
 @admin.register(KnowledgeBase)
 class KnowledgeBaseAdmin(admin.ModelAdmin):
     form = KnowledgeBaseAdminForm
     list_display = ["name", "slug", "owner", "visibility", "documents_total", "documents_ready", "documents_failed",
-                    "active_index", "last_build"]
+                    "active_index", "index_health", "last_build"]
     list_filter = ["is_public"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
@@ -75,6 +101,10 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["name", "slug", "description"]}),
         (_("Access"), {"fields": ["owner", "is_public", "allowed_groups", "editor_groups"]}),
+        (_("Embedding model"), {"fields": ["embedding_model"],
+                                "description": _("Changing the model re-embeds every chunk in the background; "
+                                                 "searches keep using the current index version (and its model) "
+                                                 "until the new one is built. Progress shows under Index versions.")}),
         (_("Chunking"), {"fields": ["chunk_tokens", "chunk_overlap"],
                          "description": _("Sizes are in the embedding model's tokens; changing them re-chunks every "
                                           "document (unchanged text keeps its stored embedding).")}),
@@ -112,7 +142,7 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
     def get_queryset(self, request):
         active = IndexVersion.objects.filter(knowledge_base=OuterRef("pk"), status=IndexVersion.Status.ACTIVE)
         live = Q(documents__deleted_at__isnull=True)
-        qs = super().get_queryset(request)
+        qs = super().get_queryset(request).filter(deleted_at__isnull=True)  # deleted: hidden, purged in the background
         if not authz.can(request.user, "knowledge.read_all"):
             qs = qs.filter(pk__in=authz.knowledge_bases_editable(request.user).values("pk"))
         return qs.select_related("owner").annotate(
@@ -152,6 +182,18 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
             return badge("pending", _("none"))
         return format_html(_("v{} · {} chunks"), obj.active_version, obj.active_chunks)
 
+    @admin.display(description=_("index here"))
+    def index_health(self, obj):
+        """This instance's copy of the base's index: a version it cannot load degrades only this base."""
+        from .index_registry import registry
+
+        state = registry.status(obj.pk)
+        labels = {"ok": ("ready", _("loaded")), "loading": ("processing", _("loading")),
+                  "cold": ("pending", _("not loaded")), "degraded": ("failed", _("degraded")),
+                  "unavailable": ("failed", _("unavailable"))}
+        colour, label = labels[state["state"]]
+        return badge(colour, label, title=state["error"])
+
     @admin.display(description=_("last build"), ordering="last_build_at")
     def last_build(self, obj):
         return obj.last_build_at
@@ -168,6 +210,10 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         elif change and "user_dictionary" in form.changed_data:
             services.index_rebuild_enqueue(obj.pk)
             messages.info(request, _("User dictionary changed: the index is being rebuilt with it."))
+        if change and "embedding_model" in form.changed_data:
+            services.knowledge_base_reembed(knowledge_base=obj)
+            messages.info(request, _("Embedding model changed: every chunk is being re-embedded in the background; "
+                                     "searches use the current index until the new version is active."))
 
     def delete_model(self, request, obj):
         services.knowledge_base_delete(user=request.user, knowledge_base=obj)
@@ -267,11 +313,12 @@ class DocumentAdmin(admin.ModelAdmin):
     search_fields = ["title", "source_name", "source_url", "sha256"]
     list_select_related = ["knowledge_base", "updated_by"]
     readonly_fields = ["status_badge", "error", "detected_type", "page_count", "size", "sha256", "version",
-                       "created_by", "created_at", "updated_by", "updated_at", "ingested_at", "source_link"]
+                       "created_by", "created_at", "updated_by", "updated_at", "ingested_at", "ingest_attempts",
+                       "source_link"]
     fieldsets = [
         (None, {"fields": ["knowledge_base", "title", "file", "source_url"]}),
         (_("Ingestion"), {"fields": ["status_badge", "error", "detected_type", "page_count", "size", "sha256",
-                                  "version", "ingested_at", "source_link"]}),
+                                  "version", "ingested_at", "ingest_attempts", "source_link"]}),
         (_("History"), {"fields": ["created_by", "created_at", "updated_by", "updated_at"]}),
     ]
     inlines = [ChunkInline]
@@ -316,6 +363,8 @@ class DocumentAdmin(admin.ModelAdmin):
 
     @admin.display(description=_("status"), ordering="status")
     def status_badge(self, obj):
+        if obj.error_code == "ingest_stuck":  # parked by the sweeper after repeated attempts
+            return badge("failed", _("parked"), title=obj.error_message)
         return badge(obj.status, obj.get_status_display(), title=obj.error_message)
 
     @admin.display(description=_("error"), ordering="error_code")
@@ -402,7 +451,8 @@ class DocumentAdmin(admin.ModelAdmin):
 
 @admin.register(IndexVersion)
 class IndexVersionAdmin(admin.ModelAdmin):
-    list_display = ["knowledge_base", "version", "status_badge", "chunk_count", "document_count", "dense_kind",
+    list_display = ["knowledge_base", "version", "status_badge", "embedding", "progress", "build_kind",
+                    "segment_count", "chunk_count", "document_count", "written_count", "tombstone_count", "dense_kind",
                     "encoded_count", "build_seconds", "created_at", "activated_at", "retired_at"]
     list_filter = ["status", "knowledge_base"]
     list_select_related = ["knowledge_base"]
@@ -434,3 +484,11 @@ class IndexVersionAdmin(admin.ModelAdmin):
     @admin.display(description=_("status"), ordering="status")
     def status_badge(self, obj):
         return badge(obj.status, title=obj.error_message)
+
+    @admin.display(description=_("embedding model"))
+    def embedding(self, obj):
+        return embedding_label(obj)
+
+    @admin.display(description=_("encoding progress"))
+    def progress(self, obj):
+        return encode_progress(obj)

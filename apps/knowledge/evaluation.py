@@ -14,6 +14,7 @@ only their `text`. Chunk hits are aggregated to documents by their best chunk (m
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +28,24 @@ from .rag.evaluation import (PASSAGE_COVERAGE, LabelledQuestion, evaluate_run, f
 from .selectors import ranked_chunk_ids
 from .services import IngestOutcome, document_import, documents_ingest, files_ingest, index_rebuild
 
-# Published figures for SciFact (see ../shared/datasets/scifact/SOURCE.md): nDCG@10.
-REFERENCE_NDCG10 = {"dense": 0.645, "bm25": 0.665}
+# Published nDCG@10 figures per dataset (SciFact: ../shared/datasets/scifact/SOURCE.md). A dataset folder may
+# carry its own in references.json ({"ndcg@10": {"dense": ..., "bm25": ...}, "note": "..."}); a dataset
+# with neither shows none rather than another dataset's.
+REFERENCES = {"scifact": {"ndcg@10": {"dense": 0.645, "bm25": 0.665},
+                          "note": "all-MiniLM-L6-v2 dense 0.645 (MTEB), BM25 0.665 (BEIR paper)"}}
+REFERENCE_NDCG10 = REFERENCES["scifact"]["ndcg@10"]
+
+
+def dataset_references(root: Path | str) -> dict:
+    """The reference figures of the dataset in `root`: its references.json, else the table above by folder name."""
+    root = Path(root)
+    try:
+        own = json.loads((root / "references.json").read_text(encoding="utf-8"))
+        if isinstance(own, dict) and isinstance(own.get("ndcg@10"), dict):
+            return own
+    except (OSError, ValueError):
+        pass
+    return REFERENCES.get(root.name.lower(), {})
 RUN_DEPTH_DOCUMENTS = 100
 
 
@@ -110,7 +127,8 @@ class EvaluationResult:
 
 
 def beir_evaluate(*, knowledge_base: KnowledgeBase, queries: dict[str, str], qrels: dict[str, dict[str, int]],
-                  mode: str, on_progress: Callable[[int], None] | None = None) -> EvaluationResult:
+                  mode: str, on_progress: Callable[[int], None] | None = None,
+                  dataset: Path | str | None = None) -> EvaluationResult:
     """nDCG@10, Recall@100 and MRR@10 of `mode` over the judged queries."""
     names = dict(Document.objects.filter(knowledge_base=knowledge_base).values_list("id", "source_name"))
     chunk_doc = dict(Chunk.objects.filter(document__knowledge_base=knowledge_base, superseded_at__isnull=True)
@@ -132,7 +150,8 @@ def beir_evaluate(*, knowledge_base: KnowledgeBase, queries: dict[str, str], qre
         if on_progress is not None:
             on_progress(1)
     metrics = evaluate_run(run, qrels, ndcg_k=(10,), recall_k=(100,), mrr_k=(10,))
-    return EvaluationResult(mode, metrics, len(queries), time.perf_counter() - started, REFERENCE_NDCG10.get(mode))
+    references = dataset_references(dataset).get("ndcg@10", {}) if dataset is not None else REFERENCE_NDCG10
+    return EvaluationResult(mode, metrics, len(queries), time.perf_counter() - started, references.get(mode))
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,7 +252,7 @@ def query_candidates(*, knowledge_base: KnowledgeBase, queries: list[str], depth
                      on_progress: Callable[[int], None] | None = None) -> list:
     """Dense and BM25 candidate lists (each `max(candidates, depth)` long) of every query, as retrieval
     computes them on the active index version; with `with_vectors`, the candidates' stored vectors for MMR."""
-    from .embeddings import embedder
+    from .embeddings import query_encoder_for
     from .index_registry import registry
     from .rag.calibration import QueryCandidates
 
@@ -241,7 +260,9 @@ def query_candidates(*, knowledge_base: KnowledgeBase, queries: list[str], depth
     if bundle is None:
         raise ValueError(f"knowledge base {knowledge_base.slug!r} has no active index")
     n = max(knowledge_base.candidates, depth)
-    model = embedder()
+    model = query_encoder_for(bundle.embedding)  # the model that built the version
+    if model is None:
+        raise ValueError(f"knowledge base {knowledge_base.slug!r}: no encoder here for {bundle.model_id!r}")
     result = []
     for text in queries:
         query_vec = model.encode_query(text)

@@ -114,12 +114,16 @@ def test_directory_groups_decide_knowledge_base_access_and_removal_applies_at_ne
     key = alice.post("/api/v1/api-keys/", {"name": "laptop"}, content_type="application/json").json()["key"]
     machine = client_factory()
     assert machine.get("/api/v1/search/", search, HTTP_AUTHORIZATION=f"Bearer {key}").status_code == 200
+    models = machine.get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {key}")  # the OpenAI-compatible API
+    assert "engineering" in {m["id"] for m in models.json()["data"]}
 
     # The directory drops alice from engineering: the next sign-in takes the group away, key included.
     idp.set_users(people(alice={**people()["alice"], "groups": ["choir"]}))
     sso_sign_in(alice, idp, "alice", "alice-pw")
     assert alice.get("/api/v1/search/", search).status_code == 404
     assert machine.get("/api/v1/search/", search, HTTP_AUTHORIZATION=f"Bearer {key}").status_code == 404
+    models = machine.get("/v1/models", HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert "engineering" not in {m["id"] for m in models.json()["data"]}
 
 
 def test_groups_assigned_by_hand_survive_a_sign_in(client, idp, settings, django_user_model):

@@ -47,7 +47,11 @@ def test_sign_in_chat_and_sign_out_through_the_identity_provider(idp, make_kb, l
         page.fill("#message-input", "How early do I need to book a flight?")
         page.keyboard.press("Enter")
         answer = page.locator(".msg.assistant .bubble:not(.streaming)").last
-        answer.locator("a.cite").first.wait_for(timeout=60_000)
+        try:
+            answer.locator("a.cite").first.wait_for(timeout=120_000)
+        except Exception:
+            page.screenshot(path=str(tmp_path / "sso-chat-failed.png"))
+            raise AssertionError(f"no cited answer; page shows: {page.locator('#messages').inner_text()[:800]!r}")
         assert "14 days" in answer.inner_text()
         page.screenshot(path=str(tmp_path / "sso-chat.png"))
 

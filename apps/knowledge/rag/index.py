@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from .analyzer import Analyzer, analyzer_from_spec, get_analyzer
-from .errors import IndexLoadError
+from .errors import IndexLoadError, QueryModelMismatch
 from .fusion import rrf
 
 DEFAULT_HNSW_THRESHOLD = 50_000
@@ -140,7 +140,7 @@ class DenseIndex:
         n = self.count
         idmap = n * 24  # the id array and IndexIDMap2's reverse map
         if self.kind == "ivfpq":
-            return idmap + (0 if self.mmapped else n * (self.dim // 8 + 8)) + 4 * self.dim * 256 * 2
+            return idmap + (0 if self.mmapped else n * (self.dim // 4 + 8)) + 4 * self.dim * 256 * 2
         codes = 0 if self.mmapped else n * self.dim * 4
         graph = n * HNSW_M * 2 * 4 if self.kind == "hnsw" else 0
         return idmap + codes + graph
@@ -297,7 +297,9 @@ def _new_ivfpq_index(dim: int, total: int, sample: np.ndarray) -> Any:
     import faiss
 
     nlist = int(min(max(64, 4 * math.sqrt(total)), max(64, len(sample) // 39)))
-    m = dim // 8 if dim % 8 == 0 else next(d for d in (48, 32, 24, 16, 12, 8, 4, 2, 1) if dim % d == 0)
+    # dim/4 sub-quantizers of 8 bits: 96 bytes for 384 dimensions (16x smaller than float32); dim/8 lost
+    # too much recall (docs/benchmarks.md).
+    m = next(d for d in (dim // 4, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1) if d and dim % d == 0)
     quantizer = faiss.IndexFlatIP(dim)
     inner = faiss.IndexIVFPQ(quantizer, dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
     inner.train(np.ascontiguousarray(sample, dtype=np.float32))
@@ -820,7 +822,9 @@ def write_index_version(
 
     Idempotent: the same content again reuses the segment and the version untouched (a re-delivered
     Celery task is harmless); different content under the same version number replaces the version
-    in one rename. ``meta`` must be JSON-serialisable and should carry ``model_id``. ``analyzer``
+    in one rename. ``meta`` must be JSON-serialisable and should carry ``model_id`` and ``embedding``
+    (``BaseEmbedder.describe()``: model, model_id, dimension, backend), recorded in the manifest so that a
+    loader refuses to search the version with another model's query vectors. ``analyzer``
     (default: no user dictionary) tokenizes for BM25; its name, version and dictionary hash are
     recorded in the manifest.
     """
@@ -836,7 +840,18 @@ def write_index_version(
                             ef_search=ef_search, compression=compression, analyzer=analyzer)
         segments.append(ViewSegment(seg["name"]))
     return write_view(root, version, segments, meta=meta, arrays=arrays, dim=int(matrix.shape[1]),
-                      fields=analyzer_manifest(analyzer))
+                      fields={**analyzer_manifest(analyzer), **embedding_manifest(meta, int(matrix.shape[1]))})
+
+
+def embedding_manifest(meta: dict[str, Any], dim: int) -> dict[str, Any]:
+    """The manifest field that records the embedding model of a version: ``{"embedding": {model, model_id,
+    dimension, backend}}`` from ``meta["embedding"]`` (or just ``meta["model_id"]``)."""
+    record = dict(meta.get("embedding") or {})
+    record.setdefault("model_id", meta.get("model_id"))
+    if record.get("dimension") not in (None, dim):
+        raise ValueError(f"embedding dimension {record['dimension']} but vectors have {dim}")
+    record["dimension"] = dim
+    return {"embedding": json.loads(json.dumps(record))}
 
 
 def analyzer_manifest(analyzer: Analyzer) -> dict[str, Any]:
@@ -1069,10 +1084,24 @@ class IndexBundle:
         dims = {p.segment.dense.dim for p in self.parts}
         if len(dims) > 1 or (dims and self.manifest.get("dim") not in dims):
             raise IndexLoadError(f"{self.path}: manifest dim {self.manifest.get('dim')}, segments {sorted(dims)}")
+        recorded = (self.manifest.get("embedding") or {}).get("dimension")
+        if recorded is not None and dims and int(recorded) not in dims:
+            raise IndexLoadError(f"{self.path}: embedding dimension {recorded}, segments {sorted(dims)}")
 
     @property
     def model_id(self) -> str | None:
         return self.manifest.get("model_id")
+
+    @property
+    def embedding(self) -> dict[str, Any]:
+        """The model that built the dense index: model (catalog key), model_id, dimension, backend.
+        Versions written before this was recorded carry only ``model_id``."""
+        return self.manifest.get("embedding") or {"model_id": self.model_id, "dimension": self.dim}
+
+    def check_query_model(self, model_id: str | None) -> None:
+        """Raise :class:`QueryModelMismatch` unless query vectors of ``model_id`` may search this version."""
+        if not model_id or model_id != self.model_id:
+            raise QueryModelMismatch(f"{self.path}: built with {self.model_id!r}, query encoder is {model_id!r}")
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -1116,7 +1145,10 @@ class IndexBundle:
                 return part.tombstones
         raise KeyError(segment_name)
 
-    def dense_search(self, query_vec: np.ndarray, k: int) -> list[tuple[int, float]]:
+    def dense_search(self, query_vec: np.ndarray, k: int, *, model_id: str | None = None) -> list[tuple[int, float]]:
+        """``model_id``: the query encoder's; given, a version built with another model is refused."""
+        if model_id is not None:
+            self.check_query_model(model_id)
         hits: list[tuple[int, float]] = []
         for part in self.parts:
             hits += part.segment.dense.search(query_vec, k, exclude=part.tombstones if len(part.tombstones) else None)

@@ -19,6 +19,11 @@ class Command(BaseCommand):
         from apps.knowledge.services import demo_knowledge_load
 
         demo_knowledge_load(owner=get_user_model().objects.get(username=username), stdout=self.stdout)
+        from django.conf import settings
+
+        if settings.DEMO:  # later manage.py commands in this checkout find the demo settings (settings.DEMO_MARKER)
+            settings.DEMO_MARKER.parent.mkdir(parents=True, exist_ok=True)
+            settings.DEMO_MARKER.write_text(str(settings.BASE_DIR), encoding="utf-8")
         message = (gettext("Created the demo admin.") if created else gettext("Kept the demo admin.")) + " " + gettext(
             "Sign in at http://127.0.0.1:8000/admin/ as %(username)s / %(password)s (demo only: change it before "
             "exposing this machine).") % {"username": username, "password": password}

@@ -9,6 +9,36 @@ def prepare_process(kind: str) -> None:
     Only effective before torch is first imported, which no command does before this call.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    quiet_logging()
     from apps.core.runtime import configure_process
 
     configure_process(kind=kind)
+
+
+# Libraries that log at INFO on every start (FAISS's loader, the model loader, HTTP clients, jieba).
+_CHATTY = ("faiss", "faiss.loader", "sentence_transformers", "httpx", "httpcore", "jieba", "celery", "urllib3",
+           "transformers", "apps")
+
+
+def quiet_logging() -> None:
+    """On a terminal a command's own progress bar and summary are the output: log lines drop to warnings in
+    short text form and library warnings are silenced. Servers keep JSON logs (they never call this), and an
+    operator who sets LOG_FORMAT or LOG_LEVEL for a command gets exactly those logs."""
+    import logging
+    import sys
+    import warnings
+
+    if os.environ.get("LOG_FORMAT") or os.environ.get("LOG_LEVEL") or not sys.stderr.isatty():
+        if not os.environ.get("LOG_FORMAT") and not os.environ.get("LOG_LEVEL"):
+            for name in _CHATTY:  # piped: still JSON, but no per-start chatter before the summary
+                logging.getLogger(name).setLevel(logging.WARNING)
+        return
+    formatter = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    for logger in (logging.getLogger(), logging.getLogger("django")):
+        logger.setLevel(logging.WARNING)
+        for handler in logger.handlers:
+            handler.setFormatter(formatter)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.simplefilter("ignore", category)

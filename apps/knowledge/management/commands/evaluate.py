@@ -89,7 +89,7 @@ class Command(BaseCommand):
         for name in modes:
             bar = progress(len(queries), f"queries ({name})", unit="query", disable=no_progress)
             result = evaluation.beir_evaluate(knowledge_base=knowledge_base, queries=queries, qrels=qrels, mode=name,
-                                              on_progress=bar.update)
+                                              on_progress=bar.update, dataset=root)
             bar.close()
             m = result.metrics
             reference = "-" if result.reference_ndcg10 is None else f"{result.reference_ndcg10:.3f}"
@@ -100,9 +100,9 @@ class Command(BaseCommand):
                             "ms_per_query": ms})
         self._write(table(["mode", "nDCG@10", "reference nDCG@10", "Recall@100", "MRR@10", "queries", "ms/query"],
                           rows))
+        note = evaluation.dataset_references(root).get("note") or "none published for this dataset"
         self._write(f"knowledge base {knowledge_base.slug}, chunks {knowledge_base.chunk_tokens}/"
-                    f"{knowledge_base.chunk_overlap} tokens; references: all-MiniLM-L6-v2 dense 0.645 (MTEB), "
-                    "BM25 0.665 (BEIR paper)")
+                    f"{knowledge_base.chunk_overlap} tokens; references ({root.name}): {note}")
         return {"dataset": root.name, "split": split, "knowledge_base": knowledge_base.slug,
                 "corpus": _stats_dict(stats), "calibration": calibration, "results": results}
 
