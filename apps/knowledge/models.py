@@ -13,6 +13,12 @@ from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
 
 
+def default_embedding_model() -> str:
+    from .embeddings import default_model_key
+
+    return default_model_key()
+
+
 class KnowledgeBase(models.Model):
     class Fusion(models.TextChoices):
         RRF = "rrf", _("Reciprocal rank fusion")
@@ -32,6 +38,11 @@ class KnowledgeBase(models.Model):
     editor_groups = models.ManyToManyField(Group, blank=True, related_name="edited_knowledge_bases",
                                            help_text=_("Members of these groups may edit this knowledge base and "
                                                        "its documents (and search it)."))
+
+    # Embedding model (a key of embeddings.model_catalog()). Changing it re-embeds in the background and
+    # swaps in a version built with the new model; searches use the old version and model meanwhile.
+    embedding_model = models.CharField(max_length=64, default=default_embedding_model,
+                                       help_text="Changing it re-embeds every chunk in the background.")
 
     # Chunking: sized in the embedding model's tokens (all-MiniLM-L6-v2 reads at most 254).
     chunk_tokens = models.PositiveSmallIntegerField(default=200, validators=[MinValueValidator(32),
@@ -183,7 +194,13 @@ class IndexVersion(models.Model):
     source_revision = models.PositiveBigIntegerField(default=0)
     document_count = models.PositiveIntegerField(default=0)
     chunk_count = models.PositiveIntegerField(default=0)
+    # The model that built the dense index (also in the manifest): its id, catalog key, backend, dimension.
     embedding_model = models.CharField(max_length=200, blank=True)
+    embedding_key = models.CharField(max_length=64, blank=True)
+    embedding_backend = models.CharField(max_length=16, blank=True)
+    embedding_dimension = models.PositiveIntegerField(null=True, blank=True)
+    # Progress of a build that has to encode (a model change): chunks to encode, and encoded so far.
+    encode_total = models.PositiveIntegerField(default=0)
     dense_kind = models.CharField(max_length=16, blank=True)
     build_seconds = models.FloatField(null=True, blank=True)
     encoded_count = models.PositiveIntegerField(default=0, help_text=_("Chunks that had to be encoded for this build."))
