@@ -38,6 +38,8 @@ demo: install bubblewrap
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { echo "Installing Debian's chromium for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@test -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc || { echo "Installing a CJK font for Chinese screenshots"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-wqy-microhei; }
 	@test -x /usr/sbin/slapd || { echo "Installing OpenLDAP's slapd for the LDAP sign-in tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slapd; }
 	@command -v npm >/dev/null 2>&1 || { echo "Installing Node.js for the OpenID provider of the sign-in tests"; \

@@ -20,6 +20,17 @@ def redis_url() -> str:
 
 
 @pytest.fixture(autouse=True)
+def _default_language():
+    """A request served in Chinese leaves its language active in the thread (LocaleMiddleware activates,
+    nothing deactivates): each test starts from the default, English."""
+    from django.utils import translation
+
+    translation.deactivate()
+    yield
+    translation.deactivate()
+
+
+@pytest.fixture(autouse=True)
 def _fresh_cache():
     from tests.helpers import clear_cache
 

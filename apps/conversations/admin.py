@@ -1,5 +1,7 @@
 from django.contrib import admin
 
+from apps.core import authz
+
 from .models import Conversation, Feedback, Message
 
 
@@ -14,7 +16,7 @@ class MessageInline(admin.TabularInline):
 
 
 @admin.register(Conversation)
-class ConversationAdmin(admin.ModelAdmin):
+class ConversationAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     list_display = ["title", "owner", "session_id", "archived", "created_at", "updated_at"]
     list_filter = ["archived"]
     search_fields = ["title", "session_id", "owner__username"]
@@ -24,7 +26,7 @@ class ConversationAdmin(admin.ModelAdmin):
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     list_display = ["id", "conversation", "role", "generator", "latency_ms", "error_code", "created_at"]
     list_filter = ["role", "generator", "error_code"]
     search_fields = ["content", "conversation__session_id"]
@@ -34,7 +36,7 @@ class MessageAdmin(admin.ModelAdmin):
 
 
 @admin.register(Feedback)
-class FeedbackAdmin(admin.ModelAdmin):
+class FeedbackAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     list_display = ["message", "user", "rating", "comment", "updated_at"]
     list_filter = ["rating"]
     search_fields = ["comment", "user__username"]

@@ -1,11 +1,12 @@
 from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
 
 
 class ConversationsConfig(AppConfig):
     name = "apps.conversations"
     label = "conversations"
     default_auto_field = "django.db.models.BigAutoField"
-    verbose_name = "Conversations"
+    verbose_name = _("Conversations")
 
     def ready(self) -> None:
         from apps.core.cluster import register_reconciler

@@ -104,6 +104,8 @@ class ChatTurnResult:
 
 
 _FOLLOW_UP_START = re.compile(r"^\s*(and|but|also|so|then|or|what about|how about|and what|same for|why)\b", re.I)
+# Chinese follow-ups: "那要多久？", "还有呢", "它支持微信支付吗？" (no word boundaries in Chinese).
+_ZH_FOLLOW_UP = re.compile(r"^\s*(那|那么|还有|另外|而且|但是|可是|如果是|同样|它|它们|这个|那个|这些|那些|这样)|它")
 _ANAPHORA = frozenset("it its it's that this those these they them their there he she him her his hers one ones "
                       "same such former latter".split())
 
@@ -116,7 +118,8 @@ def contextualise(message: str, state: dict[str, Any]) -> str:
     if not previous:
         return message
     words = re.findall(r"[a-z']+", message.lower())
-    follow_up = (bool(_FOLLOW_UP_START.match(message)) or any(w in _ANAPHORA for w in words)
+    follow_up = (bool(_FOLLOW_UP_START.match(message) or _ZH_FOLLOW_UP.search(message))
+                 or any(w in _ANAPHORA for w in words)
                  or len(terms(message)) <= 1)
     if not follow_up:
         return message

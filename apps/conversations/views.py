@@ -77,7 +77,8 @@ class ConversationListView(APIView):
     @extend_schema(
         parameters=[OpenApiParameter("archived", str, enum=["false", "true", "all"],
                                      description="Which conversations to list (default: not archived)")],
-        responses=paginated(ConversationSerializer), summary="Your conversations, most recent first", tags=["chat"],
+        responses=paginated(ConversationSerializer), operation_id="conversations_list",
+        summary="Your conversations, most recent first", tags=["chat"],
     )
     def get(self, request):
         raw = request.query_params.get("archived", "false").lower()
@@ -115,6 +116,7 @@ class ConversationDetailView(APIView):
 class MessageListView(APIView):
     api_key_scope = "chat"  # apps/core/scopes.py
     @extend_schema(responses={200: paginated(MessageSerializer), 404: _ERRORS[404]},
+                   operation_id="conversations_messages_list",
                    summary="Messages of a conversation, oldest first", tags=["chat"])
     def get(self, request, session_id: str):
         qs = message_list(user=request.user, session_id=session_id)

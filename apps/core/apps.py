@@ -1,7 +1,9 @@
 from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
 
 
 class CoreConfig(AppConfig):
+    verbose_name = _("Core")
     name = "apps.core"
     label = "core"
     default_auto_field = "django.db.models.BigAutoField"

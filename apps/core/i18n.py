@@ -56,17 +56,15 @@ def language_from_scope(scope: dict[str, Any]) -> str:
 def question_language(text: str) -> str | None:
     """'zh-hans' when the text is clearly Chinese, 'en' when clearly English, else None.
 
-    A Chinese question often carries English terms ("VPN 怎么连接？"): a few Han characters make it Chinese
-    unless Latin words clearly dominate. A question with neither (digits, an order number) says nothing.
+    Questions mix languages ("VPN 怎么连接？", "what is 安心保障计划?"): counting two Han characters as a
+    word, the language with the most words wins, Chinese when about even. A question with no words
+    (digits, an order number, "VPN?") says nothing.
     """
-    han = len(_HAN_RE.findall(text or ""))
+    han_words = len(_HAN_RE.findall(text or "")) / 2
     latin_words = _LATIN_WORD_RE.findall(text or "")
-    latin_chars = sum(len(w) for w in latin_words)
-    if han >= 2 and han * 2 >= latin_chars * 0.5:
+    if han_words and han_words >= 0.6 * len(latin_words):
         return CHINESE
-    if han == 0 and len(latin_words) >= 2:
-        return ENGLISH
-    if han == 0 and latin_chars >= 4:
+    if len(latin_words) >= 2 or (latin_words and len(latin_words[0]) >= 4):
         return ENGLISH
     return None
 

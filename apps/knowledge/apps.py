@@ -1,10 +1,11 @@
 from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
 
 
 class KnowledgeConfig(AppConfig):
     name = "apps.knowledge"
     label = "knowledge"
-    verbose_name = "Knowledge"
+    verbose_name = _("Knowledge")
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:

@@ -47,7 +47,8 @@ def _kb_with_stats(user, kb_id: int):
 
 
 class KnowledgeBaseListCreateView(APIView):
-    @extend_schema(responses=paginated(KnowledgeBaseSerializer), summary="Knowledge bases you can read",
+    @extend_schema(responses=paginated(KnowledgeBaseSerializer), operation_id="knowledge_bases_list",
+                   summary="Knowledge bases you can read",
                    tags=["knowledge"])
     def get(self, request):
         queryset = selectors.knowledge_bases_with_stats(user=request.user).order_by("name", "pk")
@@ -94,6 +95,7 @@ class DocumentListUploadView(APIView):
         parameters=[OpenApiParameter("status", str, enum=["pending", "processing", "ready", "failed"],
                                      description="Only documents in this state")],
         responses={200: paginated(DocumentSerializer), 404: OpenApiTypes.OBJECT},
+        operation_id="knowledge_bases_documents_list",
         summary="Documents of a knowledge base, with their ingestion status", tags=["knowledge"])
     def get(self, request, kb_id: int):
         kb = selectors.knowledge_base_get(user=request.user, ref=kb_id)

@@ -9,6 +9,8 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
+from apps.core import authz
+
 from .models import AuditEvent
 from .selectors import audit_events_csv
 
@@ -26,7 +28,7 @@ class ActorFilter(admin.SimpleListFilter):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
+class AuditEventAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     """Read-only: visible and filterable, never added, edited or deleted here."""
 
     list_display = ["created_at", "actor_label", "source", "action", "model_label", "object_link", "short_summary"]

@@ -1,10 +1,11 @@
 from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
 
 
 class MonitoringConfig(AppConfig):
     name = "apps.monitoring"
     label = "monitoring"
-    verbose_name = "Monitoring and audit"
+    verbose_name = _("Monitoring and audit")
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:

@@ -16,6 +16,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.translation import gettext_lazy as _
 
+from apps.core import authz
 from apps.core.errors import ApplicationError
 
 from . import schema
@@ -115,7 +116,7 @@ class PluginConfigForm(forms.ModelForm):
 
 
 @admin.register(PluginConfig)
-class PluginConfigAdmin(admin.ModelAdmin):
+class PluginConfigAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     form = PluginConfigForm
     list_display = ["name", "status_badge", "description", "scopes", "groups", "version", "updated_at"]
     readonly_fields = ["name", "status_badge", "plugin_details", "version", "updated_at", "updated_by"]
@@ -247,7 +248,7 @@ class PluginConfigAdmin(admin.ModelAdmin):
 
 
 @admin.register(PluginInvocation)
-class PluginInvocationAdmin(admin.ModelAdmin):
+class PluginInvocationAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     list_display = ["created_at", "plugin", "stage", "intent", "outcome", "error_code", "duration_ms", "user"]
     list_filter = ["outcome", "plugin", "stage"]
     search_fields = ["plugin", "intent", "error_code"]
@@ -262,7 +263,7 @@ class PluginInvocationAdmin(admin.ModelAdmin):
 
 
 @admin.register(Ticket)
-class TicketAdmin(admin.ModelAdmin):
+class TicketAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
     list_display = ["number", "subject", "user", "status", "priority", "assignee", "created_at"]
     list_filter = ["status", "priority", "source_plugin"]
     search_fields = ["number", "subject", "user__username", "user__email"]

@@ -426,10 +426,11 @@ class _Prepared:
 
 def _clean_grants(scopes: Any) -> list[str]:
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
-        raise ApplicationError("invalid_granted_scopes", "granted_scopes must be a list of scope names.")
+        raise ApplicationError("invalid_granted_scopes", gettext("granted_scopes must be a list of scope names."))
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
-        raise ApplicationError("invalid_granted_scopes", f"Unknown scopes: {', '.join(unknown)}.",
+        raise ApplicationError("invalid_granted_scopes", gettext("Unknown scopes: %(unknown)s.")
+                                                         % {"unknown": ', '.join(unknown)},
                                details={"invalid": unknown, "known": list(SCOPES)})
     return sorted(set(scopes))
 

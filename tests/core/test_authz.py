@@ -179,3 +179,16 @@ def test_admin_knowledge_pages_follow_the_per_base_role(client, staff_user, othe
     assert "Mine" in html and "Secret" not in html
     secret = KnowledgeBase.objects.get(slug="secret")
     assert client.get(f"/admin/knowledge/knowledgebase/{secret.pk}/change/").status_code in (302, 403)
+
+
+def test_create_api_key_command_takes_scopes(user):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    out = StringIO()
+    call_command("create_api_key", "alice", "--scopes", "chat,search", stdout=out, stderr=StringIO())
+    assert ApiKey.objects.get(user=user).scopes == ["search", "chat"]
+    assert bearer(out.getvalue().strip()).get("/api/v1/knowledge-bases/").status_code == 403
+    with pytest.raises(CommandError, match="invalid_scopes"):
+        call_command("create_api_key", "alice", "--scopes", "root", stdout=StringIO(), stderr=StringIO())

@@ -1,6 +1,11 @@
 """The default generator: no model. It picks the sentences of the top sources that best cover the
 question and returns them in source order with [n] citations. It never writes a sentence that is
-not in a source; when no sentence covers the question well enough it says so plainly.
+not in a source; when no sentence covers the question well enough it says so plainly, in the language
+of the question (or the interface's, when the question does not tell).
+
+Chinese text is split into sentences at 。！？；… (no space needed), its terms are the words of the
+platform's analyzer (jieba, search mode) minus question phrasing, Chinese sentences are joined without
+spaces, and a citation goes before the closing punctuation: 七个工作日内到账[1]。
 """
 from __future__ import annotations
 
@@ -8,13 +13,27 @@ import math
 import re
 import threading
 
+from django.utils import translation
+from django.utils.translation import gettext_lazy
+
+from apps.core.i18n import reply_language
+
 from .base import Generation, Generator, Source, TokenCallback
 
-NOT_FOUND = ("I could not find anything about that in the knowledge bases you can search. "
-             "Try rephrasing the question or naming the document or topic.")
+NOT_FOUND = gettext_lazy("I could not find anything about that in the knowledge bases you can search. "
+                         "Try rephrasing the question or naming the document or topic.")
 
 _WORD_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9'’-]*")
 _SENTENCE_RE = re.compile(r"(?<=[.!?])[\"”')\]]*\s+(?=[\"“(\[]?[A-Z0-9])")
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_HAN_RE = re.compile(f"[{_HAN}]")
+_HAN_RUN_RE = re.compile(f"[{_HAN}]+")
+# A Chinese sentence ends at 。！？； or an ellipsis, with any closing quotes or brackets; no space follows.
+_ZH_SENTENCE_RE = re.compile(r"(?<=[。！？；])(?![。！？；”’」』）】])|(?<=[。！？；][”’」』）】])|(?<=……)(?!…)")
+# Line breaks inside Chinese text are layout, not word boundaries.
+_HAN_GAP_RE = re.compile(f"(?<=[{_HAN}，。！？；：、”’」』）])\\s+(?=[{_HAN}，。！？；：、“‘「『（])")
+_ZH_END_RE = re.compile(r"[。！？；：…]+[”’」』）】]*$")
+_ZH_CLOSING = "。！？；：…，、”’」』）】"
 _STOPWORDS = frozenset("""
 a about above after again against all am an and any are aren't as at be because been before being below
 between both but by can can't cannot could couldn't did didn't do does doesn't doing don't down during each
@@ -29,6 +48,9 @@ whom why why's with won't would wouldn't you you'd you'll you're you've your you
     # Phrasing of a question ("how long does it take", "please tell me") that rarely appears in the
     # sentence that answers it; counting it would make good answers look weak.
     "also please tell know explain get got give us many much long take takes taking".split())
+# The analyzer drops Chinese function and question words (怎么, 请问, 多少...); these are the phrasing of a
+# Chinese question that its answer rarely repeats ("多长时间" is answered by "7个工作日内").
+_ZH_PHRASING = frozenset("多久 多长 多长时间 长时间 时间 才能 能否 需要 告诉 知道 问问 问下 问一下 一下 办法 情况 时候 的话 麻烦 谢谢".split())
 
 # Answer types: a question asking "how long" is best answered by a sentence holding a duration.
 _ANSWER_TYPES = [
@@ -39,6 +61,12 @@ _ANSWER_TYPES = [
     (re.compile(r"\bhow much\b|\bcost\b|\bprice\b|\bfee\b|\bcharge\b", re.I),
      re.compile(r"[$€£¥]\s?\d|\b\d+([.,]\d+)?\s?(usd|eur|euros?|dollars?|pounds?|gbp)\b|\bfree\b", re.I)),
     (re.compile(r"\bhow many\b|\bnumber of\b", re.I), re.compile(r"\b\d+\b")),
+    (re.compile(r"多久|多长时间|几天|几个工作日|什么时候|何时|期限|时限|多快|多长"),
+     re.compile(r"\d+\s*(个)?(工作日|自然日|天|日|小时|分钟|周|星期|个月|月|年)"
+                r"|[一二三四五六七八九十两半]+(个)?(工作日|自然日|天|小时|分钟|周|星期|个月|月|年)|立即|立刻|当天|即时|随时")),
+    (re.compile(r"多少钱|费用|价格|收费|几块|多少元|手续费"),
+     re.compile(r"[¥￥]\s?\d|\d+(\.\d+)?\s*(元|块|人民币)|免费|不收费|不收取")),
+    (re.compile(r"多少|几个|几次|几家"), re.compile(r"\d")),
 ]
 ANSWER_TYPE_BONUS = 0.35
 
@@ -63,28 +91,69 @@ def _stem_words(words: list[str]) -> list[str]:
         return _stemmer.stemWords(words)
 
 
+def _han_terms(text: str) -> list[str]:
+    """Words of the Chinese runs of `text`, segmented by the platform's analyzer (as BM25 sees them)."""
+    from apps.knowledge.rag.analyzer import get_analyzer
+
+    runs = " ".join(_HAN_RUN_RE.findall(text))
+    return [t for t in get_analyzer().tokenize(runs) if t not in _ZH_PHRASING]
+
+
 def terms(text: str) -> list[str]:
     words = [w.lower().replace("’", "'").strip("'-") for w in _WORD_RE.findall(text)]
     words = [w for w in words if w and w not in _STOPWORDS and (len(w) > 1 or w.isdigit())]
-    return _stem_words(words)
+    stemmed = _stem_words(words)
+    return stemmed + _han_terms(text) if _HAN_RE.search(text) else stemmed
+
+
+def is_chinese(sentence: str) -> bool:
+    return bool(_HAN_RE.search(sentence))
+
+
+def _size(sentence: str) -> int:
+    """Roughly the number of words: Latin words, and two Han characters to a word."""
+    return len(_WORD_RE.findall(sentence)) + len(_HAN_RE.findall(sentence)) // 2
 
 
 def split_sentences(text: str) -> list[str]:
     sentences: list[str] = []
-    for block in re.split(r"\n\s*\n|\n(?=\s*(?:[-*•]|\d+[.)])\s)", text):
-        block = " ".join(block.split())
+    for block in re.split(r"\n\s*\n|\n(?=\s*(?:[-*•]|\d+[.)、])\s?)", text):
+        block = _HAN_GAP_RE.sub("", " ".join(block.split()))
         if not block:
             continue
-        sentences.extend(s.strip() for s in _SENTENCE_RE.split(block) if s.strip())
+        for part in _SENTENCE_RE.split(block):
+            sentences.extend(s.strip() for s in _ZH_SENTENCE_RE.split(part) if s.strip())
     return sentences
 
 
 def _cite(sentence: str, n: int) -> str:
     sentence = sentence.strip()
+    if is_chinese(sentence):
+        # The marker belongs to the sentence: before its closing punctuation, no space (…完成[1]。).
+        m = _ZH_END_RE.search(sentence) or re.search(r"[.!?:;]+[\"”')\]]*$", sentence)
+        if m:
+            return f"{sentence[:m.start()].rstrip()}[{n}]{sentence[m.start():]}"
+        return f"{sentence}[{n}]。"
     m = re.search(r"[.!?:;]+[\"”')\]]*$", sentence)
     if m:
         return f"{sentence[:m.start()].rstrip()} [{n}]{sentence[m.start():]}"
     return f"{sentence} [{n}]."
+
+
+def join_sentences(parts: list[str]) -> str:
+    """Sentences in order: a space between Latin ones, none after or before a Chinese one."""
+    out = ""
+    for part in parts:
+        if out and not (out[-1] in _ZH_CLOSING or _HAN_RE.match(out[-1]) or _HAN_RE.match(part[0])
+                        or part[0] in _ZH_CLOSING):
+            out += " "
+        out += part
+    return out
+
+
+def stream_pieces(text: str) -> list[str]:
+    """Word-sized pieces for streaming: Latin words with their space, Chinese in short clause runs."""
+    return re.findall(f"[{_HAN}]{{1,4}}[{_ZH_CLOSING}]*|[^\\s{_HAN}]+\\s*|\\s+", text)
 
 
 class ExtractiveGenerator(Generator):
@@ -95,9 +164,10 @@ class ExtractiveGenerator(Generator):
         previous = next((t.get("content") or "" for t in reversed(history) if t.get("role") == "assistant"), "")
         text, snippets = self.answer(question=question, query=query, sources=sources,
                                      said_before=re.sub(r"\s*\[\d+\]", "", previous))
+        text = str(text)
         if on_token is not None:
             # Word-sized pieces keep the streaming contract identical to the LLM generators.
-            for piece in re.findall(r"\S+\s*", text):
+            for piece in stream_pieces(text):
                 on_token(piece)
         return Generation(text=text, generator=self.name, prompt_tokens=0, completion_tokens=0, snippets=snippets)
 
@@ -118,9 +188,10 @@ class ExtractiveGenerator(Generator):
         candidates: list[tuple[int, int, int, str, set[str]]] = []  # (rank, n, position, sentence, terms)
         for rank, source in enumerate(chunk_sources):
             for pos, sentence in enumerate(split_sentences(source.text)):
-                if len(sentence) < 12 or len(sentence.split()) < 3:
+                if (len(sentence) < 6 or _size(sentence) < 3) if is_chinese(sentence) else \
+                        (len(sentence) < 12 or len(sentence.split()) < 3):
                     continue  # fragments
-                if not re.search(r"[.!?:;)\]\"”]$", sentence) and len(sentence.split()) < 8:
+                if not re.search(r"[.!?:;)\]\"”。！？；：）」』】…]$", sentence) and _size(sentence) < 8:
                     continue  # a heading line: the citation shows the heading anyway
                 candidates.append((rank, source.n, pos, sentence, set(terms(sentence))))
 
@@ -148,7 +219,7 @@ class ExtractiveGenerator(Generator):
                 coverage = sum(weights_q[t] * idf[t] for t in matched) / total
                 if matched and any(answer.search(sentence) for answer in wanted_types):
                     coverage = min(1.0, coverage + ANSWER_TYPE_BONUS)
-                if said_before and sentence.rstrip(".!?") in said_before:
+                if said_before and sentence.rstrip(".!?。！？；") in said_before:
                     coverage *= 0.5
                 prior = 1.0 / (1.0 + 0.25 * rank)  # the retriever's order breaks near-ties
                 scored.append((coverage * (0.75 + 0.25 * prior), coverage, n, pos, sentence))
@@ -169,11 +240,12 @@ class ExtractiveGenerator(Generator):
                     length += len(sentence)
 
         if not picked:
-            return NOT_FOUND, {}
+            with translation.override(reply_language(question)):
+                return str(NOT_FOUND), {}
         picked.sort(key=lambda p: (p[0], p[1]))
-        snippets: dict[int, str] = {}
+        by_source: dict[int, list[str]] = {}
         parts = []
         for n, _pos, sentence in picked:
-            snippets[n] = (snippets[n] + " " + sentence) if n in snippets else sentence
+            by_source.setdefault(n, []).append(sentence)
             parts.append(_cite(sentence, n))
-        return " ".join(parts), snippets
+        return join_sentences(parts), {n: join_sentences(s) for n, s in by_source.items()}
