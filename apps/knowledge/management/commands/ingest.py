@@ -44,14 +44,16 @@ class Command(BaseCommand):
             (r.name, r.error_code, r.error_message) for r in report.outcomes if r.status in ("failed", "rejected")]
         counts = report.counts()
         rows = [[key, value] for key, value in counts.items()]
-        rows += [["not found", len(missing)], ["chunks encoded", report.encoded], ["chunks reused", report.reused],
-                 ["index", f"v{report.build.version} ({report.build.status}, {report.build.chunk_count} chunks)"
-                  if report.build else "not rebuilt"],
-                 ["seconds", f"{report.seconds:.1f}"]]
-        self.stdout.write(table(["ingest", knowledge_base.slug], rows))
+        rows += [[gettext("not found"), len(missing)], [gettext("chunks encoded"), report.encoded],
+                 [gettext("chunks reused"), report.reused],
+                 [gettext("index"), gettext("v%(version)s (%(status)s, %(chunks)s chunks)") % {
+                     "version": report.build.version, "status": report.build.status, "chunks": report.build.chunk_count}
+                  if report.build else gettext("not rebuilt")],
+                 [gettext("seconds"), f"{report.seconds:.1f}"]]
+        self.stdout.write(table([gettext("ingest"), knowledge_base.slug], rows))
         if failures:
             self.stdout.write(self.style.WARNING(gettext("%(failures)s file(s) failed:") % {"failures": len(failures)}))
-            self.stdout.write(table(["file", "error", "reason"], failures))
+            self.stdout.write(table([gettext("file"), gettext("error"), gettext("reason")], failures))
 
 
 def _collect(paths: list[str], recursive: bool) -> tuple[list[tuple[str, Path]], list[tuple[str, str, str]]]:

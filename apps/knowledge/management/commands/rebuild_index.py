@@ -1,11 +1,16 @@
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
-from django.utils.translation import gettext, gettext_lazy
+from django.utils.translation import gettext, gettext_lazy, gettext_noop
 
 from ._process import prepare_process
 
 from ._output import progress, table
+
+
+# gettext_noop: marked for the catalog here, translated when the table is printed.
+HEADERS = (gettext_noop("knowledge base"), gettext_noop("status"), gettext_noop("version"), gettext_noop("documents"),
+           gettext_noop("chunks"), gettext_noop("encoded"), gettext_noop("seconds"))
 
 
 class Command(BaseCommand):
@@ -39,5 +44,4 @@ class Command(BaseCommand):
                          result.document_count, result.chunk_count, result.encoded, f"{result.seconds:.2f}"])
             bar.update(1)
         bar.close()
-        self.stdout.write(table(["knowledge base", "status", "version", "documents", "chunks", "encoded", "seconds"],
-                                rows))
+        self.stdout.write(table([gettext(h) for h in HEADERS], rows))

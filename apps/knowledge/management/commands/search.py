@@ -40,7 +40,8 @@ class Command(BaseCommand):
             rows.append([rank, f"{r.knowledge_base_slug}/{r.document_title}"[:50], where[:40],
                          _fmt(r.scores.get("dense")), _fmt(r.scores.get("bm25")), _fmt(r.scores.get("fused")),
                          _fmt(r.score), f"v{r.index_version}"])
-        self.stdout.write(table(["#", "document", "where", "dense", "bm25", "fused", "score", "index"], rows))
+        self.stdout.write(table(["#", gettext("document"), gettext("where"), gettext("dense"), "bm25", gettext("fused"),
+                                 gettext("score"), gettext("index")], rows))
         for rank, r in enumerate(results, start=1):
             self.stdout.write(f"\n[{rank}] {r.url}\n" + textwrap.indent(textwrap.shorten(r.text, 400), "    "))
 
