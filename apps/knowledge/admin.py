@@ -44,9 +44,9 @@ class IndexVersionInline(admin.TabularInline):
     max_num = 0
     can_delete = False
     ordering = ["-version"]
-    fields = ["version", "status_badge", "build_kind", "segment_count", "chunk_count", "document_count",
-              "written_count", "tombstone_count", "dense_kind", "encoded_count", "build_seconds", "created_at",
-              "activated_at", "retired_at"]
+    fields = ["version", "status_badge", "embedding", "progress", "build_kind", "segment_count", "chunk_count",
+              "document_count", "written_count", "tombstone_count", "dense_kind", "encoded_count", "build_seconds",
+              "created_at", "activated_at", "retired_at"]
     readonly_fields = fields
     verbose_name_plural = _("Index versions (newest first)")
 
@@ -60,6 +60,31 @@ class IndexVersionInline(admin.TabularInline):
     @admin.display(description=_("status"))
     def status_badge(self, obj):
         return badge(obj.status, title=obj.error_message)
+
+    @admin.display(description=_("embedding model"))
+    def embedding(self, obj):
+        return embedding_label(obj)
+
+    @admin.display(description=_("encoding progress"))
+    def progress(self, obj):
+        return encode_progress(obj)
+
+
+def embedding_label(version: IndexVersion) -> str:
+    if not version.embedding_key:
+        return version.embedding_model
+    return f"{version.embedding_key} · {version.embedding_backend} · {version.embedding_dimension or '?'}d"
+
+
+def encode_progress(version: IndexVersion):
+    """Chunks encoded of those this build must encode (a model change re-encodes all of them)."""
+    if not version.encode_total:
+        return "–"
+    if version.status == IndexVersion.Status.BUILDING:
+        percent = 100 * version.encoded_count // max(1, version.encode_total)
+        return format_html('<progress value="{}" max="{}"></progress> {} / {} ({}%)', version.encoded_count,
+                           version.encode_total, version.encoded_count, version.encode_total, percent)
+    return f"{version.encoded_count} / {version.encode_total}"
 
 
 @admin.register(KnowledgeBase)
@@ -76,6 +101,10 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["name", "slug", "description"]}),
         (_("Access"), {"fields": ["owner", "is_public", "allowed_groups", "editor_groups"]}),
+        (_("Embedding model"), {"fields": ["embedding_model"],
+                                "description": _("Changing the model re-embeds every chunk in the background; "
+                                                 "searches keep using the current index version (and its model) "
+                                                 "until the new one is built. Progress shows under Index versions.")}),
         (_("Chunking"), {"fields": ["chunk_tokens", "chunk_overlap"],
                          "description": _("Sizes are in the embedding model's tokens; changing them re-chunks every "
                                           "document (unchanged text keeps its stored embedding).")}),
@@ -181,6 +210,10 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         elif change and "user_dictionary" in form.changed_data:
             services.index_rebuild_enqueue(obj.pk)
             messages.info(request, _("User dictionary changed: the index is being rebuilt with it."))
+        if change and "embedding_model" in form.changed_data:
+            services.knowledge_base_reembed(knowledge_base=obj)
+            messages.info(request, _("Embedding model changed: every chunk is being re-embedded in the background; "
+                                     "searches use the current index until the new version is active."))
 
     def delete_model(self, request, obj):
         services.knowledge_base_delete(user=request.user, knowledge_base=obj)
@@ -418,9 +451,9 @@ class DocumentAdmin(admin.ModelAdmin):
 
 @admin.register(IndexVersion)
 class IndexVersionAdmin(admin.ModelAdmin):
-    list_display = ["knowledge_base", "version", "status_badge", "build_kind", "segment_count", "chunk_count",
-                    "document_count", "written_count", "tombstone_count", "dense_kind", "encoded_count", "build_seconds",
-                    "created_at", "activated_at", "retired_at"]
+    list_display = ["knowledge_base", "version", "status_badge", "embedding", "progress", "build_kind",
+                    "segment_count", "chunk_count", "document_count", "written_count", "tombstone_count", "dense_kind",
+                    "encoded_count", "build_seconds", "created_at", "activated_at", "retired_at"]
     list_filter = ["status", "knowledge_base"]
     list_select_related = ["knowledge_base"]
 
@@ -451,3 +484,11 @@ class IndexVersionAdmin(admin.ModelAdmin):
     @admin.display(description=_("status"), ordering="status")
     def status_badge(self, obj):
         return badge(obj.status, title=obj.error_message)
+
+    @admin.display(description=_("embedding model"))
+    def embedding(self, obj):
+        return embedding_label(obj)
+
+    @admin.display(description=_("encoding progress"))
+    def progress(self, obj):
+        return encode_progress(obj)

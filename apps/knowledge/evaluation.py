@@ -252,7 +252,7 @@ def query_candidates(*, knowledge_base: KnowledgeBase, queries: list[str], depth
                      on_progress: Callable[[int], None] | None = None) -> list:
     """Dense and BM25 candidate lists (each `max(candidates, depth)` long) of every query, as retrieval
     computes them on the active index version; with `with_vectors`, the candidates' stored vectors for MMR."""
-    from .embeddings import embedder
+    from .embeddings import query_encoder_for
     from .index_registry import registry
     from .rag.calibration import QueryCandidates
 
@@ -260,7 +260,9 @@ def query_candidates(*, knowledge_base: KnowledgeBase, queries: list[str], depth
     if bundle is None:
         raise ValueError(f"knowledge base {knowledge_base.slug!r} has no active index")
     n = max(knowledge_base.candidates, depth)
-    model = embedder()
+    model = query_encoder_for(bundle.embedding)  # the model that built the version
+    if model is None:
+        raise ValueError(f"knowledge base {knowledge_base.slug!r}: no encoder here for {bundle.model_id!r}")
     result = []
     for text in queries:
         query_vec = model.encode_query(text)

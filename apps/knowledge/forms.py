@@ -62,6 +62,15 @@ class KnowledgeBaseAdminForm(forms.ModelForm):
         model = KnowledgeBase
         fields = "__all__"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "embedding_model" in self.fields:
+            from .embeddings import model_choices
+
+            field = self.fields["embedding_model"]
+            self.fields["embedding_model"] = forms.ChoiceField(
+                choices=model_choices(), label=field.label, help_text=field.help_text, initial=field.initial)
+
     def clean(self):
         cleaned = super().clean()
         tokens, overlap = cleaned.get("chunk_tokens"), cleaned.get("chunk_overlap")

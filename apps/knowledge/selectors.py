@@ -292,15 +292,17 @@ def _reranker():
 def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, Any]]:
     """Ranked [{"id", "kb", "version", "score", "scores"}]: a few more than top_k, so that hits in documents
     deleted since can be dropped without returning short."""
-    from .embeddings import embedder
     from .rag.fusion import fuse, mmr
 
     needs_vector = mode != "bm25" or any(kb.mmr_lambda is not None for kb, _ in held)
-    query_vec = embedder().encode_query(query) if needs_vector else None
+    # Each version is searched with the query vector of the model that built it (encoded once per model).
+    query_vecs = _query_vectors(query, [bundle for _, bundle in held]) if needs_vector else {}
     pool: dict[int, dict[str, Any]] = {}
     for kb, bundle in held:
         n = max(kb.candidates, top_k)
-        dense = bundle.dense_search(query_vec, n) if mode in ("hybrid", "dense") else []
+        query_vec, encoder_model = query_vecs.get(bundle.model_id, (None, None))
+        dense = (bundle.dense_search(query_vec, n, model_id=encoder_model)
+                 if mode in ("hybrid", "dense") and query_vec is not None else [])
         bm25 = bundle.bm25_search(query, n) if mode in ("hybrid", "bm25") else []
         if mode == "hybrid":
             fused = fuse(kb.fusion, dense, bm25, rrf_k=kb.rrf_k, dense_weight=kb.dense_weight)
@@ -321,13 +323,32 @@ def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, A
     ranked = sorted(pool.values(), key=lambda item: (-item["score"], item["id"]))
     want = top_k * 2
     lambdas = [kb.mmr_lambda for kb, _ in held if kb.mmr_lambda is not None]
-    if lambdas and query_vec is not None and len(ranked) > 1:
-        ranked = _diversify(ranked[:max(want * 3, 30)], query_vec, min(lambdas), want, mmr)
+    models = {bundle.model_id for _, bundle in held}
+    # MMR compares stored vectors with each other: only meaningful within one model's vector space.
+    only_vec = query_vecs.get(next(iter(models)), (None, None))[0] if len(models) == 1 else None
+    if lambdas and only_vec is not None and len(ranked) > 1:
+        ranked = _diversify(ranked[:max(want * 3, 30)], only_vec, min(lambdas), want, mmr)
     if reranker is not None:
         ranked = _rerank(reranker, query, ranked[:max(want * 2, 20)])
     for item in ranked:
         item.pop("_bundle", None)
     return ranked[:want]
+
+
+def _query_vectors(query: str, bundles) -> dict[str | None, tuple[Any, str | None]]:
+    """{version's model id: (query vector, the encoder's model id)} for the models that built these
+    versions; a model this process cannot run gets (None, None): its versions answer from BM25 only,
+    never with another model's vector."""
+    from .embeddings import query_encoder_for
+
+    vectors: dict[str | None, tuple[Any, str | None]] = {}
+    for bundle in bundles:
+        if bundle.model_id in vectors:
+            continue
+        encoder = query_encoder_for(bundle.embedding)
+        vectors[bundle.model_id] = ((encoder.encode_query(query), encoder.model_id) if encoder is not None
+                                    else (None, None))
+    return vectors
 
 
 def _diversify(candidates: list[dict], query_vec, lambda_: float, want: int, mmr) -> list[dict]:

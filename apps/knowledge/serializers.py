@@ -16,9 +16,10 @@ class KnowledgeBaseSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = KnowledgeBase
-        fields = ["id", "slug", "name", "description", "owner", "is_public", "allowed_groups", "editor_groups", "chunk_tokens",
-                  "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates", "mmr_lambda", "use_reranker",
-                  "user_dictionary", "document_count", "active_version", "last_build_at", "can_edit", "created_at", "updated_at"]
+        fields = ["id", "slug", "name", "description", "owner", "is_public", "allowed_groups", "editor_groups",
+                  "embedding_model", "chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates",
+                  "mmr_lambda", "use_reranker", "user_dictionary", "document_count", "active_version", "last_build_at",
+                  "can_edit", "created_at", "updated_at"]
 
     def get_can_edit(self, obj) -> bool:
         from .selectors import knowledge_base_can_edit
@@ -37,6 +38,8 @@ class KnowledgeBaseWriteSerializer(serializers.Serializer):
     allowed_group_ids = serializers.ListField(child=serializers.IntegerField(), required=False)
     editor_group_ids = serializers.ListField(child=serializers.IntegerField(), required=False,
                                              help_text="Groups whose members edit this knowledge base.")
+    # A key of the installation's model catalog (checked by the service): changing it re-embeds in the background.
+    embedding_model = serializers.CharField(max_length=64, required=False)
     chunk_tokens = serializers.IntegerField(required=False)
     chunk_overlap = serializers.IntegerField(required=False)
     fusion = serializers.ChoiceField(choices=KnowledgeBase.Fusion.choices, required=False)

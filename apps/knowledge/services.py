@@ -34,17 +34,19 @@ from apps.core.errors import ApplicationError, NotFound
 from apps.core.events import publish_on_commit
 
 from . import selectors
-from .embeddings import embedder, vector_from_bytes, vector_to_bytes, vectors_for
+from .embeddings import embedder_for_kb, model_catalog, vector_from_bytes, vector_to_bytes, vectors_for
 from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
 from .rag.analyzer import Analyzer, get_analyzer, parse_user_dictionary
 from .rag.chunker import ChunkSpec, chunk_document, keyword_index_text
+from .rag.embedder import BaseEmbedder
 from .rag.errors import IngestError
 from .rag.index import (
     MANIFEST_NAME,
     delete_unreferenced_segments,
     analyzer_manifest,
     delete_version,
+    embedding_manifest,
     manifest_analyzer_matches,
     referenced_segments,
     remove_stale_tmp,
@@ -103,7 +105,7 @@ def upload_size_validate(*, size: int, name: str = "") -> None:
 
 KB_SETTINGS_FIELDS = ("chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates",
                       "mmr_lambda", "use_reranker", "user_dictionary")
-KB_EDITABLE_FIELDS = ("slug", "name", "description", "is_public") + KB_SETTINGS_FIELDS
+KB_EDITABLE_FIELDS = ("slug", "name", "description", "is_public", "embedding_model") + KB_SETTINGS_FIELDS
 
 
 def _kb_validate(kb: KnowledgeBase) -> None:
@@ -120,6 +122,10 @@ def _kb_validate(kb: KnowledgeBase) -> None:
     if kb.chunk_overlap >= kb.chunk_tokens:
         raise ApplicationError("validation_error", gettext("chunk_overlap must be smaller than chunk_tokens."),
                                details={"fields": {"chunk_overlap": ["must be smaller than chunk_tokens"]}})
+    catalog = model_catalog()
+    if kb.embedding_model not in catalog:
+        raise ApplicationError("validation_error", gettext("Unknown embedding model."), details={"fields": {
+            "embedding_model": [f"must be one of: {', '.join(catalog)}"]}})
 
 
 def _groups_validate(group_ids: Sequence[int] | None) -> None:
@@ -162,6 +168,7 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
                                                    % {"fields": ', '.join(sorted(unknown))})
     rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
     new_dictionary = "user_dictionary" in fields and fields["user_dictionary"] != kb.user_dictionary
+    model_changed = "embedding_model" in fields and fields["embedding_model"] != kb.embedding_model
     for name, value in fields.items():
         setattr(kb, name, value)
     _kb_validate(kb)
@@ -174,11 +181,20 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
             kb.allowed_groups.set(allowed_group_ids)
         if editor_group_ids is not None:
             kb.editor_groups.set(editor_group_ids)
+        if model_changed:
+            knowledge_base_reembed(knowledge_base=kb)
         if rechunk:
             knowledge_base_rechunk(knowledge_base=kb)
-        elif new_dictionary:
+        elif new_dictionary and not model_changed:
             index_rebuild_enqueue(kb.pk)
     return kb
+
+
+def knowledge_base_reembed(*, knowledge_base: KnowledgeBase) -> None:
+    """After a model change: a background full build re-encodes every chunk with the new model (progress on
+    its building IndexVersion) and is activated like any other; until then searches use the old version,
+    and its queries the old model. Chunk boundaries are kept; a re-ingest re-chunks in the new tokens."""
+    index_rebuild_enqueue(knowledge_base.pk, force=True, countdown=0)
 
 
 def knowledge_base_rechunk(*, knowledge_base: KnowledgeBase) -> int:
@@ -642,11 +658,10 @@ def documents_ingest(*, document_ids: Sequence[int], force: bool = False, rebuil
     so only text never seen before is encoded, in large batches across documents. With `rebuild`,
     an index rebuild is enqueued after commit for every knowledge base that changed.
     """
-    model = embedder()
     outcomes: list[IngestOutcome] = []
     ids = list(dict.fromkeys(document_ids))
     for start in range(0, len(ids), INGEST_BATCH_DOCUMENTS):
-        batch = _ingest_batch(ids[start:start + INGEST_BATCH_DOCUMENTS], model, force, raise_transient)
+        batch = _ingest_batch(ids[start:start + INGEST_BATCH_DOCUMENTS], force, raise_transient)
         outcomes.extend(batch)
         for outcome in batch:
             documents_ingested_total.labels(outcome=outcome.status).inc()
@@ -658,39 +673,48 @@ def documents_ingest(*, document_ids: Sequence[int], force: bool = False, rebuil
     return outcomes
 
 
-def _ingest_batch(ids: list[int], model, force: bool, raise_transient: bool) -> list[IngestOutcome]:
+def _ingest_batch(ids: list[int], force: bool, raise_transient: bool) -> list[IngestOutcome]:
     documents = {d.pk: d for d in Document.objects.select_related("knowledge_base").filter(pk__in=ids)}
     outcomes: dict[int, IngestOutcome] = {}
-    prepared: list[_Prepared] = []
+    prepared: list[tuple[_Prepared, BaseEmbedder]] = []
+    models: dict[str, BaseEmbedder] = {}  # each knowledge base's own model
     for document_id in ids:
         document = documents.get(document_id)
         if document is None or document.deleted_at is not None:
             continue
+        key = document.knowledge_base.embedding_model
+        model = models.get(key) or models.setdefault(key, embedder_for_kb(document.knowledge_base))
         item = _prepare(document, model, force, raise_transient)
         if item is None:
             outcomes[document_id] = IngestOutcome(document_id, document.knowledge_base_id, "unchanged",
                                                   name=str(document))
         else:
-            prepared.append(item)
-    Document.objects.filter(pk__in=[p.document.pk for p in prepared], status__in=["pending", "ready", "failed"]
+            prepared.append((item, model))
+    Document.objects.filter(pk__in=[p.document.pk for p, _ in prepared], status__in=["pending", "ready", "failed"]
                             ).update(status=Document.Status.PROCESSING)
     # The chunker measures a block, then the chunks cut from it: often the same text twice.
-    count_tokens = functools.lru_cache(maxsize=16384)(model.count_tokens)
-    for item in prepared:
+    counters = {id(model): functools.lru_cache(maxsize=16384)(model.count_tokens) for model in models.values()}
+    for item, model in prepared:
         if item.error is None:
-            _parse_and_chunk(item, count_tokens)
+            _parse_and_chunk(item, counters[id(model)])
 
-    specs = [spec for item in prepared for spec in item.specs]
-    vectors, encoded_hashes = vectors_for([s.text for s in specs], [s.content_hash for s in specs], model=model)
-    with transaction.atomic():
-        offset = 0
-        counted: set[str] = set()
-        for item in prepared:
-            item_vectors = vectors[offset:offset + len(item.specs)]
+    # One encode per model over all its documents' chunks: large batches, each text encoded once.
+    item_vectors: dict[int, Any] = {}
+    new_hashes: dict[int, set[str]] = {}
+    for model in models.values():
+        items = [item for item, m in prepared if m is model]
+        specs = [spec for item in items for spec in item.specs]
+        vectors, encoded_hashes = vectors_for([s.text for s in specs], [s.content_hash for s in specs], model=model)
+        offset, counted = 0, set()
+        for item in items:
+            item_vectors[id(item)] = vectors[offset:offset + len(item.specs)]
             offset += len(item.specs)
-            new_hashes = {s.content_hash for s in item.specs} & (encoded_hashes - counted)
-            counted |= new_hashes
-            outcomes[item.document.pk] = _write(item, item_vectors, model.model_id, len(new_hashes))
+            new_hashes[id(item)] = {s.content_hash for s in item.specs} & (encoded_hashes - counted)
+            counted |= new_hashes[id(item)]
+    with transaction.atomic():
+        for item, model in prepared:
+            outcomes[item.document.pk] = _write(item, item_vectors[id(item)], model.model_id,
+                                                len(new_hashes[id(item)]))
     return [outcomes[i] for i in ids if i in outcomes]
 
 
@@ -936,8 +960,8 @@ def _index_build(kb_id: int, *, force: bool, on_progress: Callable[[int], None] 
     from .rag.errors import IndexLoadError
     from .rag.index import ViewLayout, ViewSegment, plan_merge, write_segment, write_view
 
-    model = embedder()
     kb = KnowledgeBase.objects.get(pk=kb_id)
+    model = embedder_for_kb(kb)  # read once: the whole version is built with this one model
     analyzer = kb_analyzer(kb)
     revision = kb.content_revision
     active = IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE).first()
@@ -992,9 +1016,14 @@ def _index_build(kb_id: int, *, force: bool, on_progress: Callable[[int], None] 
         # (SQLite) before anything is read, so concurrent rebuilds queue here and get distinct numbers.
         KnowledgeBase.objects.filter(pk=kb.pk).update(last_index_version=F("last_index_version") + 1)
         kb = KnowledgeBase.objects.get(pk=kb.pk)
-        version = IndexVersion.objects.create(knowledge_base=kb, version=kb.last_index_version,
-                                              source_revision=revision, embedding_model=model.model_id)
-    counters = {"encoded": 0, "written": 0}
+        described = {**model.describe(), "model": model.model_key or kb.embedding_model}
+        version = IndexVersion.objects.create(
+            knowledge_base=kb, version=kb.last_index_version, source_revision=revision,
+            embedding_model=model.model_id, embedding_key=described["model"], embedding_backend=model.backend,
+            embedding_dimension=model.dimension,
+            # what this build must encode (all of it after a model change): the progress shown in the admin
+            encode_total=_chunks_to_encode(kb.pk, model) if parent is None else 0)
+    counters = {"encoded": 0, "written": 0, "version": version.pk}
     root = kb_index_root(kb.pk)
     options = {"dim": model.dim, "hnsw_threshold": settings.KNOWLEDGE_HNSW_THRESHOLD,
                "compression": settings.KNOWLEDGE_DENSE_COMPRESSION, "analyzer": analyzer}
@@ -1031,11 +1060,12 @@ def _index_build(kb_id: int, *, force: bool, on_progress: Callable[[int], None] 
         doc_ids = np.asarray(sorted(stamps), dtype=np.int64)
         path = write_view(
             root, version.version, segments,
-            meta={"model_id": model.model_id, "knowledge_base": kb.pk, "slug": kb.slug,
+            meta={"model_id": model.model_id, "embedding": described, "knowledge_base": kb.pk, "slug": kb.slug,
                   "source_revision": revision, "build_kind": _build_kind(parent, merge)},
             arrays={"doc_ids": doc_ids, "doc_stamps": np.asarray([stamps[d] for d in doc_ids.tolist()],
                                                                  dtype=np.int64)},
-            dim=model.dim, fields=analyzer_manifest(analyzer),
+            dim=model.dim, fields={**analyzer_manifest(analyzer), **embedding_manifest({"embedding": described},
+                                                                                       model.dimension)},
         )
         manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
         version.artifact_path, version.dense_kind = str(path), manifest.get("dense_kind", "")
@@ -1112,16 +1142,31 @@ def _segment_batch(rows: list, model, counters: dict):
             vectors[index] = vector_from_bytes(row[4])
         else:
             stale.append(index)
-    if stale:
-        fresh, encoded_hashes = vectors_for([rows[i][2] for i in stale], [rows[i][3] for i in stale], model=model)
+    # Encoded in small batches, each stored as it finishes: the building version shows progress, and a
+    # redelivered task resumes where a crashed one stopped (stored vectors are reused by content hash).
+    for start in range(0, len(stale), REEMBED_BATCH):
+        part = stale[start:start + REEMBED_BATCH]
+        fresh, encoded_hashes = vectors_for([rows[i][2] for i in part], [rows[i][3] for i in part], model=model)
         counters["encoded"] += len(encoded_hashes)
-        vectors[stale] = fresh
+        vectors[part] = fresh
         updates = [Chunk(pk=rows[i][0], embedding=vector_to_bytes(fresh[n]), embedding_model=model.model_id)
-                   for n, i in enumerate(stale)]
+                   for n, i in enumerate(part)]
         Chunk.objects.bulk_update(updates, ["embedding", "embedding_model"], batch_size=500)
+        if counters.get("version"):
+            IndexVersion.objects.filter(pk=counters["version"]).update(encoded_count=counters["encoded"])
     return SegmentBatch(np.asarray([r[0] for r in rows], dtype=np.int64),
                         np.asarray([r[1] for r in rows], dtype=np.int64), vectors,
                         [keyword_index_text(r[2], r[7]) for r in rows])  # BM25's input: context + text
+
+
+REEMBED_BATCH = 256
+
+
+def _chunks_to_encode(kb_id: int, model: BaseEmbedder) -> int:
+    """Live chunks of ready documents whose stored vector is not `model`'s."""
+    return (Chunk.objects.filter(document__knowledge_base_id=kb_id, document__status=Document.Status.READY,
+                                 document__deleted_at__isnull=True, superseded_at__isnull=True)
+            .exclude(embedding_model=model.model_id, embedding__isnull=False).count())
 
 
 def _lock_knowledge_base(knowledge_base_id: int) -> None:

@@ -590,6 +590,94 @@ def test_kill_9_of_the_instance_streaming_an_answer_resumes_elsewhere(cluster):
           f"resets {sum(f['type'] == 'reset' for f in all_frames)}; takeovers counted {takeovers:.0f}")
 
 
+def _sse(response):
+    """Server-sent events as they arrive."""
+    current: dict = {}
+    for line in response.iter_lines():
+        if not line:
+            if current:
+                yield current
+            current = {}
+            continue
+        field, _, value = line.partition(": ")
+        current[field] = value
+    if current:
+        yield current
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (CI installs Debian's nginx)")
+def test_kill_9_mid_sse_answer_resumes_with_last_event_id(cluster):
+    """The same over REST server-sent events: the stream breaks with the instance; GET the turn's events
+    with Last-Event-ID through nginx and the rest arrives, from whichever instance takes the turn over."""
+    import json as _json
+
+    c = cluster
+    ensure_three(c)
+    lb = c.nginx if c.nginx and c.nginx.alive() else c.start_nginx(WEB)
+    session = f"sse-{uuid.uuid4().hex[:12]}"
+    question = "SLOW: and who pays for the return shipping?"
+    expected = "".join(slow_answer_pieces(question)).strip()
+    http = httpx.Client(base_url=lb.url, headers={**c.alice.headers, "X-Session-ID": session},
+                        timeout=httpx.Timeout(60, read=60))
+    events: list[dict] = []
+    try:
+        with http.stream("POST", "/api/v1/chat/", json={"message": question, "session_id": session, "stream": True,
+                                                       "knowledge_bases": ["policies"]}) as response:
+            assert response.status_code == 200
+            turn_id = response.headers["x-turn-id"]
+            lines = response.iter_lines()
+            current: dict = {}
+            for line in lines:
+                if line:
+                    field, _, value = line.partition(": ")
+                    current[field] = value
+                    continue
+                events.append(current)
+                current = {}
+                if sum(e.get("event") == "token" for e in events) >= 6:
+                    break
+            owner = c.redis().get(f"{c.prefix}:turn:{turn_id}:lease").decode()
+            victim = next(n for n in WEB if owner.startswith(c.instance_id(n) + ":"))
+            killed = time.monotonic()
+            c.kill9(victim)
+            try:
+                for line in lines:  # whatever was in flight, then the stream breaks
+                    if line:
+                        field, _, value = line.partition(": ")
+                        current[field] = value
+                    elif current:
+                        events.append(current)
+                        current = {}
+            except httpx.HTTPError:
+                pass
+        last_id = events[-1]["id"]
+        with http.stream("GET", f"/api/v1/chat/turns/{turn_id}/events/", headers={"Last-Event-ID": last_id}) as rest:
+            assert rest.status_code == 200
+            first_new = None
+            more = []
+            for event in _sse(rest):
+                more.append(event)
+                first_new = first_new or time.monotonic()
+    finally:
+        http.close()
+    everything = events + more
+    assert [int(e["id"]) for e in everything] == list(range(1, len(everything) + 1))
+    text = ""
+    for e in everything:
+        if e.get("event") == "reset":
+            text = ""
+        elif e.get("event") == "token":
+            text += _json.loads(e["data"])["text"]
+    final = _json.loads(everything[-1]["data"])
+    assert everything[-1]["event"] == "answer" and text.strip() == expected == final["answer"]
+    page = c.alice.get(next(n for n in WEB if c.instances[n].alive()),
+                       f"/api/v1/conversations/{session}/messages/").json()["results"]
+    assert [(m["role"], m["status"], m["content"]) for m in page] == [
+        ("user", "complete", question), ("assistant", "complete", expected)]
+    print(f"\n[cluster] SSE: kill -9 of {victim} after {last_id} events; Last-Event-ID resume through nginx: "
+          f"kill -> first resumed event {first_new - killed:.2f} s, kill -> answer {time.monotonic() - killed:.2f} s")
+
+
 # --- bulk upload on the production path: a real worker, Redis broker, PostgreSQL --------------------
 def test_a_60_file_upload_builds_at_most_3_index_versions(cluster):
     """Issue 13: 60 files in one REST request are ingested by the worker one task each; the builds they ask

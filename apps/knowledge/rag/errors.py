@@ -40,3 +40,7 @@ class IndexLoadError(Exception):
 
 class RerankerUnavailable(FileNotFoundError):
     """A reranker was configured but its local model files are not there (nothing is downloaded)."""
+
+
+class QueryModelMismatch(Exception):
+    """Query vectors of one embedding model were about to search an index built with another."""

@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from .analyzer import Analyzer, analyzer_from_spec, get_analyzer
-from .errors import IndexLoadError
+from .errors import IndexLoadError, QueryModelMismatch
 from .fusion import rrf
 
 DEFAULT_HNSW_THRESHOLD = 50_000
@@ -822,7 +822,9 @@ def write_index_version(
 
     Idempotent: the same content again reuses the segment and the version untouched (a re-delivered
     Celery task is harmless); different content under the same version number replaces the version
-    in one rename. ``meta`` must be JSON-serialisable and should carry ``model_id``. ``analyzer``
+    in one rename. ``meta`` must be JSON-serialisable and should carry ``model_id`` and ``embedding``
+    (``BaseEmbedder.describe()``: model, model_id, dimension, backend), recorded in the manifest so that a
+    loader refuses to search the version with another model's query vectors. ``analyzer``
     (default: no user dictionary) tokenizes for BM25; its name, version and dictionary hash are
     recorded in the manifest.
     """
@@ -838,7 +840,18 @@ def write_index_version(
                             ef_search=ef_search, compression=compression, analyzer=analyzer)
         segments.append(ViewSegment(seg["name"]))
     return write_view(root, version, segments, meta=meta, arrays=arrays, dim=int(matrix.shape[1]),
-                      fields=analyzer_manifest(analyzer))
+                      fields={**analyzer_manifest(analyzer), **embedding_manifest(meta, int(matrix.shape[1]))})
+
+
+def embedding_manifest(meta: dict[str, Any], dim: int) -> dict[str, Any]:
+    """The manifest field that records the embedding model of a version: ``{"embedding": {model, model_id,
+    dimension, backend}}`` from ``meta["embedding"]`` (or just ``meta["model_id"]``)."""
+    record = dict(meta.get("embedding") or {})
+    record.setdefault("model_id", meta.get("model_id"))
+    if record.get("dimension") not in (None, dim):
+        raise ValueError(f"embedding dimension {record['dimension']} but vectors have {dim}")
+    record["dimension"] = dim
+    return {"embedding": json.loads(json.dumps(record))}
 
 
 def analyzer_manifest(analyzer: Analyzer) -> dict[str, Any]:
@@ -1071,10 +1084,24 @@ class IndexBundle:
         dims = {p.segment.dense.dim for p in self.parts}
         if len(dims) > 1 or (dims and self.manifest.get("dim") not in dims):
             raise IndexLoadError(f"{self.path}: manifest dim {self.manifest.get('dim')}, segments {sorted(dims)}")
+        recorded = (self.manifest.get("embedding") or {}).get("dimension")
+        if recorded is not None and dims and int(recorded) not in dims:
+            raise IndexLoadError(f"{self.path}: embedding dimension {recorded}, segments {sorted(dims)}")
 
     @property
     def model_id(self) -> str | None:
         return self.manifest.get("model_id")
+
+    @property
+    def embedding(self) -> dict[str, Any]:
+        """The model that built the dense index: model (catalog key), model_id, dimension, backend.
+        Versions written before this was recorded carry only ``model_id``."""
+        return self.manifest.get("embedding") or {"model_id": self.model_id, "dimension": self.dim}
+
+    def check_query_model(self, model_id: str | None) -> None:
+        """Raise :class:`QueryModelMismatch` unless query vectors of ``model_id`` may search this version."""
+        if not model_id or model_id != self.model_id:
+            raise QueryModelMismatch(f"{self.path}: built with {self.model_id!r}, query encoder is {model_id!r}")
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -1118,7 +1145,10 @@ class IndexBundle:
                 return part.tombstones
         raise KeyError(segment_name)
 
-    def dense_search(self, query_vec: np.ndarray, k: int) -> list[tuple[int, float]]:
+    def dense_search(self, query_vec: np.ndarray, k: int, *, model_id: str | None = None) -> list[tuple[int, float]]:
+        """``model_id``: the query encoder's; given, a version built with another model is refused."""
+        if model_id is not None:
+            self.check_query_model(model_id)
         hits: list[tuple[int, float]] = []
         for part in self.parts:
             hits += part.segment.dense.search(query_vec, k, exclude=part.tombstones if len(part.tombstones) else None)
