@@ -36,7 +36,7 @@ class DirectoryGroup(models.Model):
     """
 
     group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="directory_links")
-    source = models.CharField(_("source"), max_length=16, choices=[("oidc", "OpenID Connect"), ("ldap", "LDAP")])
+    source = models.CharField(_("source"), max_length=16, choices=[("oidc", _("OpenID Connect")), ("ldap", _("LDAP"))])
 
     class Meta:
         verbose_name = _("directory-managed group")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.utils.translation import gettext_lazy as _
 
 
 class Conversation(models.Model):
@@ -24,8 +25,8 @@ class Conversation(models.Model):
 
 class Message(models.Model):
     class Role(models.TextChoices):
-        USER = "user", "User"
-        ASSISTANT = "assistant", "Assistant"
+        USER = "user", _("User")
+        ASSISTANT = "assistant", _("Assistant")
 
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="messages")
     role = models.CharField(max_length=16, choices=Role.choices)
@@ -42,8 +43,8 @@ class Message(models.Model):
     error_code = models.CharField(max_length=64, blank=True)
 
     class Status(models.TextChoices):
-        COMPLETE = "complete", "Complete"
-        STREAMING = "streaming", "Streaming"
+        COMPLETE = "complete", _("Complete")
+        STREAMING = "streaming", _("Streaming")
 
     # An answer is saved as it is generated ("streaming", content = the text so far) and completed
     # exactly once; turn_id names its event stream (apps/conversations/turn_stream.py).
@@ -61,8 +62,8 @@ class Message(models.Model):
 
 class Feedback(models.Model):
     class Rating(models.TextChoices):
-        UP = "up", "Helpful"
-        DOWN = "down", "Not helpful"
+        UP = "up", _("Helpful")
+        DOWN = "down", _("Not helpful")
 
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="feedback")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="message_feedback")

@@ -89,4 +89,4 @@ class ParkedTaskAdmin(authz.AuthzAdminMixin, admin.ModelAdmin):
         from .tasks import parked_task_requeue
 
         count = sum(1 for parked in queryset if parked_task_requeue(parked=parked))
-        messages.success(request, f"Re-queued {count} task(s).")
+        messages.success(request, _("Re-queued %(count)d task(s).") % {"count": count})

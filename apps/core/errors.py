@@ -153,9 +153,16 @@ def api_exception_handler(exc: Exception, context: dict):
     return Response(body, status=status, headers=headers)
 
 
+API_PATH_PREFIXES = ("/api/", "/v1/")  # the platform's API and the OpenAI-compatible one
+
+
+def is_api_path(path: str) -> bool:
+    return path.startswith(API_PATH_PREFIXES)
+
+
 def _is_api_request(request: HttpRequest) -> bool:
     accept = request.headers.get("Accept", "")
-    return request.path.startswith("/api/") or ("application/json" in accept and "text/html" not in accept)
+    return is_api_path(request.path) or ("application/json" in accept and "text/html" not in accept)
 
 
 def handler404(request: HttpRequest, exception: Exception | None = None):

@@ -7,7 +7,7 @@ import uuid
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from .errors import SERVER_ERROR, error_body, unavailable_body, unavailable_dependency
+from .errors import SERVER_ERROR, error_body, is_api_path, unavailable_body, unavailable_dependency
 from .logging import current_request_var, request_id_var, session_id_var
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class ApiErrorMiddleware:
         return self.get_response(request)
 
     def process_exception(self, request: HttpRequest, exception: Exception):
-        if not request.path.startswith("/api/"):
+        if not is_api_path(request.path):
             return None
         if dependency := unavailable_dependency(exception):
             logger.error("Dependency unavailable: %s", dependency, exc_info=exception)

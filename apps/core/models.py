@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 
 # What an API key may be used for; each endpoint names the scope it needs (apps/core/scopes.py).
@@ -37,13 +38,13 @@ class ApiKey(models.Model):
     last_used_at = models.DateTimeField(null=True, blank=True)
     scopes = models.JSONField(default=all_scopes, blank=True)
     parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE, related_name="children",
-                               help_text="The key this key was created with (if any).")
+                               help_text=_("The key this key was created with (if any)."))
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-                                   related_name="+", help_text="Who issued the key, when not its own user.")
+                                   related_name="+", help_text=_("Who issued the key, when not its own user."))
 
     class Meta:
         ordering = ["-created_at"]
-        verbose_name = "API key"
+        verbose_name = _("API key")
         permissions = [("revoke_any_apikey", "Can revoke any user's API keys")]
 
     def __str__(self) -> str:
@@ -78,7 +79,7 @@ class ParkedTask(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        verbose_name = "parked task"
+        verbose_name = _("parked task")
 
     def __str__(self) -> str:
         return f"{self.task_name} {self.task_id}"

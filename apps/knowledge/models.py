@@ -21,9 +21,9 @@ def default_embedding_model() -> str:
 
 class KnowledgeBase(models.Model):
     class Fusion(models.TextChoices):
-        RRF = "rrf", "Reciprocal rank fusion"
-        WEIGHTED = "weighted", "Weighted (min-max normalised scores)"
-        ZSCORE = "zscore", "Weighted (z-score normalised scores)"
+        RRF = "rrf", _("Reciprocal rank fusion")
+        WEIGHTED = "weighted", _("Weighted (min-max normalised scores)")
+        ZSCORE = "zscore", _("Weighted (z-score normalised scores)")
 
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
@@ -32,12 +32,12 @@ class KnowledgeBase(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="knowledge_bases"
     )
     allowed_groups = models.ManyToManyField(Group, blank=True, related_name="knowledge_bases",
-                                            help_text="Members of these groups may search this knowledge base.")
-    is_public = models.BooleanField(default=False, help_text="Everyone who can use the assistant may search it.")
+                                            help_text=_("Members of these groups may search this knowledge base."))
+    is_public = models.BooleanField(default=False, help_text=_("Everyone who can use the assistant may search it."))
     # The per-base knowledge editor role (apps/core/authz.py): members edit this base and its documents.
     editor_groups = models.ManyToManyField(Group, blank=True, related_name="edited_knowledge_bases",
-                                           help_text="Members of these groups may edit this knowledge base and "
-                                                     "its documents (and search it).")
+                                           help_text=_("Members of these groups may edit this knowledge base and "
+                                                       "its documents (and search it)."))
 
     # Embedding model (a key of embeddings.model_catalog()). Changing it re-embeds in the background and
     # swaps in a version built with the new model; searches use the old version and model meanwhile.
@@ -53,18 +53,18 @@ class KnowledgeBase(models.Model):
     fusion = models.CharField(max_length=16, choices=Fusion.choices, default=Fusion.RRF)
     rrf_k = models.PositiveSmallIntegerField(default=60, validators=[MinValueValidator(1)])
     dense_weight = models.FloatField(default=0.5, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
-                                     help_text="Weighted and z-score fusion: weight of the dense score (BM25 gets the "
-                                               "rest).")
+                                     help_text=_("Weighted and z-score fusion: weight of the dense score (BM25 gets the "
+                                                 "rest)."))
     candidates = models.PositiveSmallIntegerField(default=100, validators=[MinValueValidator(10),
                                                                            MaxValueValidator(1000)],
-                                                  help_text="Hits taken from each of FAISS and BM25 before fusion.")
+                                                  help_text=_("Hits taken from each of FAISS and BM25 before fusion."))
     mmr_lambda = models.FloatField(null=True, blank=True, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
-                                   help_text="Set (e.g. 0.7) to diversify results with MMR; empty disables it.")
+                                   help_text=_("Set (e.g. 0.7) to diversify results with MMR; empty disables it."))
     # What `manage.py evaluate --calibrate --save` chose for fusion, rrf_k, dense_weight and mmr_lambda, on
     # which evaluation set and with what score; empty until a base has been calibrated.
     retrieval_calibration = models.JSONField(default=dict, blank=True, editable=False)
     use_reranker = models.BooleanField(default=True,
-                                       help_text="Rerank with the cross-encoder when RERANKER_MODEL_PATH is set.")
+                                       help_text=_("Rerank with the cross-encoder when RERANKER_MODEL_PATH is set."))
 
     # Keyword search: domain terms (product and policy names) the BM25 analyzer keeps whole.
     user_dictionary = models.TextField(
@@ -97,10 +97,10 @@ def document_upload_to(instance: "Document", filename: str) -> str:
 
 class Document(models.Model):
     class Status(models.TextChoices):
-        PENDING = "pending", "Pending"
-        PROCESSING = "processing", "Processing"
-        READY = "ready", "Ready"
-        FAILED = "failed", "Failed"
+        PENDING = "pending", _("Pending")
+        PROCESSING = "processing", _("Processing")
+        READY = "ready", _("Ready")
+        FAILED = "failed", _("Failed")
 
     knowledge_base = models.ForeignKey(KnowledgeBase, on_delete=models.CASCADE, related_name="documents")
     title = models.CharField(max_length=300, blank=True)
@@ -119,7 +119,7 @@ class Document(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     error_code = models.CharField(max_length=40, blank=True)
     error_message = models.TextField(blank=True)
-    version = models.PositiveIntegerField(default=1, help_text="Incremented each time the content changes.")
+    version = models.PositiveIntegerField(default=1, help_text=_("Incremented each time the content changes."))
     # Fingerprint of what the current chunks were built from (content + chunking + model): re-ingesting
     # with the same fingerprint is a no-op, which makes the ingest task idempotent.
     ingest_fingerprint = models.CharField(max_length=64, blank=True, editable=False)
@@ -182,10 +182,10 @@ class Chunk(models.Model):
 
 class IndexVersion(models.Model):
     class Status(models.TextChoices):
-        BUILDING = "building", "Building"
-        ACTIVE = "active", "Active"
-        RETIRED = "retired", "Retired"
-        FAILED = "failed", "Failed"
+        BUILDING = "building", _("Building")
+        ACTIVE = "active", _("Active")
+        RETIRED = "retired", _("Retired")
+        FAILED = "failed", _("Failed")
 
     knowledge_base = models.ForeignKey(KnowledgeBase, on_delete=models.CASCADE, related_name="index_versions")
     version = models.PositiveIntegerField()
@@ -203,11 +203,11 @@ class IndexVersion(models.Model):
     encode_total = models.PositiveIntegerField(default=0)
     dense_kind = models.CharField(max_length=16, blank=True)
     build_seconds = models.FloatField(null=True, blank=True)
-    encoded_count = models.PositiveIntegerField(default=0, help_text="Chunks that had to be encoded for this build.")
+    encoded_count = models.PositiveIntegerField(default=0, help_text=_("Chunks that had to be encoded for this build."))
     # full: every chunk written anew; incremental: one new segment plus tombstones; merge: also merged segments.
     build_kind = models.CharField(max_length=16, blank=True)
     segment_count = models.PositiveSmallIntegerField(default=0)
-    written_count = models.PositiveIntegerField(default=0, help_text="Chunks written into new segments by this build.")
+    written_count = models.PositiveIntegerField(default=0, help_text=_("Chunks written into new segments by this build."))
     tombstone_count = models.PositiveIntegerField(default=0)
     error_message = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

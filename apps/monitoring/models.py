@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.utils.translation import gettext_lazy as _
 
 
 class AuditEvent(models.Model):
@@ -13,17 +14,17 @@ class AuditEvent(models.Model):
     """
 
     class Action(models.TextChoices):
-        CREATE = "create", "Create"
-        UPDATE = "update", "Update"
-        DELETE = "delete", "Delete"
+        CREATE = "create", _("Create")
+        UPDATE = "update", _("Update")
+        DELETE = "delete", _("Delete")
 
     class Source(models.TextChoices):
-        ADMIN = "admin", "Admin console"
-        API = "api", "REST API"
-        WEB = "web", "Web page"
-        COMMAND = "command", "Management command"
-        TASK = "task", "Background task"
-        SYSTEM = "system", "System"
+        ADMIN = "admin", _("Admin console")
+        API = "api", _("REST API")
+        WEB = "web", _("Web page")
+        COMMAND = "command", _("Management command")
+        TASK = "task", _("Background task")
+        SYSTEM = "system", _("System")
 
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     # Kept when the user is deleted: actor_label is the durable record of who it was.
@@ -32,7 +33,7 @@ class AuditEvent(models.Model):
     actor_label = models.CharField(max_length=200, db_index=True)
     source = models.CharField(max_length=16, choices=Source.choices, db_index=True)
     action = models.CharField(max_length=16, choices=Action.choices, db_index=True)
-    model_label = models.CharField(max_length=100, db_index=True, help_text="app_label.ModelName")
+    model_label = models.CharField(max_length=100, db_index=True, help_text=_("app_label.ModelName"))
     object_id = models.CharField(max_length=64, db_index=True)
     object_repr = models.CharField(max_length=200)
     # {"field": {"before": ..., "after": ...}} for fields; {"field": {"added": [...], "removed": [...]}}
@@ -44,7 +45,7 @@ class AuditEvent(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["model_label", "object_id", "-created_at"], name="audit_object_recent")]
-        verbose_name = "audit event"
+        verbose_name = _("audit event")
         # The auditor role's operational pages (apps/core/authz.py).
         permissions = [("view_dashboard", "Can view the operations dashboard"),
                        ("view_cluster", "Can view the cluster page")]

@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import models
+from django.utils.translation import gettext_lazy as _
 
 
 class PluginRegistryState(models.Model):
@@ -14,7 +15,7 @@ class PluginRegistryState(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        verbose_name = "plugin registry state"
+        verbose_name = _("plugin registry state")
 
 
 class PluginConfig(models.Model):
@@ -29,16 +30,16 @@ class PluginConfig(models.Model):
     config = models.JSONField(default=dict, blank=True)
     secrets_encrypted = models.TextField(blank=True, default="")
     allowed_groups = models.ManyToManyField(Group, blank=True, related_name="+",
-                                            help_text="Only members of these groups trigger the plugin. "
-                                                      "Empty: every signed-in user.")
+                                            help_text=_("Only members of these groups trigger the plugin. "
+                                                        "Empty: every signed-in user."))
     allowed_hosts = models.JSONField(default=list, blank=True,
-                                     help_text="The only hosts the plugin's HTTP client may call "
-                                               "(host, host:port or *.domain); URL settings never allow their host.")
+                                     help_text=_("The only hosts the plugin's HTTP client may call "
+                                                 "(host, host:port or *.domain); URL settings never allow their host."))
     granted_scopes = models.JSONField(default=list, blank=True,
-                                      help_text="Sensitive scopes the plugin declares and an administrator grants "
-                                                "(knowledge:read: chunk text in after_retrieval hooks).")
+                                      help_text=_("Sensitive scopes the plugin declares and an administrator grants "
+                                                  "(knowledge:read: chunk text in after_retrieval hooks)."))
     timeout_seconds = models.FloatField(null=True, blank=True,
-                                        help_text="Wall-clock limit per call; empty: PLUGIN_TIMEOUT_SECONDS.")
+                                        help_text=_("Wall-clock limit per call; empty: PLUGIN_TIMEOUT_SECONDS."))
     version = models.PositiveIntegerField(default=1)
     updated_at = models.DateTimeField(auto_now=True)
     updated_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
@@ -46,14 +47,14 @@ class PluginConfig(models.Model):
 
     class Meta:
         ordering = ["name"]
-        verbose_name = "plugin"
+        verbose_name = _("plugin")
 
     def __str__(self) -> str:
         return self.name
 
 
 class PluginInvocation(models.Model):
-    OUTCOMES = [("ok", "ok"), ("error", "error"), ("timeout", "timeout"), ("denied", "denied")]
+    OUTCOMES = [("ok", _("ok")), ("error", _("error")), ("timeout", _("timeout")), ("denied", _("denied"))]
 
     plugin = models.CharField(max_length=64)
     stage = models.CharField(max_length=32)
@@ -79,8 +80,8 @@ class PluginInvocation(models.Model):
 class Ticket(models.Model):
     """A support ticket opened by the ticket_create plugin: the conversation handed to a human."""
 
-    STATUSES = [("open", "open"), ("in_progress", "in progress"), ("resolved", "resolved"), ("closed", "closed")]
-    PRIORITIES = [("low", "low"), ("normal", "normal"), ("high", "high"), ("urgent", "urgent")]
+    STATUSES = [("open", _("open")), ("in_progress", _("in progress")), ("resolved", _("resolved")), ("closed", _("closed"))]
+    PRIORITIES = [("low", _("low")), ("normal", _("normal")), ("high", _("high")), ("urgent", _("urgent"))]
 
     number = models.CharField(max_length=20, unique=True, null=True, blank=True, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="support_tickets")
@@ -99,7 +100,7 @@ class Ticket(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        verbose_name = "support ticket"
+        verbose_name = _("support ticket")
 
     def __str__(self) -> str:
         return f"{self.number or 'T-?'} {self.subject}"

@@ -83,3 +83,10 @@ def test_rate_limit_per_user_gives_429(auth_client, monkeypatch):
     monkeypatch.setattr(SimpleRateThrottle, "THROTTLE_RATES", {"user": "3/min", "chat": "30/min"})
     codes = [auth_client.get("/api/v1/me/").status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429]
+
+
+@pytest.mark.django_db
+def test_unknown_paths_of_the_openai_compatible_api_answer_json(client):
+    response = client.get("/v1/no-such-thing")
+    assert response.status_code == 404 and response["Content-Type"].startswith("application/json")
+    assert response.json()["error"]["code"] == "not_found" and response.json()["error"]["message"]

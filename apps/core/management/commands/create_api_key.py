@@ -29,7 +29,7 @@ class Command(BaseCommand):
         try:
             issued = api_key_create(user=user, name=name, expires_at=expires_at, scopes=wanted)
         except ApplicationError as exc:
-            raise CommandError(f"{exc.message} [{exc.code}]") from exc
+            raise CommandError(gettext("%(message)s [%(code)s]") % {"message": exc.message, "code": exc.code}) from exc
         self.stderr.write(gettext("Created key %(prefix)s for %(username)s. It is shown once; store it now:")
                           % {"prefix": issued.api_key.prefix, "username": username})
         self.stdout.write(issued.raw_key)
