@@ -314,14 +314,17 @@ def ranking_calibrate(*, knowledge_base: KnowledgeBase, candidates: list, metric
 
     current = current_ranking_params(knowledge_base)
     chosen, scored = calibration.choose(candidates, metric, current=current, min_gain=min_gain, try_mmr=try_mmr)
+    cv = (calibration.cross_validate(candidates, metric, current=current, min_gain=min_gain, try_mmr=try_mmr)
+          if cross_validate else None)
+    if cv is not None and cv["held_out"] <= cv["current_held_out"]:
+        # Choosing on part of the set did not beat the current settings on the rest: the in-sample gain
+        # is noise, so the current settings stay.
+        chosen = current
     result = CalibrationResult(
         current=current.to_dict(), chosen=chosen.to_dict(),
         current_score=calibration.score(current, candidates, metric),
         chosen_score=calibration.score(chosen, candidates, metric), objective=objective, queries=len(candidates),
-        scored=[(params.label(), round(value, 4)) for params, value in scored],
-        cross_validation=(calibration.cross_validate(candidates, metric, current=current, min_gain=min_gain,
-                                                     try_mmr=try_mmr) if cross_validate else None),
-        saved=False)
+        scored=[(params.label(), round(value, 4)) for params, value in scored], cross_validation=cv, saved=False)
     if save:
         knowledge_base.fusion, knowledge_base.rrf_k = chosen.fusion, chosen.rrf_k
         knowledge_base.dense_weight, knowledge_base.mmr_lambda = chosen.dense_weight, chosen.mmr_lambda

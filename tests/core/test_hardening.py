@@ -54,10 +54,16 @@ def test_poison_task_is_parked_after_the_delivery_cap(redis_url, client, django_
     assert page.status_code == 200 and "tests.poison" in page.content.decode()
 
 
+@pytest.mark.django_db
 def test_the_cap_does_nothing_inline_and_forgets_finished_tasks(settings):
     from apps.core.tasks import delivery_count, ping
 
-    assert ping.delay("x").get()["value"] == "x"  # eager: runs, no counter involved
+    from django.core.cache import cache
+
+    from apps.core.tasks import _counter_key
+
+    result = ping.apply(args=["x"], task_id="inline-task-id")  # run here, as eager mode does
+    assert result.get()["value"] == "x" and cache.get(_counter_key("inline-task-id")) is None
     assert delivery_count("some-task-id") == 1 and delivery_count("some-task-id") == 2
 
 
