@@ -172,7 +172,7 @@ def test_missing_file_and_unreachable_url_are_reported(make_kb, settings, tmp_pa
     assert (outcome.status, outcome.error_code) == ("failed", "file_missing")
 
 
-def test_source_url_is_fetched_from_a_real_server(make_kb, staff_user, settings):
+def test_source_url_is_fetched_from_a_real_server(make_kb, user, settings):
     import http.server
     import threading
 
@@ -200,9 +200,9 @@ def test_source_url_is_fetched_from_a_real_server(make_kb, staff_user, settings)
         kb = make_kb()
         base = f"http://127.0.0.1:{server.server_port}"
         ok = services.document_save(document=Document(knowledge_base=kb, source_url=f"{base}/policy.md"),
-                                    user=staff_user, content_changed=True)
+                                    user=user, content_changed=True)
         missing = services.document_save(document=Document(knowledge_base=kb, source_url=f"{base}/nope.md"),
-                                         user=staff_user, content_changed=True)
+                                         user=user, content_changed=True)
         outcomes = services.documents_ingest(document_ids=[ok.pk, missing.pk], rebuild=False)
     finally:
         server.shutdown()
@@ -211,7 +211,7 @@ def test_source_url_is_fetched_from_a_real_server(make_kb, staff_user, settings)
     assert ok.detected_type == "markdown" and "150 EUR" in ok.text
 
 
-def test_source_url_to_internal_addresses_is_refused_redirects_included(make_kb, staff_user, settings):
+def test_source_url_to_internal_addresses_is_refused_redirects_included(make_kb, user, settings):
     """SSRF: a source URL (or a redirect from an allowed one) must not read the platform's own network."""
     import http.server
     import threading
@@ -232,9 +232,9 @@ def test_source_url_to_internal_addresses_is_refused_redirects_included(make_kb,
         kb = make_kb()
         port = server.server_port
         direct = services.document_save(document=Document(knowledge_base=kb, source_url=f"http://127.0.0.1:{port}/x"),
-                                        user=staff_user, content_changed=True)
+                                        user=user, content_changed=True)
         redis = services.document_save(document=Document(knowledge_base=kb, source_url="http://localhost:6379/"),
-                                       user=staff_user, content_changed=True)
+                                       user=user, content_changed=True)
         outcomes = services.documents_ingest(document_ids=[direct.pk, redis.pk], rebuild=False)
         assert [(o.status, o.error_code) for o in outcomes] == [("failed", "address_not_allowed")] * 2
         settings.OUTBOUND_ALLOWED_HOSTS = [f"127.0.0.1:{port}"]
