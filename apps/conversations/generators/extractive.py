@@ -187,13 +187,19 @@ class ExtractiveGenerator(Generator):
 
         candidates: list[tuple[int, int, int, str, set[str]]] = []  # (rank, n, position, sentence, terms)
         for rank, source in enumerate(chunk_sources):
+            # A sentence is about its section: "How to start a return" is what step 2 of it answers.
+            section_terms = set(terms(re.split(r"\s*[›>]\s*", source.heading)[-1])) if source.heading else set()
             for pos, sentence in enumerate(split_sentences(source.text)):
                 if (len(sentence) < 6 or _size(sentence) < 3) if is_chinese(sentence) else \
                         (len(sentence) < 12 or len(sentence.split()) < 3):
                     continue  # fragments
                 if not re.search(r"[.!?:;)\]\"”。！？；：）」』】…]$", sentence) and _size(sentence) < 8:
                     continue  # a heading line: the citation shows the heading anyway
-                candidates.append((rank, source.n, pos, sentence, set(terms(sentence))))
+                own_terms = set(terms(sentence))
+                # ...but only a sentence that itself speaks to the question takes its heading's words.
+                if own_terms & weights_q.keys():
+                    own_terms |= section_terms
+                candidates.append((rank, source.n, pos, sentence, own_terms))
 
         picked: list[tuple[int, int, str]] = []  # (n, position, sentence)
         # Plugin results were chosen by the intent router for this message: they lead the answer.
