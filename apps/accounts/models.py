@@ -12,12 +12,12 @@ class ExternalIdentity(models.Model):
     people choose their e-mail must not be able to hand someone a local administrator's account.
     """
 
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, verbose_name=_("user"), on_delete=models.CASCADE,
                              related_name="external_identities")
     provider = models.CharField(_("provider"), max_length=255)
     subject = models.CharField(_("subject"), max_length=255)
-    created_at = models.DateTimeField(auto_now_add=True)
-    last_login_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(verbose_name=_("created at"), auto_now_add=True)
+    last_login_at = models.DateTimeField(verbose_name=_("last login at"), null=True, blank=True)
 
     class Meta:
         verbose_name = _("external identity")
@@ -35,7 +35,7 @@ class DirectoryGroup(models.Model):
     administrator assigns by hand are never touched.
     """
 
-    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="directory_links")
+    group = models.ForeignKey(Group, verbose_name=_("group"), on_delete=models.CASCADE, related_name="directory_links")
     source = models.CharField(_("source"), max_length=16, choices=[("oidc", _("OpenID Connect")), ("ldap", _("LDAP"))])
 
     class Meta:

@@ -26,23 +26,24 @@ class AuditEvent(models.Model):
         TASK = "task", _("Background task")
         SYSTEM = "system", _("System")
 
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    created_at = models.DateTimeField(verbose_name=_("created at"), auto_now_add=True, db_index=True)
     # Kept when the user is deleted: actor_label is the durable record of who it was.
-    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, verbose_name=_("actor"), null=True, blank=True, on_delete=models.SET_NULL,
                               related_name="+")
-    actor_label = models.CharField(max_length=200, db_index=True)
-    source = models.CharField(max_length=16, choices=Source.choices, db_index=True)
-    action = models.CharField(max_length=16, choices=Action.choices, db_index=True)
-    model_label = models.CharField(max_length=100, db_index=True, help_text=_("app_label.ModelName"))
-    object_id = models.CharField(max_length=64, db_index=True)
-    object_repr = models.CharField(max_length=200)
+    actor_label = models.CharField(verbose_name=_("actor label"), max_length=200, db_index=True)
+    source = models.CharField(verbose_name=_("source"), max_length=16, choices=Source.choices, db_index=True)
+    action = models.CharField(verbose_name=_("action"), max_length=16, choices=Action.choices, db_index=True)
+    model_label = models.CharField(verbose_name=_("model label"), max_length=100, db_index=True, help_text=_("app_label.ModelName"))
+    object_id = models.CharField(verbose_name=_("object id"), max_length=64, db_index=True)
+    object_repr = models.CharField(verbose_name=_("object repr"), max_length=200)
     # {"field": {"before": ..., "after": ...}} for fields; {"field": {"added": [...], "removed": [...]}}
     # for many-to-many relations.
-    changes = models.JSONField(default=dict, blank=True)
-    summary = models.TextField(blank=True)
-    request_id = models.CharField(max_length=64, blank=True, db_index=True)
+    changes = models.JSONField(verbose_name=_("changes"), default=dict, blank=True)
+    summary = models.TextField(verbose_name=_("summary"), blank=True)
+    request_id = models.CharField(verbose_name=_("request id"), max_length=64, blank=True, db_index=True)
 
     class Meta:
+        verbose_name_plural = _("audit events")
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["model_label", "object_id", "-created_at"], name="audit_object_recent")]
         verbose_name = _("audit event")
