@@ -651,13 +651,23 @@ def test_kill_9_mid_sse_answer_resumes_with_last_event_id(cluster):
             except httpx.HTTPError:
                 pass
         last_id = events[-1]["id"]
-        with http.stream("GET", f"/api/v1/chat/turns/{turn_id}/events/", headers={"Last-Event-ID": last_id}) as rest:
-            assert rest.status_code == 200
-            first_new = None
-            more = []
-            for event in _sse(rest):
-                more.append(event)
-                first_new = first_new or time.monotonic()
+        # Like a browser's EventSource, the client reconnects after a failed attempt (nginx can answer 502
+        # while it still counts the killed instance among the upstreams).
+        for _attempt in range(10):
+            with http.stream("GET", f"/api/v1/chat/turns/{turn_id}/events/",
+                             headers={"Last-Event-ID": last_id}) as rest:
+                if rest.status_code in (502, 503, 504):
+                    time.sleep(0.5)
+                    continue
+                assert rest.status_code == 200
+                first_new = None
+                more = []
+                for event in _sse(rest):
+                    more.append(event)
+                    first_new = first_new or time.monotonic()
+                break
+        else:
+            raise AssertionError("no instance served the resume")
     finally:
         http.close()
     everything = events + more

@@ -10,7 +10,9 @@ PROBE = (
     "'layer': s.CHANNEL_LAYERS['default']['BACKEND'], 'eager': s.CELERY_TASK_ALWAYS_EAGER, "
     "'broker': s.CELERY_BROKER_URL, 'session': s.SESSION_ENGINE, 'debug': s.DEBUG}))"
 )
-BASE_ENV = {"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "kotaemon_site.settings", "HOME": "/tmp"}
+# KOTAEMON_DEMO=0: these tests are about the environment alone, not a var/demo-mode left by `make demo`.
+BASE_ENV = {"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "kotaemon_site.settings", "HOME": "/tmp",
+            "KOTAEMON_DEMO": "0"}
 
 
 def run_python(code: str, env: dict, *args: str) -> subprocess.CompletedProcess:

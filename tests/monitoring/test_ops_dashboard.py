@@ -184,10 +184,11 @@ def test_dashboard_in_headless_chromium(activity, auditor):
                 errors: list[str] = []
                 page.on("pageerror", lambda exc: errors.append(str(exc)))
                 page.goto(f"{base}/admin/login/?next=/admin/dashboard/")
-                page.fill("#id_username", "editor")
+                page.fill("#id_username", auditor.username)
                 page.fill("#id_password", "pw-editor-123")
                 page.click("input[type=submit]")
                 page.wait_for_url(re.compile(r".*/admin/dashboard/.*"))
+                page.wait_for_selector("#card-answers")  # signed in: the login page also has ?next=/admin/dashboard/
                 page.screenshot(path=str(shot), full_page=True)
                 charts = page.locator("svg.chart").count()
                 bars = page.locator("#card-answers svg rect.bar").count()

@@ -1,5 +1,7 @@
 import os
 
+from pathlib import Path
+
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.utils.translation import gettext, gettext_lazy
@@ -21,7 +23,9 @@ class Command(BaseCommand):
         demo_knowledge_load(owner=get_user_model().objects.get(username=username), stdout=self.stdout)
         from django.conf import settings
 
-        if settings.DEMO:  # later manage.py commands in this checkout find the demo settings (settings.DEMO_MARKER)
+        # Later manage.py commands in this checkout find the demo settings (settings.DEMO_MARKER); only for the
+        # checkout's own data dir, which is what the marker stands for (a demo elsewhere must not leave one).
+        if settings.DEMO and Path(settings.DATA_DIR) == settings.DEMO_MARKER.parent:
             settings.DEMO_MARKER.parent.mkdir(parents=True, exist_ok=True)
             settings.DEMO_MARKER.write_text(str(settings.BASE_DIR), encoding="utf-8")
         message = (gettext("Created the demo admin.") if created else gettext("Kept the demo admin.")) + " " + gettext(
