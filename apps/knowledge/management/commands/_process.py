@@ -9,10 +9,19 @@ def prepare_process(kind: str) -> None:
     Only effective before torch is first imported, which no command does before this call.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    quiet_logging()
+    if _own_process():
+        quiet_logging()
     from apps.core.runtime import configure_process
 
     configure_process(kind=kind)
+
+
+def _own_process() -> bool:
+    """The command is the process (`manage.py ...`), not called from code or tests with call_command:
+    log levels are process-wide, and lowering them must not outlive the command in someone else's process."""
+    import sys
+
+    return os.path.basename(sys.argv[0] if sys.argv else "") in ("manage.py", "django-admin")
 
 
 # Libraries that log at INFO on every start (FAISS's loader, the model loader, HTTP clients, jieba).
