@@ -81,10 +81,15 @@ def asgi_server(env: dict[str, str] | None = None, port: int | None = None):
             raise RuntimeError(f"{exc}; server output:\n{Path(log.name).read_text(errors='replace')[-4000:]}") from exc
         yield f"127.0.0.1:{port}", proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
         os.unlink(log.name)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, wait_for_port
+from tests.helpers import free_port, stop_process, wait_for_port
 from tests.knowledge.conftest import embedding_model, kb_env, load_docs, make_kb  # noqa: F401 (fixtures)
 
 IDP_DIR = Path(__file__).resolve().parent / "idp"
@@ -160,11 +160,7 @@ directory {root}/data
             conn.add_s(f"ou={ou},{BASE_DN}", [("objectClass", [b"organizationalUnit"]), ("ou", [ou.encode()])])
         yield Directory(uri, tls["ca"])
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 
@@ -225,11 +221,7 @@ def idp_process(tmp_path_factory):
         provider.log_path = root / "idp.log"
         yield provider
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 

@@ -241,38 +241,32 @@ def _is_cjk_punctuation(c: str) -> bool:
     return "\u3000" <= c <= "\u303f" or "\uff00" <= c <= "\uffef" or c in "\u2014\u2018\u2019\u201c\u201d\u2026\u00b7"
 
 
-def _score_gb(text: str) -> float:
+def _score_common_han(text: str, encoding: str, first_byte_range: tuple[int, int]) -> float:
+    """Share of non-ASCII characters that are CJK punctuation or common Han characters of `encoding`
+    (the lead-byte range of its most frequent characters): high when the bytes were decoded right."""
     chars = _non_ascii(text)
     if not chars:
         return 0.0
+    low, high = first_byte_range
     good = 0
     for c in chars:
         if _is_cjk_punctuation(c):
             good += 1
             continue
         try:
-            encoded = c.encode("gb2312")
+            encoded = c.encode(encoding)
         except UnicodeEncodeError:
             continue
-        good += len(encoded) == 2 and 0xB0 <= encoded[0] <= 0xD7
+        good += len(encoded) == 2 and low <= encoded[0] <= high
     return good / len(chars)
+
+
+def _score_gb(text: str) -> float:
+    return _score_common_han(text, "gb2312", (0xB0, 0xD7))
 
 
 def _score_big5(text: str) -> float:
-    chars = _non_ascii(text)
-    if not chars:
-        return 0.0
-    good = 0
-    for c in chars:
-        if _is_cjk_punctuation(c):
-            good += 1
-            continue
-        try:
-            encoded = c.encode("big5")
-        except UnicodeEncodeError:
-            continue
-        good += len(encoded) == 2 and 0xA4 <= encoded[0] <= 0xC6
-    return good / len(chars)
+    return _score_common_han(text, "big5", (0xA4, 0xC6))
 
 
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
