@@ -583,9 +583,7 @@ def _turn_execute(spec: dict[str, Any], writer, *, on_token: TokenCallback | Non
             _emit_error(writer, error)
             raise error
 
-        ctx.answer = generation.text
-        run_turn_hooks("after_answer", ctx)
-        answer, cited = cited_numbers(ctx.answer or "", {s.n for s in sources})
+        answer, cited = cited_numbers(generation.text or "", {s.n for s in sources})
         by_n = {s.n: s for s in sources}
         citations = [citation_for(by_n[n], generation.snippets.get(n)) for n in cited]
         latency_ms = round((time.monotonic() - started) * 1000, 1)
@@ -626,6 +624,13 @@ def _turn_execute(spec: dict[str, Any], writer, *, on_token: TokenCallback | Non
             writer.emit({"type": "answer", **result.to_dict()})
         except LeaseLost:
             pass  # committed: whoever holds the lease now re-announces the stored answer
+        if completed:
+            # Observation hooks run once per answer: in the process whose conditional update completed
+            # it, after the answer is on its way. A stalled owner that lost its lease and the instance
+            # that took the turn over both generate, but only one of them gets here. (If that process
+            # dies between its commit and this line, the hook is not run: at most once, never twice.)
+            ctx.answer = answer
+            run_turn_hooks("after_answer", ctx)
         return result
     except (LeaseLost, LLMUnavailable):
         raise

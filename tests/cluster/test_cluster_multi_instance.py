@@ -149,10 +149,13 @@ def _create_knowledge(c: Cluster) -> None:
 
 
 def ensure_three(c: Cluster) -> None:
-    """Replace any killed instance (a new process, a new id) and wait until all are ready."""
+    """Replace any killed instance (a new process, a new id) and wait until all are ready. The replacement
+    listens on the dead one's port, as a restarted pod keeps its address: nginx, already running with
+    that port in its upstream list, then finds it again (on a new port, nginx would keep sending to the
+    dead one, and once every original instance has been killed it has no live upstream and answers 502)."""
     for name in WEB:
         if not c.instances[name].alive():
-            c.start_instance(name)
+            c.start_instance(name, port=c.instances[name].port)
     c.wait_ready()
 
 
@@ -606,8 +609,6 @@ def _sse(response):
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (CI installs Debian's nginx)")
-@pytest.mark.xfail(strict=False, reason="clean-clone CI: nginx answers 502 to the Last-Event-ID resume for >30 s "
-                   "after kill -9 (passes alone); under investigation, issue 14")
 def test_kill_9_mid_sse_answer_resumes_with_last_event_id(cluster):
     """The same over REST server-sent events: the stream breaks with the instance; GET the turn's events
     with Last-Event-ID through nginx and the rest arrives, from whichever instance takes the turn over."""

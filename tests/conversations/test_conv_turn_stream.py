@@ -152,6 +152,71 @@ def test_a_reader_takes_over_without_waiting_for_the_reconciler(user, kb, fast_l
 
 
 @pytestmark_db
+def test_after_answer_hooks_run_once_when_a_stalled_owner_and_the_taker_both_generate(user, kb, fast_lease,
+                                                                                       monkeypatch):
+    """The owner stalls inside generation past its lease (a long GC pause, a stopped VM); another instance
+    takes the turn over and completes it. When the owner wakes up with its generated answer, it is fenced
+    off and must not run the observation hooks a second time."""
+    from apps.conversations import services
+    from apps.conversations.hooks import register_turn_hook, unregister_turn_hook
+    from apps.conversations.models import Message
+    from apps.conversations.services import turn_execute, turn_open, turn_takeover
+
+    real_get_generator = services.get_generator
+    gate, stalled, calls = threading.Event(), threading.Event(), []
+
+    class StallFirst:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def generate(self, **kw):
+            calls.append(1)
+            result = self.inner.generate(**{**kw, "on_token": lambda piece: None})
+            if len(calls) == 1:  # the owner: stalls with its answer in hand
+                stalled.set()
+                assert gate.wait(30)
+            else:
+                for word in result.text.split(" "):
+                    kw["on_token"](word + " ")
+            return result
+
+    monkeypatch.setattr(services, "get_generator", lambda name=None: StallFirst(real_get_generator(name)))
+    answers = []
+
+    def observe(stage, ctx):
+        if stage == "after_answer":
+            answers.append(ctx.answer)
+
+    register_turn_hook(observe)
+    try:
+        handle = turn_open(user=user, session_id="stalled-owner-0001", message="How do I request a refund?")
+        outcome = {}
+
+        def owner():
+            try:
+                outcome["result"] = turn_execute(handle.spec, handle.writer, user=user)
+            except LeaseLost as exc:
+                outcome["lost"] = exc
+
+        thread = threading.Thread(target=owner)
+        thread.start()
+        assert stalled.wait(30)
+        die(handle)  # its heartbeats stop while it stalls
+        time.sleep(1.2)
+        assert turn_takeover(handle.turn_id)
+        events = follow_all(handle.turn_id, takeover=False)
+        assert events[-1][1]["type"] == "answer"
+        gate.set()
+        thread.join(30)
+    finally:
+        unregister_turn_hook(observe)
+    assert "lost" in outcome and len(calls) == 2  # both generated; the owner was fenced off
+    reply = Message.objects.get(pk=handle.message_id)
+    assert reply.status == "complete"
+    assert answers == [reply.content]  # once, with the saved answer
+
+
+@pytestmark_db
 def test_partial_answer_is_saved_as_it_is_generated(user, kb, settings, fast_lease):
     from apps.conversations.generators import generators_reset
     from apps.conversations.models import Message
