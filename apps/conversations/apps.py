@@ -18,7 +18,9 @@ class ConversationsConfig(AppConfig):
         # Another instance changed a session: drop our cached copy (the cluster listener delivers it).
         register_handler("session_updated", on_session_updated)
         # An instance died while generating a turn: whoever notices first after its lease expired finishes it.
-        register_reconciler("chat_turn_takeover", _turns_reconcile)
+        # Web instances only: an orphaned answer is generated where chat runs (and is counted in its
+        # metrics), not on a Celery worker busy with ingestion.
+        register_reconciler("chat_turn_takeover", _turns_reconcile, kinds=("web",))
 
 
 def _turns_reconcile() -> None:

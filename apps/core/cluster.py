@@ -37,7 +37,7 @@ Reconciler = Callable[[], None]
 InfoProvider = Callable[[], Any]
 
 _warmups: dict[str, Warmup] = {}
-_reconcilers: dict[str, Reconciler] = {}
+_reconcilers: dict[str, tuple[Reconciler, tuple[str, ...]]] = {}
 _info: dict[str, InfoProvider] = {}
 
 _STOP = {"type": "cluster.stop"}
@@ -49,10 +49,11 @@ def register_warmup(name: str, function: Warmup) -> None:
     _warmups[name] = function
 
 
-def register_reconciler(name: str, function: Reconciler) -> None:
-    """Run `function` every CLUSTER_RECONCILE_SECONDS on the events thread: compare what this process
-    holds with the authoritative state (the database) and heal. Must be cheap and idempotent."""
-    _reconcilers[name] = function
+def register_reconciler(name: str, function: Reconciler, *, kinds: tuple[str, ...] = ("web", "worker")) -> None:
+    """Run `function` every CLUSTER_RECONCILE_SECONDS on the events thread of the processes of `kinds`:
+    compare what this process holds with the authoritative state (the database) and heal. Must be cheap
+    and idempotent."""
+    _reconcilers[name] = (function, tuple(kinds))
 
 
 def register_info(name: str, function: InfoProvider) -> None:
@@ -307,7 +308,9 @@ class ClusterRuntime:
             healed = replay_journal()
         except Exception:
             logger.warning("cluster journal replay failed", exc_info=True)
-        for name, function in list(_reconcilers.items()):
+        for name, (function, kinds) in list(_reconcilers.items()):
+            if self.kind not in kinds:
+                continue
             try:
                 self._run_job(function)
             except Exception:

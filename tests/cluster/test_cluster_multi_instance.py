@@ -491,8 +491,10 @@ def test_through_nginx_affinity_and_failover(cluster):
         served.append(response.headers["x-instance-id"])
     assert c.instance_id(victim) not in served[3:] and len(set(served[3:])) == 1
     assert_stored(c, session, history)
-    # Without a session id, requests spread over the instances.
-    spread = {c.alice.chat(lb.url, RETURN_QUESTION).headers["x-instance-id"] for _ in range(9)}
+    # Without a session id, requests spread over the instances. With one of three killed, its share of the
+    # hash ring falls to a neighbour, which may then take 2/3 of the requests: 24 requests all landing on
+    # one instance by chance has a probability below 1e-4 (9, as before, ~3%).
+    spread = {c.alice.chat(lb.url, RETURN_QUESTION).headers["x-instance-id"] for _ in range(24)}
     assert len(spread) >= 2, spread
 
 

@@ -192,6 +192,28 @@ def test_warmup_gates_readiness_and_is_retried(isolated_namespace, settings, cli
     assert response.json()["checks"]["indexes"]["ok"] is True
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("kind", ["web", "worker"])
+def test_a_reconciler_runs_only_in_the_kinds_it_names(isolated_namespace, settings, kind):
+    """Chat-turn takeover is registered for web instances only: a Celery worker must not pick up answers."""
+    settings.CLUSTER_HEARTBEAT_SECONDS = 0.1
+    settings.CLUSTER_RECONCILE_SECONDS = 0.1
+    ran = {"web-only": 0, "everywhere": 0}
+    cluster.register_reconciler("web-only", lambda: ran.__setitem__("web-only", ran["web-only"] + 1), kinds=("web",))
+    cluster.register_reconciler("everywhere", lambda: ran.__setitem__("everywhere", ran["everywhere"] + 1))
+    runtime = cluster.start(kind=kind)
+    wait_until(lambda: ran["everywhere"] >= 3)
+    runtime.reconcile()
+    assert (ran["web-only"] > 0) is (kind == "web")
+    from apps.conversations.apps import _turns_reconcile
+
+    from django.apps import apps as django_apps
+
+    cluster._reconcilers.clear()
+    django_apps.get_app_config("conversations").ready()  # idempotent; the fixture restores the registry
+    assert cluster._reconcilers["chat_turn_takeover"] == (_turns_reconcile, ("web",))
+
+
 @pytest.mark.django_db
 def test_readiness_without_a_runtime_warms_up_inline(isolated_namespace, client):
     state = {"fail": True}
