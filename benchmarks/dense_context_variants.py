@@ -61,7 +61,7 @@ def main() -> None:
     tokenize = get_analyzer().tokenize
     for questions_path, folder in zip(args.questions, args.documents):
         questions = load_questions(questions_path)
-        rows = []  # (source name, title, chunk text, context)
+        rows = []  # (source name, title, chunk text, context, heading path)
         for path in sorted(Path(folder).rglob("*")):
             if not path.is_file():
                 continue
@@ -71,7 +71,8 @@ def main() -> None:
                 continue
             for chunk in chunk_document(doc, count_tokens=encoder.count_tokens, chunk_tokens=args.chunk_tokens,
                                         overlap_tokens=args.chunk_overlap, structure=True):
-                rows.append((str(path.relative_to(folder)), doc.title, chunk.text, chunk.context))
+                rows.append((str(path.relative_to(folder)), doc.title, chunk.text, chunk.context,
+                             [part for part in chunk.heading_path if part]))
         print(f"## {questions_path}: {len(questions)} questions, {len(rows)} chunks, model {args.model}")
         bm25 = _bm25([f"{r[3]}\n{r[2]}" for r in rows], tokenize)
         queries = encoder.encode_queries([q.question for q in questions])
@@ -80,7 +81,10 @@ def main() -> None:
             scores = _scores(bm25, question.question, tokenize)
             bm25_rank.append([int(i) for i in np.argsort(-scores, kind="stable")[:100] if scores[i] > 0])
         heading_only = [c.split("\n", 1)[0] for c in (r[3] for r in rows)]
+        nearest = [(r[4][-1] if r[4] else r[1] or "") for r in rows]
         variants = {"text": [r[2] for r in rows],
+                    "nearest heading + text": [f"{h}\n{r[2]}" if h and not r[2].startswith(h) else r[2]
+                                               for h, r in zip(nearest, rows)],
                     "heading path + text": [f"{h}\n{r[2]}" if h else r[2] for h, r in zip(heading_only, rows)],
                     "context + text": [f"{r[3]}\n{r[2]}" if r[3] else r[2] for r in rows]}
         for name, texts in variants.items():

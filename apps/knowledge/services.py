@@ -38,7 +38,7 @@ from .embeddings import embedder_for_kb, model_catalog, vector_from_bytes, vecto
 from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
 from .rag.analyzer import Analyzer, get_analyzer, parse_user_dictionary
-from .rag.chunker import ChunkSpec, chunk_document, keyword_index_text
+from .rag.chunker import ChunkSpec, chunk_document, content_hash, indexed_text
 from .rag.embedder import BaseEmbedder
 from .rag.errors import IngestError
 from .rag.index import (
@@ -58,7 +58,8 @@ logger = logging.getLogger(__name__)
 User = AbstractBaseUser | AnonymousUser
 
 # Bump when parsing or chunking changes in a way that must re-chunk stored documents.
-PIPELINE_VERSION = "2"  # 2: Chinese sentences, table rows with headers, literal Markdown identifiers, GB18030/Big5
+PIPELINE_VERSION = "3"  # 2: Chinese sentences, table rows with headers, literal Markdown identifiers, GB18030/Big5
+#                         3: the embedding reads the search context (title, heading path) before the text
 INGEST_BATCH_DOCUMENTS = 64
 _READ_BLOCK = 1 << 20
 
@@ -704,7 +705,8 @@ def _ingest_batch(ids: list[int], force: bool, raise_transient: bool) -> list[In
     for model in models.values():
         items = [item for item, m in prepared if m is model]
         specs = [spec for item in items for spec in item.specs]
-        vectors, encoded_hashes = vectors_for([s.text for s in specs], [s.content_hash for s in specs], model=model)
+        vectors, encoded_hashes = vectors_for([indexed_text(s.text, s.context) for s in specs],
+                                              [s.content_hash for s in specs], model=model)
         offset, counted = 0, set()
         for item in items:
             item_vectors[id(item)] = vectors[offset:offset + len(item.specs)]
@@ -1146,17 +1148,21 @@ def _segment_batch(rows: list, model, counters: dict):
     # redelivered task resumes where a crashed one stopped (stored vectors are reused by content hash).
     for start in range(0, len(stale), REEMBED_BATCH):
         part = stale[start:start + REEMBED_BATCH]
-        fresh, encoded_hashes = vectors_for([rows[i][2] for i in part], [rows[i][3] for i in part], model=model)
+        # What is embedded, and its cache key, as at ingestion (chunks stored before the context was
+        # embedded carry a hash of their text alone: recomputed, so the cache never mixes the two).
+        texts = [indexed_text(rows[i][2], rows[i][7]) for i in part]
+        hashes = [content_hash(text) for text in texts]
+        fresh, encoded_hashes = vectors_for(texts, hashes, model=model)
         counters["encoded"] += len(encoded_hashes)
         vectors[part] = fresh
-        updates = [Chunk(pk=rows[i][0], embedding=vector_to_bytes(fresh[n]), embedding_model=model.model_id)
-                   for n, i in enumerate(part)]
-        Chunk.objects.bulk_update(updates, ["embedding", "embedding_model"], batch_size=500)
+        updates = [Chunk(pk=rows[i][0], embedding=vector_to_bytes(fresh[n]), embedding_model=model.model_id,
+                         content_hash=hashes[n]) for n, i in enumerate(part)]
+        Chunk.objects.bulk_update(updates, ["embedding", "embedding_model", "content_hash"], batch_size=500)
         if counters.get("version"):
             IndexVersion.objects.filter(pk=counters["version"]).update(encoded_count=counters["encoded"])
     return SegmentBatch(np.asarray([r[0] for r in rows], dtype=np.int64),
                         np.asarray([r[1] for r in rows], dtype=np.int64), vectors,
-                        [keyword_index_text(r[2], r[7]) for r in rows])  # BM25's input: context + text
+                        [indexed_text(r[2], r[7]) for r in rows])  # BM25's input: context + text
 
 
 REEMBED_BATCH = 256

@@ -43,7 +43,9 @@ def test_changing_the_model_reembeds_in_the_background_and_swaps(make_kb, load_d
     assert bundle.version == v2.version and bundle.embedding["model_id"] == e5.model_id
     # every vector of the new version is the new model's: two models never share a version
     stored = bundle.vectors([c.pk for c in chunks])
-    fresh = e5.encode_passages([c.text for c in chunks])
+    from apps.knowledge.rag.chunker import indexed_text
+
+    fresh = e5.encode_passages([indexed_text(c.text, c.search_context) for c in chunks])  # what is embedded
     assert np.allclose(stored, fresh, atol=1e-5)
     hits = selectors.chunks_retrieve(user=user, query="where do we meet during a fire drill", mode="dense")
     assert {h.index_version for h in hits} == {v2.version} and "north parking lot" in hits[0].text

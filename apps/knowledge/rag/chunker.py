@@ -31,7 +31,8 @@ MODEL_MAX_TOKENS = 254
 
 @dataclass
 class ChunkSpec:
-    """A chunk to store and embed; ``content_hash`` (sha256 of ``text``) keys the embedding cache."""
+    """A chunk to store and embed; ``content_hash`` (sha256 of ``indexed_text(text, context)``, what is
+    embedded) keys the embedding cache."""
 
     position: int
     text: str
@@ -70,27 +71,14 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def contextual_text(chunk: ChunkSpec, title: str, *, max_title_chars: int = 200) -> str:
-    """Optional text to embed / BM25-index instead of ``chunk.text``: the document title on its own
-    line first (unless the chunk already starts with it), so later chunks keep the document's topic.
+def indexed_text(text: str, context: str) -> str:
+    """What BM25 indexes and the encoder embeds for a chunk: its search context (title, heading path,
+    abbreviation forms), then its text. ``ChunkSpec.content_hash`` is the sha256 of this text.
 
-    On SciFact (200/40 chunks, choice made on the train split) this raised train nDCG@10 from 0.683
-    to 0.692 (dense) and 0.720 to 0.733 (RRF); on test dense moved 0.676 -> 0.669 and RRF
-    0.720 -> 0.723. If used, the embedding cache key must cover the title as well as the text
-    (hash this function's output, not ``chunk.text``). The title adds tokens: keep
-    ``chunk_tokens`` + title tokens within the model limit.
-    """
-    title = " ".join(title.split())[:max_title_chars]
-    if not title or chunk.text.startswith(title):
-        return chunk.text
-    return f"{title}\n\n{chunk.text}"
-
-
-def keyword_index_text(text: str, context: str) -> str:
-    """What BM25 indexes for a chunk: its search context, then its text, as one field.
-
-    Measured on the Debian development sets (BM25 alone, benchmarks/chunking_variants.py): one field
-    beat the chunk alone and a separate context field (scores added, weight 0.5); see docs/knowledge.md.
+    Measured on the Debian development sets: for BM25 one field beat the chunk alone and a separate
+    context field (benchmarks/chunking_variants.py); for the embeddings it raised English dense hit@3
+    0.708 -> 0.820 (MiniLM) and 0.697 -> 0.798 (e5), Chinese hybrid hit@3 unchanged (e5 0.648), see
+    benchmarks/dense_context_variants.py and docs/benchmarks.md.
     """
     return f"{context}\n{text}" if context else text
 
@@ -349,3 +337,4 @@ def _add_context(chunks: list[ChunkSpec], doc: ParsedDocument, *, title: str) ->
         lines = [" › ".join(([title] if title and (not path or path[0] != title) else []) + path)]
         lines.extend(expansions_for(chunk.text, abbreviations))
         chunk.context = "\n".join(line for line in lines if line)
+        chunk.content_hash = content_hash(indexed_text(chunk.text, chunk.context))

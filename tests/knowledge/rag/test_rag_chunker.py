@@ -7,7 +7,7 @@ import string
 
 import pytest
 
-from apps.knowledge.rag.chunker import ChunkSpec, chunk_document, contextual_text
+from apps.knowledge.rag.chunker import ChunkSpec, chunk_document, content_hash, indexed_text
 from apps.knowledge.rag.parsers import Block, ParsedDocument
 
 
@@ -59,7 +59,7 @@ def assert_chunk_invariants(doc: ParsedDocument, chunks: list[ChunkSpec], count_
     for chunk in chunks:
         assert text[chunk.char_start : chunk.char_end] == chunk.text
         assert chunk.text and chunk.text == chunk.text.strip()
-        assert chunk.content_hash == hashlib.sha256(chunk.text.encode()).hexdigest()
+        assert chunk.content_hash == hashlib.sha256(indexed_text(chunk.text, chunk.context).encode()).hexdigest()
         assert chunk.token_count == count_tokens(chunk.text)
         assert chunk.token_count <= max_tokens
         covered = [
@@ -205,9 +205,10 @@ def test_heading_only_sections_are_dropped_unless_nothing_else_exists():
 
 
 def test_identical_text_has_identical_hash_across_documents():
+    """The key of the embedding cache: the same text under the same title and headings is embedded once."""
     first = chunk_document(ParsedDocument("text", "a", [Block("same text", "paragraph")]), count_tokens=count_words)
     second = chunk_document(
-        ParsedDocument("text", "b", [Block("other", "paragraph", page=1), Block("same text", "paragraph", page=2)]),
+        ParsedDocument("text", "a", [Block("other", "paragraph", page=1), Block("same text", "paragraph", page=2)]),
         count_tokens=count_words,
     )
     assert first[0].content_hash == second[1].content_hash != second[0].content_hash
@@ -228,12 +229,16 @@ def test_inconsistent_sizes_are_rejected(kwargs):
         chunk_document(doc, count_tokens=count_words, **kwargs)
 
 
-def test_contextual_text_prefixes_the_title_once():
-    doc = ParsedDocument(
-        "text", "Leave policy", [Block("Leave policy", "heading", 1, heading_path=("Leave policy",)),
-                                 Block(" ".join(["days"] * 30), "paragraph", heading_path=("Leave policy",))]
-    )
-    first, second = chunk_document(doc, count_tokens=count_words, chunk_tokens=20, overlap_tokens=0)
-    assert contextual_text(first, "Leave policy") == first.text
-    assert contextual_text(second, "  Leave\npolicy ") == "Leave policy\n\n" + second.text
-    assert contextual_text(second, "") == second.text
+def test_the_hash_covers_what_is_embedded_the_title_and_the_text():
+    """The same sentence in two documents is embedded as two texts (each with its own title first), so
+    the two must not share an embedding-cache key; the plain packing (no context) hashes the text alone."""
+    same = "Refunds are paid to the original payment method within 14 days."
+    handbook, gift_cards = (chunk_document(ParsedDocument("text", title, [Block(same, "paragraph")]),
+                                           count_tokens=count_words)[0] for title in ("Handbook", "Gift cards"))
+    assert handbook.text == gift_cards.text == same
+    assert handbook.context == "Handbook" and gift_cards.context == "Gift cards"
+    assert indexed_text(handbook.text, handbook.context) == "Handbook\n" + same
+    assert handbook.content_hash == content_hash("Handbook\n" + same) != gift_cards.content_hash
+    plain = [chunk_document(ParsedDocument("text", title, [Block(same, "paragraph")]), count_tokens=count_words,
+                            structure=False)[0] for title in ("Handbook", "Gift cards")]
+    assert plain[0].context == "" and plain[0].content_hash == content_hash(same) == plain[1].content_hash

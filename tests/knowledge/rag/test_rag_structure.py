@@ -6,7 +6,7 @@ import pytest
 
 from apps.knowledge.rag.abbreviations import Abbreviation, expansions_for, find_abbreviations
 from apps.knowledge.rag.analyzer import get_analyzer
-from apps.knowledge.rag.chunker import chunk_document, keyword_index_text
+from apps.knowledge.rag.chunker import chunk_document, indexed_text
 from apps.knowledge.rag.index import BM25Index
 from apps.knowledge.rag.parsers import parse
 
@@ -116,7 +116,7 @@ def test_a_question_with_the_short_form_finds_the_chunk_that_spells_it_out(count
     chunks = chunk_document(doc, count_tokens=count_tokens)
     archiving = next(c for c in chunks if "archive_command" in c.text)
     assert "WAL" in archiving.context
-    bm25 = BM25Index(list(range(len(chunks))), [keyword_index_text(c.text, c.context) for c in chunks])
+    bm25 = BM25Index(list(range(len(chunks))), [indexed_text(c.text, c.context) for c in chunks])
     hits = bm25.search("how is WAL archived", 3)
     assert chunks[hits[0][0]] is archiving
 
@@ -127,4 +127,4 @@ def test_the_heading_path_makes_a_section_findable_by_its_heading(count_tokens):
     chunks = chunk_document(doc, count_tokens=count_tokens, chunk_tokens=100, overlap_tokens=10)
     assert len(chunks) > 2 and "Refund procedure" not in chunks[-1].text
     assert chunks[-1].context == "guide › Refund procedure" or chunks[-1].context.endswith("Refund procedure")
-    assert "refund" in get_analyzer().tokenize(keyword_index_text(chunks[-1].text, chunks[-1].context))
+    assert "refund" in get_analyzer().tokenize(indexed_text(chunks[-1].text, chunks[-1].context))
