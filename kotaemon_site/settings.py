@@ -414,9 +414,10 @@ LOGGING = {
 INDEX_ROOT = Path(env("INDEX_ROOT", default=str(DATA_DIR / "indexes")))
 EMBEDDING_MODEL_PATH = env("EMBEDDING_MODEL_PATH", default="")  # empty: the bundled all-MiniLM-L6-v2
 EMBEDDING_BATCH_SIZE = env.int("EMBEDDING_BATCH_SIZE", default=32)
-# Embedding models per knowledge base (apps/knowledge/embeddings.py): the model new bases get, the backend
-# every model runs on (auto = int8 ONNX Runtime where installed), and where exported ONNX files are cached.
-EMBEDDING_DEFAULT_MODEL = env("EMBEDDING_DEFAULT_MODEL", default="all-minilm-l6-v2")
+# Embedding models per knowledge base (apps/knowledge/embeddings.py): the model new bases get (auto: chosen by
+# the language of their documents, apps/knowledge/model_choice.py), the backend every model runs on (auto =
+# int8 ONNX Runtime where installed), and where exported ONNX files are cached.
+EMBEDDING_DEFAULT_MODEL = env("EMBEDDING_DEFAULT_MODEL", default="auto")
 EMBEDDING_BACKEND = env("EMBEDDING_BACKEND", default="auto")
 EMBEDDING_CACHE_DIR = Path(env("EMBEDDING_CACHE_DIR", default=str(DATA_DIR / "embedding-cache")))
 TORCH_NUM_THREADS = env.int("TORCH_NUM_THREADS", default=0)  # 0: decided per process kind

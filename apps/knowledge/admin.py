@@ -17,6 +17,7 @@ from apps.core.errors import ApplicationError
 
 from . import selectors, services
 from .forms import DocumentAdminForm, KnowledgeBaseAdminForm, TestRetrievalForm, UploadForm
+from .model_choice import embedding_choice_reason, embedding_model_auto_enabled
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
 
 _BADGE_COLOURS = {
@@ -90,8 +91,8 @@ def encode_progress(version: IndexVersion):
 @admin.register(KnowledgeBase)
 class KnowledgeBaseAdmin(admin.ModelAdmin):
     form = KnowledgeBaseAdminForm
-    list_display = ["name", "slug", "owner", "visibility", "documents_total", "documents_ready", "documents_failed",
-                    "active_index", "index_health", "last_build"]
+    list_display = ["name", "slug", "owner", "visibility", "embedding", "documents_total", "documents_ready",
+                    "documents_failed", "active_index", "index_health", "last_build"]
     list_filter = ["is_public"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
@@ -101,7 +102,7 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
     fieldsets = [
         (None, {"fields": ["name", "slug", "description"]}),
         (_("Access"), {"fields": ["owner", "is_public", "allowed_groups", "editor_groups"]}),
-        (_("Embedding model"), {"fields": ["embedding_model"],
+        (_("Embedding model"), {"fields": ["embedding_model", "embedding_reason"],
                                 "description": _("Changing the model re-embeds every chunk in the background; "
                                                  "searches keep using the current index version (and its model) "
                                                  "until the new one is built. Progress shows under Index versions.")}),
@@ -153,6 +154,21 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
             active_chunks=Subquery(active.values("chunk_count")[:1]),
             last_build_at=Max("index_versions__created_at"),
         )
+
+    readonly_fields = ["embedding_reason"]
+
+    @admin.display(description=_("embedding model"), ordering="embedding_model")
+    def embedding(self, obj):
+        if obj.embedding_model_auto:
+            return format_html('<span title="{}">{} · {}</span>', embedding_choice_reason(obj), obj.embedding_model,
+                               _("automatic"))
+        return obj.embedding_model
+
+    @admin.display(description=_("why this model"))
+    def embedding_reason(self, obj):
+        if obj is None or obj.pk is None:
+            return _("Decided by the language of the first documents, unless you pick a model.")
+        return embedding_choice_reason(obj)
 
     @admin.display(description=_("visibility"))
     def visibility(self, obj):
@@ -210,10 +226,14 @@ class KnowledgeBaseAdmin(admin.ModelAdmin):
         elif change and "user_dictionary" in form.changed_data:
             services.index_rebuild_enqueue(obj.pk)
             messages.info(request, _("User dictionary changed: the index is being rebuilt with it."))
-        if change and "embedding_model" in form.changed_data:
+        if change and form.model_changed:
             services.knowledge_base_reembed(knowledge_base=obj)
             messages.info(request, _("Embedding model changed: every chunk is being re-embedded in the background; "
                                      "searches use the current index until the new version is active."))
+        elif change and form.auto_enabled:
+            embedding_model_auto_enabled(knowledge_base=obj)
+            messages.info(request, _("The embedding model is chosen automatically again: the documents' language "
+                                     "decides (a switch re-embeds in the background)."))
 
     def delete_model(self, request, obj):
         services.knowledge_base_delete(user=request.user, knowledge_base=obj)

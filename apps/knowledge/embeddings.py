@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 MODEL_MINILM = "all-minilm-l6-v2"
 MODEL_E5 = "multilingual-e5-small"
 MODEL_LOCAL = "local"
+# Not a model: "choose by the language of the documents" (KnowledgeBase.embedding_model_auto, model_choice.py).
+MODEL_AUTO = "auto"
 
 # SQLite caps bound parameters per query (999 on old builds); stay well under it.
 _LOOKUP_BATCH = 500
@@ -66,9 +68,16 @@ def model_choices() -> list[tuple[str, str]]:
 
 
 def default_model_key() -> str:
-    """The model new knowledge bases get (`EMBEDDING_DEFAULT_MODEL`, if installed here)."""
+    """The model new knowledge bases get (`EMBEDDING_DEFAULT_MODEL`, if installed here). With `auto` it is the
+    English model until their documents' language says otherwise (model_choice.embedding_model_resolve)."""
     catalog = model_catalog()
     return settings.EMBEDDING_DEFAULT_MODEL if settings.EMBEDDING_DEFAULT_MODEL in catalog else MODEL_MINILM
+
+
+def default_model_auto() -> bool:
+    """Whether new knowledge bases choose their model by language (`EMBEDDING_DEFAULT_MODEL=auto`, and the
+    multilingual model is installed: otherwise there is nothing to choose from)."""
+    return settings.EMBEDDING_DEFAULT_MODEL == MODEL_AUTO and MODEL_E5 in model_catalog()
 
 
 def embedder(model_key: str | None = None, *, backend: str | None = None) -> BaseEmbedder:

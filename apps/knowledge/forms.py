@@ -65,11 +65,36 @@ class KnowledgeBaseAdminForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if "embedding_model" in self.fields:
-            from .embeddings import model_choices
+            from .embeddings import MODEL_AUTO, model_catalog, model_choices
 
             field = self.fields["embedding_model"]
+            choices = model_choices()
+            if len(model_catalog()) > 1:  # "automatic" chooses between the English and the multilingual model
+                choices.insert(0, (MODEL_AUTO, gettext_lazy("Automatic: by the language of the documents")))
             self.fields["embedding_model"] = forms.ChoiceField(
-                choices=model_choices(), label=field.label, help_text=field.help_text, initial=field.initial)
+                choices=choices, label=field.label, initial=field.initial,
+                help_text=gettext_lazy("Automatic: the multilingual model when the documents hold a meaningful "
+                                       "share of Chinese, else the English one. Changing the model re-embeds "
+                                       "every chunk in the background."))
+            if self.instance.embedding_model_auto:
+                self.initial["embedding_model"] = MODEL_AUTO
+        self.model_changed = False  # the concrete model changes: the admin queues a re-embed
+        self.auto_enabled = False  # back to automatic: the documents already there decide
+
+    def clean_embedding_model(self):
+        from .services import embedding_model_fields
+
+        value = self.cleaned_data["embedding_model"]
+        kb = self.instance if self.instance.pk else None
+        fields = embedding_model_fields({"embedding_model": value}, kb)
+        current = self.instance.embedding_model
+        concrete = fields.get("embedding_model", current)
+        self.model_changed = kb is not None and concrete != current
+        self.auto_enabled = kb is not None and bool(fields.get("embedding_model_auto")) and not kb.embedding_model_auto
+        for name in ("embedding_model_auto", "embedding_choice"):
+            if name in fields:
+                setattr(self.instance, name, fields[name])
+        return concrete
 
     def clean(self):
         cleaned = super().clean()

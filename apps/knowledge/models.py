@@ -19,6 +19,12 @@ def default_embedding_model() -> str:
     return default_model_key()
 
 
+def default_embedding_model_auto() -> bool:
+    from .embeddings import default_model_auto
+
+    return default_model_auto()
+
+
 class KnowledgeBase(models.Model):
     class Fusion(models.TextChoices):
         RRF = "rrf", _("Reciprocal rank fusion")
@@ -43,6 +49,17 @@ class KnowledgeBase(models.Model):
     # swaps in a version built with the new model; searches use the old version and model meanwhile.
     embedding_model = models.CharField(verbose_name=_("embedding model"), max_length=64, default=default_embedding_model,
                                        help_text=_("Changing it re-embeds every chunk in the background."))
+    # Automatic choice (bases created without a model, EMBEDDING_DEFAULT_MODEL=auto): the documents' language
+    # decides `embedding_model` before their first vectors are made, and later uploads may switch it once to
+    # the multilingual model (model_choice.py). An editor's explicit choice turns it off.
+    embedding_model_auto = models.BooleanField(verbose_name=_("choose the embedding model automatically"),
+                                               default=default_embedding_model_auto,
+                                               help_text=_("By the language of the documents: the multilingual "
+                                                           "model when they hold a meaningful share of Chinese."))
+    # Why `embedding_model` is what it is: {"by": "language", "model", "tokens", "cjk_tokens", "cjk_share",
+    # "documents", "at", "switched_from"?} or {"by": "editor" | "setting", "at"}; empty: not decided yet.
+    embedding_choice = models.JSONField(verbose_name=_("embedding model choice"), default=dict, blank=True,
+                                        editable=False)
 
     # Chunking: sized in the embedding model's tokens (all-MiniLM-L6-v2 reads at most 254).
     chunk_tokens = models.PositiveSmallIntegerField(verbose_name=_("chunk tokens"), default=200, validators=[MinValueValidator(32),
@@ -129,6 +146,10 @@ class Document(models.Model):
     # Times the sweeper found this document stuck (pending or processing too long) and re-enqueued it;
     # past KNOWLEDGE_INGEST_MAX_ATTEMPTS it is parked as failed with its last error.
     ingest_attempts = models.PositiveSmallIntegerField(verbose_name=_("ingest attempts"), default=0, editable=False)
+    # The language mix of `text` (rag.language: one token per CJK character or other word), summed per base
+    # for the automatic model choice; null: not measured yet (measured lazily when needed).
+    lang_tokens = models.PositiveIntegerField(verbose_name=_("text tokens"), null=True, blank=True, editable=False)
+    lang_cjk_tokens = models.PositiveIntegerField(verbose_name=_("CJK tokens"), default=0, editable=False)
     # Set when an editor deletes the document; search hides it at once, the delete task purges it.
     deleted_at = models.DateTimeField(verbose_name=_("deleted at"), null=True, blank=True, db_index=True)
 

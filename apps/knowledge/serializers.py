@@ -13,13 +13,21 @@ class KnowledgeBaseSerializer(serializers.ModelSerializer):
     active_version = serializers.IntegerField(read_only=True, required=False, allow_null=True)
     last_build_at = serializers.DateTimeField(read_only=True, required=False, allow_null=True)
     can_edit = serializers.SerializerMethodField()
+    embedding_model_reason = serializers.SerializerMethodField()
 
     class Meta:
         model = KnowledgeBase
         fields = ["id", "slug", "name", "description", "owner", "is_public", "allowed_groups", "editor_groups",
-                  "embedding_model", "chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates",
+                  "embedding_model", "embedding_model_auto", "embedding_choice", "embedding_model_reason",
+                  "chunk_tokens", "chunk_overlap", "fusion", "rrf_k", "dense_weight", "candidates",
                   "mmr_lambda", "use_reranker", "user_dictionary", "document_count", "active_version", "last_build_at",
                   "can_edit", "created_at", "updated_at"]
+
+    def get_embedding_model_reason(self, obj) -> str:
+        """Why `embedding_model` (the model in use now) is what it is, in the caller's language."""
+        from .model_choice import embedding_choice_reason
+
+        return embedding_choice_reason(obj)
 
     def get_can_edit(self, obj) -> bool:
         from .selectors import knowledge_base_can_edit
@@ -39,7 +47,11 @@ class KnowledgeBaseWriteSerializer(serializers.Serializer):
     editor_group_ids = serializers.ListField(child=serializers.IntegerField(), required=False,
                                              help_text="Groups whose members edit this knowledge base.")
     # A key of the installation's model catalog (checked by the service): changing it re-embeds in the background.
-    embedding_model = serializers.CharField(max_length=64, required=False)
+    embedding_model = serializers.CharField(
+        max_length=64, required=False,
+        help_text="`auto` (the default for a new base): chosen by the language of the documents (the multilingual "
+                  "model when they hold a meaningful share of Chinese); or a model key, which turns the automatic "
+                  "choice off.")
     chunk_tokens = serializers.IntegerField(required=False)
     chunk_overlap = serializers.IntegerField(required=False)
     fusion = serializers.ChoiceField(choices=KnowledgeBase.Fusion.choices, required=False)

@@ -34,8 +34,18 @@ from apps.core.errors import ApplicationError, NotFound
 from apps.core.events import publish_on_commit
 
 from . import selectors
-from .embeddings import embedder_for_kb, model_catalog, vector_from_bytes, vector_to_bytes, vectors_for
+from .embeddings import (
+    MODEL_AUTO,
+    default_model_auto,
+    default_model_key,
+    embedder_for_kb,
+    model_catalog,
+    vector_from_bytes,
+    vector_to_bytes,
+    vectors_for,
+)
 from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
+from .model_choice import BY_EDITOR, BY_SETTING, embedding_model_auto_enabled, embedding_model_resolve
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
 from .rag.analyzer import Analyzer, get_analyzer, parse_user_dictionary
 from .rag.chunker import ChunkSpec, chunk_document, content_hash, indexed_text
@@ -51,6 +61,7 @@ from .rag.index import (
     referenced_segments,
     remove_stale_tmp,
 )
+from .rag.language import LanguageMix, language_mix
 from .rag.parsers import ParseLimits, ParsedDocument, parse
 
 logger = logging.getLogger(__name__)
@@ -146,7 +157,7 @@ def knowledge_base_create(*, user: User, slug: str, name: str, allowed_group_ids
     if unknown:
         raise ApplicationError("validation_error", gettext("Unknown fields: %(fields)s.")
                                                    % {"fields": ', '.join(sorted(unknown))})
-    kb = KnowledgeBase(slug=slug, name=name, owner=_actor(user), **fields)
+    kb = KnowledgeBase(slug=slug, name=name, owner=_actor(user), **embedding_model_fields(fields, None))
     _kb_validate(kb)
     _groups_validate(allowed_group_ids)
     _groups_validate(editor_group_ids)
@@ -169,6 +180,7 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
                                                    % {"fields": ', '.join(sorted(unknown))})
     rechunk = any(name in fields and fields[name] != getattr(kb, name) for name in ("chunk_tokens", "chunk_overlap"))
     new_dictionary = "user_dictionary" in fields and fields["user_dictionary"] != kb.user_dictionary
+    fields = embedding_model_fields(fields, kb)
     model_changed = "embedding_model" in fields and fields["embedding_model"] != kb.embedding_model
     for name, value in fields.items():
         setattr(kb, name, value)
@@ -184,11 +196,35 @@ def knowledge_base_update(*, user: User, knowledge_base: KnowledgeBase, allowed_
             kb.editor_groups.set(editor_group_ids)
         if model_changed:
             knowledge_base_reembed(knowledge_base=kb)
+        if fields.get("embedding_model_auto"):
+            embedding_model_auto_enabled(knowledge_base=kb)
         if rechunk:
             knowledge_base_rechunk(knowledge_base=kb)
         elif new_dictionary and not model_changed:
             index_rebuild_enqueue(kb.pk)
     return kb
+
+
+def embedding_model_fields(fields: dict[str, Any], kb: KnowledgeBase | None) -> dict[str, Any]:
+    """`embedding_model` as given by an editor: `auto` (choose by the documents' language), a catalog key
+    (explicit: the automatic choice is off for good, until an editor asks for `auto` again), or absent (a new
+    base gets EMBEDDING_DEFAULT_MODEL; an update leaves the model alone)."""
+    fields = dict(fields)
+    if "embedding_model" not in fields:
+        if kb is None and not default_model_auto():
+            fields["embedding_choice"] = {"by": BY_SETTING, "model": default_model_key(), "at": timezone.now().isoformat()}
+            fields["embedding_model_auto"] = False
+        return fields
+    if fields["embedding_model"] == MODEL_AUTO:
+        del fields["embedding_model"]
+        if kb is None or not kb.embedding_model_auto:
+            fields["embedding_model_auto"], fields["embedding_choice"] = True, {}
+        return fields
+    if kb is None or kb.embedding_model_auto or fields["embedding_model"] != kb.embedding_model:
+        fields["embedding_model_auto"] = False
+        fields["embedding_choice"] = {"by": BY_EDITOR, "model": fields["embedding_model"],
+                                      "at": timezone.now().isoformat()}
+    return fields
 
 
 def knowledge_base_reembed(*, knowledge_base: KnowledgeBase) -> None:
@@ -592,6 +628,7 @@ class _Prepared:
     parsed: ParsedDocument | None = None
     specs: list[ChunkSpec] = field(default_factory=list)
     error: tuple[str, str] | None = None
+    mix: LanguageMix | None = None  # of the parsed text: the automatic model choice reads it
 
 
 def _fingerprint(sha: str, kb: KnowledgeBase, model_id: str) -> str:
@@ -677,7 +714,7 @@ def documents_ingest(*, document_ids: Sequence[int], force: bool = False, rebuil
 def _ingest_batch(ids: list[int], force: bool, raise_transient: bool) -> list[IngestOutcome]:
     documents = {d.pk: d for d in Document.objects.select_related("knowledge_base").filter(pk__in=ids)}
     outcomes: dict[int, IngestOutcome] = {}
-    prepared: list[tuple[_Prepared, BaseEmbedder]] = []
+    items: list[_Prepared] = []
     models: dict[str, BaseEmbedder] = {}  # each knowledge base's own model
     for document_id in ids:
         document = documents.get(document_id)
@@ -690,14 +727,33 @@ def _ingest_batch(ids: list[int], force: bool, raise_transient: bool) -> list[In
             outcomes[document_id] = IngestOutcome(document_id, document.knowledge_base_id, "unchanged",
                                                   name=str(document))
         else:
-            prepared.append((item, model))
-    Document.objects.filter(pk__in=[p.document.pk for p, _ in prepared], status__in=["pending", "ready", "failed"]
+            items.append(item)
+    Document.objects.filter(pk__in=[p.document.pk for p in items], status__in=["pending", "ready", "failed"]
                             ).update(status=Document.Status.PROCESSING)
+    for item in items:
+        if item.error is None:
+            _parse(item)
+    # The model is settled after parsing and before chunking (chunks are sized in its tokens): an automatic
+    # base's first documents choose it by their language, so they are embedded once, with the right model.
+    prepared: list[tuple[_Prepared, BaseEmbedder]] = []
+    for kb_id in dict.fromkeys(item.document.knowledge_base_id for item in items):
+        mine = [item for item in items if item.document.knowledge_base_id == kb_id]
+        for item in mine:
+            if item.parsed is not None:
+                item.mix = language_mix(item.parsed.text)
+        key = embedding_model_resolve(knowledge_base_id=kb_id, incoming=[
+            (item.document.pk, item.mix) for item in mine if item.mix is not None])
+        for item in mine:
+            kb = item.document.knowledge_base
+            kb.embedding_model = key
+            model = models.get(key) or models.setdefault(key, embedder_for_kb(kb))
+            item.fingerprint = _fingerprint(item.sha256, kb, model.model_id) if item.fingerprint else ""
+            prepared.append((item, model))
     # The chunker measures a block, then the chunks cut from it: often the same text twice.
     counters = {id(model): functools.lru_cache(maxsize=16384)(model.count_tokens) for model in models.values()}
     for item, model in prepared:
         if item.error is None:
-            _parse_and_chunk(item, counters[id(model)])
+            _chunk(item, counters[id(model)])
 
     # One encode per model over all its documents' chunks: large batches, each text encoded once.
     item_vectors: dict[int, Any] = {}
@@ -737,15 +793,21 @@ def _prepare(document: Document, model, force: bool, raise_transient: bool) -> _
     return _Prepared(document, document.version, sha, len(data), fingerprint, data=data)
 
 
-def _parse_and_chunk(item: _Prepared, count_tokens: Callable[[str], int]) -> None:
-    kb = item.document.knowledge_base
+def _parse(item: _Prepared) -> None:
     try:
         item.parsed = parse(item.data, filename=_source_filename(item.document), limits=parse_limits())
+    except IngestError as exc:
+        item.parsed, item.error = None, (exc.code, exc.message)
+    item.data = b""  # the bytes can be large; only the parsed text is kept
+
+
+def _chunk(item: _Prepared, count_tokens: Callable[[str], int]) -> None:
+    kb = item.document.knowledge_base
+    try:
         item.specs = chunk_document(item.parsed, count_tokens=count_tokens, chunk_tokens=kb.chunk_tokens,
                                     overlap_tokens=kb.chunk_overlap, title=item.document.title or None)
     except IngestError as exc:
         item.parsed, item.error = None, (exc.code, exc.message)
-    item.data = b""  # the bytes can be large; only the parsed text is kept
 
 
 def _write(item: _Prepared, vectors, model_id: str, encoded: int) -> IngestOutcome:
@@ -784,6 +846,8 @@ def _write(item: _Prepared, vectors, model_id: str, encoded: int) -> IngestOutco
     document.status, document.error_code, document.error_message = Document.Status.READY, "", ""
     document.ingest_attempts = 0
     document.text, document.detected_type, document.page_count = parsed.text, parsed.type, parsed.page_count
+    mix = item.mix or language_mix(parsed.text)
+    document.lang_tokens, document.lang_cjk_tokens = mix.tokens, mix.cjk
     document.ingest_fingerprint = item.fingerprint
     if not document.title:
         document.title = (parsed.title or name)[:300]

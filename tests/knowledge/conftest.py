@@ -62,6 +62,9 @@ def make_kb(user):
     from apps.knowledge.models import KnowledgeBase
 
     def make(slug="kb", *, owner=user, public=False, groups=(), **fields):
+        # A fixed model unless a test asks for the automatic choice (test_kb_model_choice.py): what most tests
+        # check does not depend on the model, and they should not re-embed when their text is Chinese.
+        fields.setdefault("embedding_model_auto", False)
         kb = KnowledgeBase.objects.create(slug=slug, name=slug.replace("-", " ").title(), owner=owner,
                                           is_public=public, **fields)
         if groups:
