@@ -35,13 +35,15 @@ BY_SETTING = "setting"
 _BACKFILL_BATCH = 200
 
 
-def knowledge_base_language(*, knowledge_base: KnowledgeBase, exclude_document_ids: Sequence[int] = ()
-                            ) -> tuple[LanguageMix, int]:
-    """(summed language mix, document count) of the base's live ready documents. Documents never measured
-    (ingested before the counts existed) are measured from their stored text first."""
+def knowledge_base_language(*, knowledge_base: KnowledgeBase, exclude_document_ids: Sequence[int] = (),
+                            measure: bool = True) -> tuple[LanguageMix, int]:
+    """(summed language mix, document count) of the base's live ready documents. With `measure`, documents
+    never measured (ingested before the counts existed) are measured from their stored text first; without,
+    they count as nothing (under the base's row lock: writing documents there could deadlock with an ingest
+    that holds its document's row and waits for the base's)."""
     live = Document.objects.filter(knowledge_base=knowledge_base, deleted_at__isnull=True,
                                    status=Document.Status.READY).exclude(pk__in=list(exclude_document_ids))
-    unmeasured = list(live.filter(lang_tokens__isnull=True).values_list("pk", flat=True))
+    unmeasured = list(live.filter(lang_tokens__isnull=True).values_list("pk", flat=True)) if measure else []
     for start in range(0, len(unmeasured), _BACKFILL_BATCH):
         for pk, text in Document.objects.filter(pk__in=unmeasured[start:start + _BACKFILL_BATCH]).values_list(
                 "pk", "text"):
@@ -68,10 +70,9 @@ def embedding_model_resolve(*, knowledge_base_id: int, incoming: Sequence[tuple[
         return kb.embedding_model
     batch = sum((mix for _, mix in incoming), LanguageMix())
     ids = [doc_id for doc_id, _ in incoming]
-    if kb.embedding_choice.get("by") == BY_LANGUAGE:  # decided English: switch only on clear evidence
-        stored, _ = knowledge_base_language(knowledge_base=kb, exclude_document_ids=ids)
-        if _wanted(kb, stored + batch) == kb.embedding_model:
-            return kb.embedding_model  # the common case, without taking the row lock
+    stored, _ = knowledge_base_language(knowledge_base=kb, exclude_document_ids=ids)  # measures what is not yet
+    if kb.embedding_choice.get("by") == BY_LANGUAGE and _wanted(kb, stored + batch) == kb.embedding_model:
+        return kb.embedding_model  # decided English and staying so: the common case, without the row lock
     with transaction.atomic():
         # Decide under the base's row lock: concurrent ingests of one bulk upload queue here, the first
         # decides, the others read its decision (the lock is a write, so it also serialises SQLite).
@@ -79,7 +80,7 @@ def embedding_model_resolve(*, knowledge_base_id: int, incoming: Sequence[tuple[
         kb = KnowledgeBase.objects.get(pk=knowledge_base_id)
         if not kb.embedding_model_auto:
             return kb.embedding_model
-        stored, documents = knowledge_base_language(knowledge_base=kb, exclude_document_ids=ids)
+        stored, documents = knowledge_base_language(knowledge_base=kb, exclude_document_ids=ids, measure=False)
         mix = stored + batch
         wanted = _wanted(kb, mix)
         if wanted == kb.embedding_model and kb.embedding_choice.get("by") == BY_LANGUAGE:

@@ -308,3 +308,24 @@ def test_the_admin_shows_the_choice_and_offers_automatic(editor, admin_client):
     assert 'value="auto" selected' in page and "so the multilingual model" in page
     listing = admin_client.get("/admin/knowledge/knowledgebase/").content.decode()
     assert MODEL_E5 in listing and "automatic" in listing
+
+
+def test_turning_automatic_on_measures_documents_from_before_and_switches(editor, make_kb, load_docs,
+                                                                           django_capture_on_commit_callbacks):
+    """A base from before the automatic choice (explicit MiniLM, documents never measured) that an editor sets
+    to automatic: its stored text is measured, the Chinese base switches and is re-embedded."""
+    kb = make_kb("legacy", owner=editor, embedding_model=MODEL_MINILM)
+    load_docs(kb, {"leave.md": LEAVE_ZH, "refund.md": REFUND_ZH})
+    Document.objects.filter(knowledge_base=kb).update(lang_tokens=None, lang_cjk_tokens=0)  # as migrated
+    v1 = IndexVersion.objects.get(knowledge_base=kb, status="active")
+    assert v1.embedding_key == MODEL_MINILM
+    with django_capture_on_commit_callbacks(execute=True):
+        services.knowledge_base_update(user=editor, knowledge_base=kb, embedding_model="auto")
+    kb.refresh_from_db()
+    assert kb.embedding_model_auto and kb.embedding_model == MODEL_E5
+    assert kb.embedding_choice["switched_from"] == MODEL_MINILM and kb.embedding_choice["documents"] == 2
+    assert all(d.lang_tokens and d.lang_cjk_tokens for d in Document.objects.filter(knowledge_base=kb))
+    v2 = IndexVersion.objects.get(knowledge_base=kb, status="active")
+    assert v2.version > v1.version and v2.embedding_key == MODEL_E5
+    assert {c.embedding_model for c in _live_chunks(kb)} == {embedder(MODEL_E5).model_id}
+    _assert_every_version_has_one_models_vectors(kb)
