@@ -89,7 +89,13 @@ def _assert_every_version_has_one_models_vectors(kb):
     model's encoding of the chunk's text (so a chunk embedded with another model would show)."""
     versions = list(IndexVersion.objects.filter(knowledge_base=kb).exclude(status="failed").order_by("version"))
     assert versions
-    texts = dict(Chunk.objects.filter(document__knowledge_base=kb).values_list("pk", "text"))
+    try:  # what the encoder embeds for a chunk: its search context and text where the chunker says so
+        from apps.knowledge.rag.chunker import indexed_text
+    except ImportError:
+        def indexed_text(text, context):
+            return text
+    texts = {pk: indexed_text(text, context) for pk, text, context in
+             Chunk.objects.filter(document__knowledge_base=kb).values_list("pk", "text", "search_context")}
     for version in versions:
         bundle = IndexBundle.load(version.artifact_path)
         assert bundle.embedding["model_id"] == version.embedding_model
