@@ -25,6 +25,16 @@ def default_embedding_model_auto() -> bool:
     return default_model_auto()
 
 
+def default_embedding_choice() -> dict:
+    """Undecided for an automatic base; else the model came from EMBEDDING_DEFAULT_MODEL."""
+    from django.utils import timezone
+
+    from .embeddings import default_model_auto, default_model_key
+
+    return {} if default_model_auto() else {"by": "setting", "model": default_model_key(),
+                                            "at": timezone.now().isoformat()}
+
+
 class KnowledgeBase(models.Model):
     class Fusion(models.TextChoices):
         RRF = "rrf", _("Reciprocal rank fusion")
@@ -58,8 +68,8 @@ class KnowledgeBase(models.Model):
                                                            "model when they hold a meaningful share of Chinese."))
     # Why `embedding_model` is what it is: {"by": "language", "model", "tokens", "cjk_tokens", "cjk_share",
     # "documents", "at", "switched_from"?} or {"by": "editor" | "setting", "at"}; empty: not decided yet.
-    embedding_choice = models.JSONField(verbose_name=_("embedding model choice"), default=dict, blank=True,
-                                        editable=False)
+    embedding_choice = models.JSONField(verbose_name=_("embedding model choice"), default=default_embedding_choice,
+                                        blank=True, editable=False)
 
     # Chunking: sized in the embedding model's tokens (all-MiniLM-L6-v2 reads at most 254).
     chunk_tokens = models.PositiveSmallIntegerField(verbose_name=_("chunk tokens"), default=200, validators=[MinValueValidator(32),

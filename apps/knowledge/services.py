@@ -36,8 +36,6 @@ from apps.core.events import publish_on_commit
 from . import selectors
 from .embeddings import (
     MODEL_AUTO,
-    default_model_auto,
-    default_model_key,
     embedder_for_kb,
     model_catalog,
     vector_from_bytes,
@@ -45,7 +43,7 @@ from .embeddings import (
     vectors_for,
 )
 from .metrics import documents_ingested_total, index_build_seconds, index_builds_total
-from .model_choice import BY_EDITOR, BY_SETTING, embedding_model_auto_enabled, embedding_model_resolve
+from .model_choice import BY_EDITOR, embedding_model_auto_enabled, embedding_model_resolve
 from .models import Chunk, Document, IndexVersion, KnowledgeBase
 from .rag.analyzer import Analyzer, get_analyzer, parse_user_dictionary
 from .rag.chunker import ChunkSpec, chunk_document, content_hash, indexed_text
@@ -211,10 +209,7 @@ def embedding_model_fields(fields: dict[str, Any], kb: KnowledgeBase | None) -> 
     base gets EMBEDDING_DEFAULT_MODEL; an update leaves the model alone)."""
     fields = dict(fields)
     if "embedding_model" not in fields:
-        if kb is None and not default_model_auto():
-            fields["embedding_choice"] = {"by": BY_SETTING, "model": default_model_key(), "at": timezone.now().isoformat()}
-            fields["embedding_model_auto"] = False
-        return fields
+        return fields  # the model's defaults: automatic, or EMBEDDING_DEFAULT_MODEL (`by: setting`)
     if fields["embedding_model"] == MODEL_AUTO:
         del fields["embedding_model"]
         if kb is None or not kb.embedding_model_auto:

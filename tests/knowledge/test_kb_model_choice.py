@@ -335,3 +335,16 @@ def test_turning_automatic_on_measures_documents_from_before_and_switches(editor
     assert v2.version > v1.version and v2.embedding_key == MODEL_E5
     assert {c.embedding_model for c in _live_chunks(kb)} == {embedder(MODEL_E5).model_id}
     _assert_every_version_has_one_models_vectors(kb)
+
+
+def test_a_concrete_default_model_setting_gives_every_new_base_that_model(editor, settings):
+    settings.EMBEDDING_DEFAULT_MODEL = MODEL_E5
+    kb = _auto_kb(editor)
+    scratch = KnowledgeBase.objects.create(slug="scratch", name="Scratch")  # as `evaluate` makes its bases
+    for base in (kb, scratch):
+        assert base.embedding_model == MODEL_E5 and not base.embedding_model_auto
+        assert base.embedding_choice["by"] == "setting"
+        assert embedding_choice_reason(base) == "Set by EMBEDDING_DEFAULT_MODEL when the base was created."
+    _upload(kb, editor, {"expenses.md": kb_files.MARKDOWN})
+    kb.refresh_from_db()
+    assert kb.embedding_model == MODEL_E5  # English documents do not move it

@@ -27,6 +27,11 @@ class Migration(migrations.Migration):
             model_name="knowledgebase", name="embedding_choice",
             field=models.JSONField(blank=True, default=dict, editable=False, verbose_name="embedding model choice"),
         ),
+        migrations.AlterField(
+            model_name="knowledgebase", name="embedding_choice",
+            field=models.JSONField(blank=True, default=apps.knowledge.models.default_embedding_choice, editable=False,
+                                   verbose_name="embedding model choice"),
+        ),
         migrations.AddField(
             model_name="document", name="lang_tokens",
             field=models.PositiveIntegerField(blank=True, editable=False, null=True, verbose_name="text tokens"),
