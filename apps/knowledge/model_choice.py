@@ -1,8 +1,8 @@
 """The automatic embedding model of a knowledge base: chosen by the language of its documents (issue 11).
 
 Measured (docs/benchmarks.md): multilingual-e5-small is not as good as all-MiniLM-L6-v2 on English everywhere
-(SciFact subset nDCG@10 0.853 vs 0.874), and MiniLM cannot read Chinese (Debian zh set dense hit@3 0.18 vs
-0.61). So a base created without a model (`embedding_model_auto`) gets one by its text:
+(SciFact subset nDCG@10 0.853 vs 0.874), and MiniLM cannot read Chinese (Debian zh set dense hit@3 0.19 vs
+0.58). So a base created without a model (`embedding_model_auto`) gets one by its text:
 
 - **before its first vectors**: ingestion parses a batch, then asks `embedding_model_resolve` with the batch's
   language mix (rag.language) before chunking and encoding; the first batch with enough text decides (under
