@@ -348,3 +348,40 @@ def test_a_concrete_default_model_setting_gives_every_new_base_that_model(editor
     _upload(kb, editor, {"expenses.md": kb_files.MARKDOWN})
     kb.refresh_from_db()
     assert kb.embedding_model == MODEL_E5  # English documents do not move it
+
+
+def test_the_admin_form_turns_the_automatic_choice_off_and_on(editor, admin_client, django_capture_on_commit_callbacks):
+    kb = _auto_kb(editor)
+    _upload(kb, editor, {"leave.md": LEAVE_ZH})
+    kb.refresh_from_db()
+
+    def post(model):
+        page = admin_client.get(f"/admin/knowledge/knowledgebase/{kb.pk}/change/")
+        form = page.context["adminform"].form
+        data = {name: form.initial.get(name, field.initial) for name, field in form.fields.items()}
+        data = {k: ("" if v is None else ([g.pk for g in v] if k.endswith("groups") else v)) for k, v in data.items()}
+        data["owner"] = editor.pk
+        for formset in page.context["inline_admin_formsets"]:
+            management = formset.formset.management_form
+            data.update({f"{management.prefix}-{k}": v for k, v in management.initial.items()})
+            for inline in formset.formset.forms:  # the index versions listed (read-only): their ids
+                data[inline.add_prefix("id")] = inline.instance.pk
+                data[inline.add_prefix("knowledge_base")] = kb.pk
+        data.update(embedding_model=model, use_reranker="on")
+        with django_capture_on_commit_callbacks(execute=True):
+            response = admin_client.post(f"/admin/knowledge/knowledgebase/{kb.pk}/change/", data)
+        assert response.status_code == 302, (response.context["adminform"].form.errors, response.context["errors"],
+                                             [f.formset.non_form_errors() for f in response.context["inline_admin_formsets"]])
+        kb.refresh_from_db()
+
+    assert kb.embedding_model == MODEL_E5 and kb.embedding_model_auto
+    post(MODEL_E5)  # the same model, picked explicitly: no re-embed, but the automatic choice is off
+    assert kb.embedding_model == MODEL_E5 and not kb.embedding_model_auto and kb.embedding_choice["by"] == "editor"
+    assert IndexVersion.objects.filter(knowledge_base=kb).count() == 1
+    post(MODEL_MINILM)  # another model: re-embedded in the background
+    assert kb.embedding_model == MODEL_MINILM and not kb.embedding_model_auto
+    assert IndexVersion.objects.get(knowledge_base=kb, status="active").embedding_key == MODEL_MINILM
+    post("auto")  # automatic again: the Chinese document decides at once, and the base switches back to e5
+    assert kb.embedding_model_auto and kb.embedding_model == MODEL_E5
+    assert kb.embedding_choice["switched_from"] == MODEL_MINILM
+    assert IndexVersion.objects.get(knowledge_base=kb, status="active").embedding_key == MODEL_E5
