@@ -15,6 +15,7 @@ from apps.knowledge import selectors, services
 from apps.knowledge.embeddings import MODEL_E5, MODEL_MINILM, embedder
 from apps.knowledge.model_choice import embedding_choice_reason, knowledge_base_language
 from apps.knowledge.models import Chunk, Document, IndexVersion, KnowledgeBase
+from apps.knowledge.rag.chunker import indexed_text
 from apps.knowledge.rag.index import IndexBundle
 
 from . import kb_files
@@ -89,12 +90,7 @@ def _assert_every_version_has_one_models_vectors(kb):
     model's encoding of the chunk's text (so a chunk embedded with another model would show)."""
     versions = list(IndexVersion.objects.filter(knowledge_base=kb).exclude(status="failed").order_by("version"))
     assert versions
-    try:  # what the encoder embeds for a chunk: its search context and text where the chunker says so
-        from apps.knowledge.rag.chunker import indexed_text
-    except ImportError:
-        def indexed_text(text, context):
-            return text
-    texts = {pk: indexed_text(text, context) for pk, text, context in
+    texts = {pk: indexed_text(text, context) for pk, text, context in  # what the encoder embeds for a chunk
              Chunk.objects.filter(document__knowledge_base=kb).values_list("pk", "text", "search_context")}
     for version in versions:
         bundle = IndexBundle.load(version.artifact_path)
