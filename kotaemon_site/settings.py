@@ -436,8 +436,13 @@ KNOWLEDGE_FETCH_TIMEOUT_SECONDS = env.float("KNOWLEDGE_FETCH_TIMEOUT_SECONDS", d
 # Ingests finishing within this window share one index rebuild (the later rebuild tasks find nothing to do).
 KNOWLEDGE_REBUILD_DELAY_SECONDS = env.float("KNOWLEDGE_REBUILD_DELAY_SECONDS", default=2.0)
 # --- Index maintenance (issue 13; docs/knowledge.md "Index maintenance") ---
-# While documents of a base are still being ingested its build waits, at most this long after the last one.
+# While documents of a base are still being ingested (a burst) its builds wait: a burst builds at most
+# KNOWLEDGE_BULK_MAX_VERSIONS versions (the last when its last document is done), the ones before spaced by
+# this wait, doubling (0: no waiting at all); a burst in which no document finished for
+# KNOWLEDGE_REBUILD_STALL_SECONDS has stalled (a stuck document) and is built at once.
 KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS = env.float("KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS", default=30.0)
+KNOWLEDGE_BULK_MAX_VERSIONS = env.int("KNOWLEDGE_BULK_MAX_VERSIONS", default=3)
+KNOWLEDGE_REBUILD_STALL_SECONDS = env.float("KNOWLEDGE_REBUILD_STALL_SECONDS", default=30.0)
 KNOWLEDGE_DENSE_COMPRESSION = env("KNOWLEDGE_DENSE_COMPRESSION", default="")  # "ivfpq": compressed large segments
 KNOWLEDGE_INDEX_MMAP = env.bool("KNOWLEDGE_INDEX_MMAP", default=False)  # memory-map flat/IVF codes and postings
 KNOWLEDGE_INDEX_MEMORY_BUDGET_MB = env.int("KNOWLEDGE_INDEX_MEMORY_BUDGET_MB", default=1536)  # 0: unlimited

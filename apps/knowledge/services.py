@@ -896,10 +896,11 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False,
     documents that changed or went away, and writes one new segment with the changed documents'
     chunks (plus, when `plan_merge` says so, one merged segment); only those chunks are read from
     the database. `force` writes every chunk anew (a full build). Without `force`, nothing is done
-    when every document is as the active version saw it, and the build waits (`deferred`) while
-    documents of the base are still being ingested, so a bulk upload builds once at its end: at
-    most once per KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS while it lasts. One build per knowledge base
-    runs at a time; a request arriving meanwhile makes the running build go round once more.
+    when every document is as the active version saw it, and while documents of the base are still
+    being ingested the build waits (`deferred`, see `_rebuild_deferred`): a bulk upload of any size
+    builds at most KNOWLEDGE_BULK_MAX_VERSIONS versions. One build per knowledge base runs at a time
+    in the cluster; a request arriving meanwhile makes the running build go round once more, unless
+    the burst it belongs to is still being ingested (its last document asks again).
     """
     kb = KnowledgeBase.objects.filter(pk=knowledge_base_id, deleted_at__isnull=True).first()
     if kb is None:
@@ -907,18 +908,25 @@ def index_rebuild(*, knowledge_base_id: int, force: bool = False,
     if not force and _rebuild_deferred(kb):
         return IndexBuildResult(kb.pk, "deferred")
     lock = _BuildLock(kb.pk)
+    # Ask first, then try to build: a holder looks at the flag after letting go of the lock, so a request
+    # whose acquire fails is always seen by the holder (or by whoever takes the lock next).
+    lock.mark_dirty()
     if not lock.acquire():
-        lock.mark_dirty()
         return IndexBuildResult(kb.pk, "queued")
+    built = None
     try:
-        built = None
         while True:
             lock.clear_dirty()
             result = _index_build(kb.pk, force=force, on_progress=on_progress)
             built = result if result.status == "built" or built is None else built
-            if not lock.dirty():
-                return built
             force = False
+            if not lock.dirty():
+                lock.release()
+                if not lock.dirty() or not lock.acquire():
+                    return built
+            if _rebuild_deferred(kb):  # a burst still being ingested: its last document asks again
+                lock.clear_dirty()
+                return built
     finally:
         lock.release()
 
@@ -975,37 +983,65 @@ class _BuildLock:
             pass
 
 
-def _rebuild_deferred(kb: KnowledgeBase) -> bool:
-    """True while documents of the base are pending or processing and the last activation (or the start of
-    the burst) is younger than KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS. Each finishing ingest asks for a build, so
-    the last one of a burst builds; with a real broker a build is also scheduled for when the wait is over,
-    so a lost or stuck document delays the others' visibility by the wait at most."""
+def _rebuild_deferred(kb: KnowledgeBase, *, now=None) -> bool:
+    """Whether a build of `kb` waits because documents of the base are still being ingested.
+
+    A burst lasts while documents of the base are pending or processing; it started at the oldest such
+    document's last change (the upload). While it makes progress (a document of the base finished less
+    than KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS ago), versions are built during it only while fewer than
+    KNOWLEDGE_BULK_MAX_VERSIONS - 1 were, no build is in flight, and the newest version (or the burst's
+    start) is older than the wait times 2**(versions built in the burst); the finish of its last document
+    builds the final one. So a bulk upload makes at most KNOWLEDGE_BULK_MAX_VERSIONS versions whatever its
+    size and the machine's speed, and documents already ingested become searchable during a long one.
+    When ingestion stalls (no document of the base finished for KNOWLEDGE_REBUILD_STALL_SECONDS: a lost
+    task, a stuck or a very long document) the build is not deferred, so a stuck document hides the others
+    that long at most (one extra version per stall). A stream of separate uploads that never lets the base go idle gets at
+    most one version per wait. With a real broker a check is scheduled for when a deferred build is due,
+    so a burst whose last document never finishes is built all the same."""
+    from django.db.models import Max, Min
+
     wait = settings.KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS
     if wait <= 0:
         return False
-    busy = Document.objects.filter(knowledge_base=kb, deleted_at__isnull=True,
-                                   status__in=[Document.Status.PENDING, Document.Status.PROCESSING])
-    oldest = busy.order_by("updated_at").values_list("updated_at", flat=True).first()
-    if oldest is None:
+    now = now or timezone.now()
+    documents = Document.objects.filter(knowledge_base=kb, deleted_at__isnull=True)
+    started = documents.filter(status__in=[Document.Status.PENDING, Document.Status.PROCESSING]).aggregate(
+        at=Min("updated_at"))["at"]
+    if started is None:
         return False
-    activated = (IndexVersion.objects.filter(knowledge_base=kb, status=IndexVersion.Status.ACTIVE)
-                 .values_list("activated_at", flat=True).first())
-    since = max(t for t in (oldest, activated) if t is not None)
-    remaining = wait - (timezone.now() - since).total_seconds()
-    if remaining <= 0:
+    finished = documents.aggregate(at=Max("ingested_at"))["at"]
+    stalls_at = max(started, finished or started) + timedelta(seconds=settings.KNOWLEDGE_REBUILD_STALL_SECONDS)
+    if now >= stalls_at:
         return False
+    versions = IndexVersion.objects.filter(knowledge_base=kb)
+    in_burst = versions.filter(created_at__gte=started).count()
+    newest = versions.aggregate(at=Max("created_at"))["at"]
+    in_flight = versions.filter(status=IndexVersion.Status.BUILDING,
+                                created_at__gte=now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT)).exists()
+    due = None
+    if in_burst < settings.KNOWLEDGE_BULK_MAX_VERSIONS - 1:
+        due = max(started, newest or started) + timedelta(seconds=wait * 2 ** in_burst)
+        if now >= due and not in_flight:
+            return False
+    _schedule_deferred_check(kb.pk, min(t for t in (due, stalls_at) if t is not None) - now)
+    return True
+
+
+def _schedule_deferred_check(kb_id: int, delay: timedelta) -> None:
+    """With a real broker, one delayed build request per base at a time (eager tasks cannot wait)."""
     from django.core.cache import cache
 
     from kotaemon_site.celery import app
 
-    if not app.conf.task_always_eager:
-        try:
-            first = cache.add(f"knowledge:build-deferred:{kb.pk}", 1, timeout=max(1, int(remaining)))
-        except Exception:
-            first = True
-        if first:
-            _tasks().rebuild_index.apply_async(args=[kb.pk], countdown=remaining + 0.5)
-    return True
+    if app.conf.task_always_eager:
+        return
+    seconds = max(1.0, delay.total_seconds())
+    try:
+        first = cache.add(f"knowledge:build-deferred:{kb_id}", 1, timeout=max(1, int(seconds)))
+    except Exception:
+        first = True
+    if first:
+        _tasks().rebuild_index.apply_async(args=[kb_id], countdown=seconds + 0.5)
 
 
 _BUILD_BATCH = 4096

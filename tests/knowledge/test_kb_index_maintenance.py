@@ -45,6 +45,84 @@ def test_a_60_file_upload_in_one_request_builds_at_most_3_versions(client, user,
     assert "CODE042" in hit.text
 
 
+@pytest.mark.django_db(transaction=True)  # commits for real: each ingest asks for its build as it finishes
+def test_a_bulk_upload_builds_a_bounded_number_of_versions_however_slow_the_ingest(user, make_kb, settings):
+    """The bound is a count, not a time window: with a wait far shorter than the upload takes (as on a slow
+    machine, or for a very large upload) the base still gets KNOWLEDGE_BULK_MAX_VERSIONS versions, the early
+    ones serving the documents ingested so far, the last one all of them."""
+    settings.KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS = 0.25
+    settings.KNOWLEDGE_BULK_MAX_VERSIONS = 3
+    settings.KNOWLEDGE_REBUILD_STALL_SECONDS = 60  # a loaded machine pausing the test is not a stuck document
+    kb = make_kb()
+    files = [SimpleUploadedFile(f"note-{i:02d}.md", note(i)) for i in range(60)]
+    started = time.monotonic()
+    services.documents_upload(knowledge_base=kb, user=user, files=files)
+    # The upload lasted several waits: a build per wait would have made more than 3 versions.
+    assert time.monotonic() - started > 4 * settings.KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS
+    versions = list(IndexVersion.objects.filter(knowledge_base=kb).order_by("version")
+                    .values_list("status", "document_count"))
+    assert len(versions) == 3, versions
+    assert versions[0][1] < versions[1][1] < 60 and versions[-1] == ("active", 60)
+    assert "CODE059" in chunks_retrieve(user=user, query="CODE059", knowledge_bases=[kb.pk], mode="bm25")[0].text
+
+
+def _shift_back(kb, seconds: float) -> None:
+    """Moves the base's clock marks into the past: as if `seconds` had gone by without anything happening."""
+    from django.db.models import F
+
+    delta = timedelta(seconds=seconds)
+    Document.objects.filter(knowledge_base=kb).update(updated_at=F("updated_at") - delta)
+    Document.objects.filter(knowledge_base=kb, ingested_at__isnull=False).update(ingested_at=F("ingested_at") - delta)
+    IndexVersion.objects.filter(knowledge_base=kb).update(created_at=F("created_at") - delta)
+
+
+def test_a_stuck_document_delays_the_others_only_until_ingestion_stalls(make_kb, load_docs, user, settings):
+    settings.KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS = 30
+    settings.KNOWLEDGE_REBUILD_STALL_SECONDS = 30
+    kb = make_kb()
+    load_docs(kb, {"n0.md": note(0)})
+    # A document that never finishes (its task was lost), and one uploaded after it that did.
+    services.document_import(knowledge_base=kb, user=user, name="stuck.md", data=note(9))
+    _shift_back(kb, 5)
+    fresh = services.document_import(knowledge_base=kb, user=user, name="n1.md", data=note(1)).document
+    services.documents_ingest(document_ids=[fresh.pk], rebuild=False)
+    assert services.index_rebuild(knowledge_base_id=kb.pk).status == "deferred"  # the burst is still going
+    _shift_back(kb, 31)  # no document of the base finished for longer than the wait: stalled
+    assert services.index_rebuild(knowledge_base_id=kb.pk).status == "built"
+    assert chunks_retrieve(user=user, query="CODE001", knowledge_bases=[kb.pk], mode="bm25")
+    assert Document.objects.get(knowledge_base=kb, source_name="stuck.md").status == "pending"
+
+
+def test_a_build_in_flight_or_a_spent_budget_defers_the_next_one_until_the_burst_ends(make_kb, user, settings):
+    settings.KNOWLEDGE_REBUILD_MAX_WAIT_SECONDS = 30
+    settings.KNOWLEDGE_BULK_MAX_VERSIONS = 2  # one version during the burst, one at its end
+    settings.KNOWLEDGE_REBUILD_STALL_SECONDS = 7200
+    kb = make_kb()
+    docs = [services.document_import(knowledge_base=kb, user=user, name=f"n{i}.md", data=note(i)).document
+            for i in range(4)]
+
+    def ingest(i: int) -> None:
+        services.documents_ingest(document_ids=[docs[i].pk], rebuild=False)
+
+    ingest(0)
+    assert services.index_rebuild(knowledge_base_id=kb.pk).status == "deferred"  # the burst is younger than the wait
+    _shift_back(kb, 31)
+    ingest(1)
+    in_flight = IndexVersion.objects.create(knowledge_base=kb, version=99, status=IndexVersion.Status.BUILDING)
+    IndexVersion.objects.filter(pk=in_flight.pk).update(created_at=timezone.now() - timedelta(seconds=40))
+    assert services.index_rebuild(knowledge_base_id=kb.pk).status == "deferred"  # a build is in flight
+    in_flight.delete()
+    first = services.index_rebuild(knowledge_base_id=kb.pk)
+    assert first.status == "built" and first.document_count == 2  # due: what is ready so far
+    _shift_back(kb, 3600)
+    ingest(2)
+    assert services.index_rebuild(knowledge_base_id=kb.pk).status == "deferred"  # long due, but the budget is spent
+    ingest(3)
+    last = services.index_rebuild(knowledge_base_id=kb.pk)  # the burst is over: the final build
+    assert last.status == "built" and last.document_count == 4
+    assert IndexVersion.objects.filter(knowledge_base=kb).count() == 2
+
+
 def test_adding_changing_and_deleting_documents_writes_only_their_chunks(make_kb, load_docs, user):
     kb = make_kb()
     _, first = load_docs(kb, {f"n{i}.md": note(i) for i in range(5)})
