@@ -1131,7 +1131,8 @@ def _index_build(kb_id: int, *, force: bool, on_progress: Callable[[int], None] 
             on_progress(n)
 
     try:
-        stamps = {d: stamp for d, stamp in seen.items() if d in live and d not in set(changed)}
+        changed_set = set(changed)
+        stamps = {d: stamp for d, stamp in seen.items() if d in live and d not in changed_set}
         segments: list[ViewSegment] = []
         if merge:
             group = [s for s in kept if s["name"] in merge]
