@@ -110,7 +110,7 @@ def _on_rejected(message=None, **_kwargs) -> None:
     celery_tasks_total.labels(str(headers.get("task", "unknown")), "rejected").inc()
 
 
-def _on_worker_init(sender=None, **_kwargs) -> None:
+def _on_worker_init(sender=None, **_kwargs):
     """Serve the worker's metrics on WORKER_METRICS_PORT (Prometheus scrapes workers like instances).
 
     Prefork children record into their own memory: set PROMETHEUS_MULTIPROC_DIR (an empty directory,
@@ -122,7 +122,9 @@ def _on_worker_init(sender=None, **_kwargs) -> None:
     port = int(getattr(settings, "WORKER_METRICS_PORT", 0) or 0)
     if not port:
         return
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
+
+    from .scrape import serve_metrics
 
     registry = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -130,8 +132,10 @@ def _on_worker_init(sender=None, **_kwargs) -> None:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    start_http_server(port, addr=getattr(settings, "WORKER_METRICS_ADDR", "0.0.0.0"), registry=registry)
+    # The same scrape rule as the web /metrics (METRICS_TOKEN; closed by default in production).
+    server = serve_metrics(port, getattr(settings, "WORKER_METRICS_ADDR", "0.0.0.0"), registry)
     logger.info("worker metrics on port %s", port, extra={"multiprocess": registry is not REGISTRY})
+    return server
 
 
 def _on_worker_process_shutdown(pid=None, **_kwargs) -> None:

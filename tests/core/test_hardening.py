@@ -115,6 +115,47 @@ def test_metrics_denied_without_a_token_under_production_defaults(client, settin
     assert client.get("/metrics", HTTP_AUTHORIZATION=f"Bearer {settings.METRICS_TOKEN}").status_code == 200
 
 
+@pytest.fixture
+def worker_metrics(settings):
+    """The Celery worker's metrics endpoint, started the way worker_init starts it."""
+    from apps.monitoring.celery_signals import _on_worker_init
+    from tests.helpers import free_port
+
+    settings.WORKER_METRICS_PORT = free_port()
+    settings.WORKER_METRICS_ADDR = "127.0.0.1"
+    server = _on_worker_init()
+    yield f"http://127.0.0.1:{settings.WORKER_METRICS_PORT}/metrics"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.django_db
+def test_worker_metrics_endpoint_follows_the_same_token_rule(client, settings, worker_metrics):
+    import httpx
+
+    def both(**headers):
+        web = client.get("/metrics", **{f"HTTP_{k.upper()}": v for k, v in headers.items()})
+        worker = httpx.get(worker_metrics, headers=headers, timeout=10)
+        return web, worker
+
+    settings.METRICS_TOKEN = ""
+    settings.METRICS_PUBLIC = False
+    for response in both():
+        assert response.status_code == 403
+        assert response.json()["error"]["code"] == "metrics_token_not_configured"
+    settings.METRICS_TOKEN = "scrape-" + "w" * 24
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": settings.METRICS_TOKEN}):
+        for response in both(**headers):
+            assert response.status_code == 401 and response.headers["WWW-Authenticate"] == 'Bearer realm="metrics"'
+            assert response.json()["error"]["code"] == "metrics_token_required"
+    web, worker = both(Authorization=f"Bearer {settings.METRICS_TOKEN}")
+    assert web.status_code == worker.status_code == 200
+    assert "kotaemon_http_requests_total" in worker.text and settings.METRICS_TOKEN not in worker.text
+    settings.METRICS_TOKEN = ""
+    settings.METRICS_PUBLIC = True   # development: open on both
+    assert [r.status_code for r in both()] == [200, 200]
+
+
 def test_production_settings_close_metrics_by_default():
     from tests.core.test_settings import probe_value
 
