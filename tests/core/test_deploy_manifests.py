@@ -167,7 +167,7 @@ def test_env_sources_exist_and_every_variable_is_read_by_settings():
         refs = {(k, v["name"]) for source in sources for k, v in source.items()}
         assert refs == {("configMapRef", "kotaemon-config"), ("secretRef", "kotaemon-secrets")}
         for var in container(deployment(name)).get("env", []):
-            assert settings_reads(var["name"]) or var["name"] == "OMP_NUM_THREADS"
+            assert settings_reads(var["name"]) or var["name"] in ("OMP_NUM_THREADS", "HOME")
 
 
 def test_web_and_workers_share_the_index_volume():
@@ -176,10 +176,32 @@ def test_web_and_workers_share_the_index_volume():
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
     for name in ("kotaemon-web", "kotaemon-worker"):
         spec = deployment(name)["spec"]["template"]["spec"]
-        volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]}
+        volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
+                   if "persistentVolumeClaim" in v}
         mounts = {m["name"]: m["mountPath"] for m in container(deployment(name))["volumeMounts"]}
         assert any(volumes.get(v) == "kotaemon-data" and config["INDEX_ROOT"].startswith(path)
                    for v, path in mounts.items()), name
+
+
+@pytest.mark.parametrize("name", ["kotaemon-web", "kotaemon-worker", "kotaemon-beat"])
+def test_pods_run_unprivileged_on_a_read_only_root(name):
+    spec = deployment(name)["spec"]["template"]["spec"]
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True and isinstance(pod["runAsUser"], int) and pod["runAsUser"] > 0
+    assert pod["runAsGroup"] > 0 and pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    box = container(deployment(name))["securityContext"]
+    assert box["allowPrivilegeEscalation"] is False and box["readOnlyRootFilesystem"] is True
+    assert box["capabilities"] == {"drop": ["ALL"]} and "add" not in box["capabilities"]
+    assert not box.get("privileged") and box.get("runAsUser", pod["runAsUser"]) > 0
+    # A read-only root needs somewhere to write: /tmp is an emptyDir, HOME points there (beat keeps its
+    # schedule file there too).
+    emptydirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    mounts = {m["mountPath"]: m["name"] for m in container(deployment(name))["volumeMounts"]}
+    assert mounts.get("/tmp") in emptydirs
+    env = {e["name"]: e.get("value") for e in container(deployment(name)).get("env", [])}
+    assert env.get("HOME") == "/tmp"
+    command = container(deployment(name))["command"]
+    assert all(not arg.startswith("/") or arg.startswith("/tmp/") for arg in command)
 
 
 def test_rolling_update_keeps_capacity():
