@@ -508,6 +508,10 @@ PLUGIN_CPU_SECONDS = env.int("PLUGIN_CPU_SECONDS", default=300)  # per worker li
 PLUGIN_MAX_FILE_MB = env.int("PLUGIN_MAX_FILE_MB", default=64)
 PLUGIN_SCRATCH_MB = env.int("PLUGIN_SCRATCH_MB", default=64)
 PLUGIN_MAX_PROCESSES = env.int("PLUGIN_MAX_PROCESSES", default=64)  # threads of one worker
+# When the web process runs as root, each sandbox worker runs as this host uid/gid (so RLIMIT_NPROC holds);
+# a non-root web process's workers run as that user. Plugin code and the runtime must be world-readable.
+PLUGIN_SANDBOX_UID = env.int("PLUGIN_SANDBOX_UID", default=65534)
+PLUGIN_SANDBOX_GID = env.int("PLUGIN_SANDBOX_GID", default=65534)
 # Intent router (tuned on tests/plugins/data/router_dev.json; see docs/plugins.md).
 PLUGIN_ROUTER_THRESHOLD = env.float("PLUGIN_ROUTER_THRESHOLD", default=0.40)
 PLUGIN_ROUTER_MARGIN = env.float("PLUGIN_ROUTER_MARGIN", default=0.03)

@@ -61,7 +61,11 @@ class RuntimeOptions:
     cpu_seconds: int = 300           # RLIMIT_CPU over a worker's life; recycled before it runs out
     file_size_mb: int = 64           # RLIMIT_FSIZE
     scratch_mb: int = 64             # size of the tmpfs scratch dir
-    max_processes: int = 64          # RLIMIT_NPROC (threads count; enforced when the web process is not root)
+    max_processes: int = 64          # RLIMIT_NPROC (threads count; see sandbox_uid)
+    # A root web process runs each sandbox worker as this host uid/gid (not as root behind a user namespace,
+    # where the kernel exempts it from RLIMIT_NPROC); None keeps root's identity (not recommended).
+    sandbox_uid: int | None = 65534
+    sandbox_gid: int | None = 65534
     max_open_files: int = 256
     on_spawn: Callable[[str], None] | None = field(default=None, compare=False, hash=False)
     on_violation: Callable[[str, str, str], None] | None = field(default=None, compare=False, hash=False)
@@ -212,28 +216,119 @@ def _system_binds() -> list[str]:
     return args
 
 
+def host_identity(options: RuntimeOptions) -> tuple[int, int] | None:
+    """The host uid/gid a sandbox worker is switched to: only when this process is root (a non-root web
+    process's workers are that unprivileged user already)."""
+    if options.sandbox != "bwrap" or options.sandbox_uid is None or os.geteuid() != 0:
+        return None
+    gid = options.sandbox_gid if options.sandbox_gid is not None else options.sandbox_uid
+    return int(options.sandbox_uid), int(gid)
+
+
+# Placeholders for the two set-up pipes of a root-started sandbox (see _start_sandbox).
+_INFO_FD, _BLOCK_FD = "{info-fd}", "{userns-block-fd}"
+
+
 def bwrap_argv(options: RuntimeOptions, binds: list[str], *, disable_userns: bool = True) -> list[str]:
+    drop = host_identity(options)
     argv = [bwrap_path() or "bwrap", "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
-            "--unshare-uts", "--unshare-cgroup-try", "--uid", "65534", "--gid", "65534", "--hostname", "plugin",
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv"]
-    if disable_userns:
-        argv.append("--disable-userns")
+            "--unshare-uts", "--unshare-cgroup-try", "--hostname", "plugin", "--die-with-parent", "--new-session",
+            "--clearenv"]
+    if drop is None:
+        # The calling (unprivileged) user is uid 65534 inside, and nobody else is mapped.
+        argv += ["--uid", "65534", "--gid", "65534", "--cap-drop", "ALL"]
+        if disable_userns:
+            argv.append("--disable-userns")
+    else:
+        # Root: bubblewrap sets the sandbox up as root of a new user namespace whose only other mapped
+        # identity is the host's sandbox uid/gid (the web process writes that map, _start_sandbox); the
+        # worker's trusted bootstrap switches to it before any plugin or site-packages code runs, which
+        # clears every capability. Further user namespaces are refused by seccomp (bubblewrap's
+        # --disable-userns cannot be combined with an externally written map).
+        argv += ["--uid", "0", "--gid", "0", "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add",
+                 "CAP_SETGID", "--cap-add", "CAP_CHOWN", "--info-fd", _INFO_FD, "--userns-block-fd", _BLOCK_FD]
     for key, value in {"PATH": "/nonexistent", "HOME": SCRATCH, "TMPDIR": SCRATCH, **_BASE_ENV}.items():
         argv += ["--setenv", key, value]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(options.scratch_mb * 1024 * 1024), "--tmpfs", SCRATCH]
-    argv += _system_binds()
+    # A fresh /proc for the pid namespace, mounted read-only: no writes to /proc/self/mem, clear_refs
+    # (which would reset the peak figures the web process reads), oom_score_adj, attr...
+    argv += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev",
+             "--size", str(options.scratch_mb * 1024 * 1024), "--tmpfs", SCRATCH]
+    mounts = list(_system_binds())
     for path in _contract_files():
         if path.exists():
-            argv += ["--ro-bind", str(path), str(path)]
+            mounts += ["--ro-bind", str(path), str(path)]
     for path in site_dirs() + [os.path.realpath(p) for p in options.sys_path if os.path.exists(p)]:
-        argv += ["--ro-bind", path, path]
+        mounts += ["--ro-bind", path, path]
     for path in dict.fromkeys(binds):
         if os.path.exists(path):
-            argv += ["--ro-bind", path, path]
+            mounts += ["--ro-bind", path, path]
+    if drop is not None:
+        # bubblewrap creates missing parents of mount points 0700 and owned by the set-up user: the
+        # worker's uid could not walk them. Create each one world-traversable first.
+        parents: dict[str, None] = {}
+        for i, arg in enumerate(mounts):
+            if arg == "--ro-bind":
+                parent = os.path.dirname(mounts[i + 2])
+                chain = []
+                while parent not in ("/", ""):
+                    chain.append(parent)
+                    parent = os.path.dirname(parent)
+                parents.update(dict.fromkeys(reversed(chain)))
+        for parent in sorted(parents, key=lambda d: d.count("/")):
+            argv += ["--perms", "0755", "--dir", parent]
+    argv += mounts
     # The sandbox's root (bubblewrap's own tmpfs holding the mount points) read-only: the scratch dir is
     # the one writable place.
     argv += ["--remount-ro", "/", "--chdir", SCRATCH, "--"]
     return argv
+
+
+def _start_sandbox(argv: list[str], options: RuntimeOptions, *, spawn: Callable[..., subprocess.Popen],
+                   timeout: float = 30.0, **kwargs: Any) -> subprocess.Popen:
+    """Start bubblewrap. Started by root, it blocks until this process has written the user namespace's
+    map: inside 0 = the host's root (the set-up user, never seen by plugin code) and the sandbox uid/gid
+    = the same host uid/gid, so the worker runs as that unprivileged host user."""
+    drop = host_identity(options)
+    if drop is None:
+        return spawn(argv, **kwargs)
+    info_r, info_w = os.pipe()
+    block_r, block_w = os.pipe()
+    argv = [str(info_w) if a == _INFO_FD else str(block_r) if a == _BLOCK_FD else a for a in argv]
+    try:
+        proc = spawn(argv, pass_fds=(info_w, block_r), **kwargs)
+    except BaseException:
+        for fd in (info_r, info_w, block_r, block_w):
+            os.close(fd)
+        raise
+    os.close(info_w)
+    os.close(block_r)
+    try:
+        import re
+
+        data, deadline = b"", time.monotonic() + timeout
+        # Read the whole report: closing the pipe while bubblewrap still writes to it kills bubblewrap (EPIPE).
+        while (match := re.search(rb'"child-pid":\s*(\d+)', data)) is None or not data.rstrip().endswith(b"}"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([info_r], [], [], remaining)[0]:
+                raise OSError("bubblewrap did not report its sandbox in time")
+            chunk = os.read(info_r, 4096)
+            if not chunk:
+                raise OSError("bubblewrap exited before its sandbox was set up")
+            data += chunk
+        child = int(match.group(1))
+        uid, gid = drop
+        for name, ident in (("uid_map", uid), ("gid_map", gid)):
+            with open(f"/proc/{child}/{name}", "w") as fh:
+                fh.write(f"0 0 1\n{ident} {ident} 1\n")
+        os.write(block_w, b"1")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        os.close(info_r)
+        os.close(block_w)
+    return proc
 
 
 def sandbox_problem(options: RuntimeOptions) -> str | None:
@@ -242,15 +337,22 @@ def sandbox_problem(options: RuntimeOptions) -> str | None:
     if exe is None:
         return ("bubblewrap (bwrap) is not installed: install the Debian package `bubblewrap`, or set "
                 "PLUGIN_SANDBOX=none to run untrusted plugins without OS isolation (unsafe)")
-    key = (exe, base_python(), options.scratch_mb)
+    key = (exe, base_python(), options.scratch_mb, host_identity(options))
     with _probe_lock:
         if key in _probes:
             return _probes[key]
         problem = None
+        drop = host_identity(options)
+        # Root-started: also prove the switch to the sandbox user works (and that it can read the runtime).
+        code = "print('ok')" if drop is None else (f"import os; os.setgroups([]); os.setresgid({drop[1]}, {drop[1]}, {drop[1]}); "
+                                                  f"os.setresuid({drop[0]}, {drop[0]}, {drop[0]}); import json; print('ok')")
         for disable_userns in (True, False):
-            argv = bwrap_argv(options, [], disable_userns=disable_userns) + [base_python(), "-I", "-S", "-c", "print('ok')"]
+            argv = bwrap_argv(options, [], disable_userns=disable_userns) + [base_python(), "-I", "-S", "-c", code]
             try:
-                done = subprocess.run(argv, capture_output=True, timeout=30, env={"PATH": os.defpath})
+                proc = _start_sandbox(argv, options, spawn=subprocess.Popen, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env={"PATH": os.defpath}, cwd="/")
+                out, err = proc.communicate(timeout=30)
+                done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 problem = f"bubblewrap could not start: {exc}"
                 continue
@@ -285,6 +387,8 @@ def exit_outcome(returncode: int | None, sandboxed: bool) -> tuple[str, str, str
         return _SIGNAL_OUTCOMES[signum]
     if returncode == 71:
         return ("denied", "sandbox_tampered", "the plugin tampered with its sandbox's protocol pipe")
+    if returncode == 72:
+        return ("error", "sandbox_setup_failed", "the worker could not switch to the unprivileged sandbox user")
     return ("error", "worker_crashed", f"the worker process exited (status {returncode})")
 
 
@@ -299,6 +403,8 @@ class WorkerProcess:
         self.options = options
         self.label = label
         self.cpu = 0.0
+        self.peak = 0                     # the address-space peak already judged (bytes)
+        self._worker_pid: int | None = None
         self.sandboxed = options.sandbox == "bwrap"
         if self.sandboxed:
             problem = sandbox_problem(options)
@@ -310,15 +416,21 @@ class WorkerProcess:
                 self.sandboxed = False
         self.tmp_dir = tempfile.mkdtemp(prefix="kotaemon-plugin-")
         if self.sandboxed:
-            userns = _probes.get(("userns", bwrap_path(), base_python(), options.scratch_mb)) is None
+            userns = _probes.get(("userns", bwrap_path(), base_python(), options.scratch_mb,
+                                  host_identity(options))) is None
             argv = bwrap_argv(options, list(binds), disable_userns=userns) + [base_python(), "-I", "-S", "-c", BOOT,
                                                                                     str(ROOT)]
             env, cwd = {"PATH": os.defpath}, "/"
         else:
             argv, env, cwd = [options.python, "-I", "-c", BOOT, str(ROOT)], _child_env(self.tmp_dir), self.tmp_dir
         try:
-            self.proc = _spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, cwd=cwd, env=env,
-                               close_fds=True)
+            if self.sandboxed:
+                self.proc = _start_sandbox(argv, options, spawn=_spawn, timeout=max(options.start_timeout, 30),
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, cwd=cwd,
+                                           env=env, close_fds=True)
+            else:
+                self.proc = _spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, cwd=cwd,
+                                   env=env, close_fds=True)
         except OSError as exc:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             raise WorkerLost("error", "worker_start_failed", f"could not start a plugin worker: {exc}") from None
@@ -327,6 +439,7 @@ class WorkerProcess:
                     sys_path=list(options.sys_path) + list(init.get("extra_sys_path") or []),
                     site_dirs=site_dirs() if self.sandboxed else [],
                     sandboxed=self.sandboxed, cpu_seconds=options.cpu_seconds, file_size_mb=options.file_size_mb,
+                    drop_to=list(host_identity(options) or ()) if self.sandboxed else [],
                     max_processes=options.max_processes if self.sandboxed else None,
                     max_open_files=options.max_open_files,
                     # A module's own byte-code cache is looked up beside it (not bound: the lookup just misses).
@@ -416,6 +529,8 @@ class WorkerProcess:
             if op == "done":
                 if isinstance(frame.get("cpu"), (int, float)):
                     self.cpu = float(frame["cpu"])
+                if self.limits_reached():
+                    frame = dict(frame, recycle=True)
                 if len(self.violations) > first:
                     # A refusal marks the whole call, even if the plugin caught the error and carried on.
                     denied = self.violations[first]
@@ -439,6 +554,105 @@ class WorkerProcess:
                 reply = {"op": "rpc_error", "outcome": "error", "code": "platform_error",
                          "message": "the platform could not serve this request"}
             self.send(reply)
+
+    # -- limits judged from outside ---------------------------------------------------------------
+    # A plugin can catch MemoryError, an EFBIG OSError or a failed thread start and carry on, and it can
+    # tamper with anything in its own process. After each call the web process therefore reads the
+    # kernel's own figures for the worker (its /proc status and its scratch tmpfs), which nothing inside
+    # the sandbox can lower or fake, and records a limit the worker ran into as a denial.
+
+    def worker_pid(self) -> int | None:
+        """The plugin interpreter's host pid: bubblewrap's monitor -> the namespace's pid 1 -> the worker."""
+        if self._worker_pid is None:
+            if not self.sandboxed:
+                self._worker_pid = self.pid
+            else:
+                pid = self.pid
+                for _ in range(2):
+                    try:
+                        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+                            children = fh.read().split()
+                    except OSError:
+                        return None
+                    if len(children) != 1:
+                        return None
+                    pid = int(children[0])
+                self._worker_pid = pid
+        return self._worker_pid
+
+    def limits_reached(self) -> bool:
+        pid = self.worker_pid()
+        if pid is None:
+            return False
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                fields = dict(line.split(":", 1) for line in fh if ":" in line)
+        except OSError:
+            return False
+        found: list[tuple[str, str]] = []
+        mb = 1024 * 1024
+        cap = self.options.memory_limit_mb * mb
+        peak = int(fields.get("VmPeak", "0 kB").split()[0]) * 1024
+        if cap and peak > self.peak and peak >= cap - max(cap // 8, 16 * mb):
+            found.append(("memory_limit", f"the worker's address space reached {peak // mb} MB of its "
+                                          f"{self.options.memory_limit_mb} MB limit"))
+        self.peak = max(self.peak, peak)
+        pending = int(fields.get("ShdPnd", "0"), 16)
+        threads = int(fields.get("Threads", "1") or 1)
+        task_files = [f"/proc/{pid}/status"]
+        if threads > 1:
+            try:
+                task_files = [f"/proc/{pid}/task/{t}/status" for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                pass
+        for path in task_files:
+            try:
+                with open(path) as fh:
+                    pending |= next((int(line.split()[1], 16) for line in fh if line.startswith("SigPnd:")), 0)
+            except (OSError, ValueError):
+                pass
+        if pending & (1 << (signal.SIGXFSZ - 1)):
+            found.append(("file_size_limit", "the plugin wrote past the file-size limit with SIGXFSZ blocked"))
+        if pending & (1 << (signal.SIGXCPU - 1)):
+            found.append(("cpu_limit", "the worker reached its CPU-time limit with SIGXCPU blocked"))
+        if self.sandboxed and self.options.max_processes and threads >= self.options.max_processes - 1:
+            found.append(("process_limit", f"the worker reached its limit of {self.options.max_processes} "
+                                           f"processes/threads ({threads})"))
+        found += self._scratch_limits(f"/proc/{pid}/root{SCRATCH}" if self.sandboxed else self.tmp_dir)
+        for code, message in found:
+            self.violation(code, message)
+        return bool(found)
+
+    def _scratch_limits(self, root: str) -> list[tuple[str, str]]:
+        """A file at the size cap (a write past it failed with EFBIG), or a full scratch tmpfs."""
+        try:
+            st = os.statvfs(root)
+        except OSError:
+            return []
+        found = []
+        cap = self.options.file_size_mb * 1024 * 1024
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        if cap and used >= cap - st.f_frsize:
+            stack, seen = [root], 0
+            while stack and seen < 512:          # bounded: the web process never walks an unbounded tree
+                try:
+                    entries = list(os.scandir(stack.pop()))
+                except OSError:
+                    continue
+                for entry in entries:
+                    seen += 1
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_size >= cap:
+                            found.append(("file_size_limit", f"a file in the scratch dir reached the "
+                                                             f"{self.options.file_size_mb} MB file-size limit"))
+                            return found
+                    except OSError:
+                        continue
+        if self.sandboxed and st.f_blocks and st.f_bavail == 0:
+            found.append(("scratch_full", f"the plugin filled its {self.options.scratch_mb} MB scratch dir"))
+        return found
 
     def kill(self) -> None:
         if self.alive():

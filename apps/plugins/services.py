@@ -86,7 +86,8 @@ def _runtime_options() -> RuntimeOptions:
         sys_path=tuple(str(p) for p in settings.PLUGIN_PYTHONPATH),
         sandbox=settings.PLUGIN_SANDBOX, cpu_seconds=settings.PLUGIN_CPU_SECONDS,
         file_size_mb=settings.PLUGIN_MAX_FILE_MB, scratch_mb=settings.PLUGIN_SCRATCH_MB,
-        max_processes=settings.PLUGIN_MAX_PROCESSES,
+        max_processes=settings.PLUGIN_MAX_PROCESSES, sandbox_uid=settings.PLUGIN_SANDBOX_UID,
+        sandbox_gid=settings.PLUGIN_SANDBOX_GID,
         on_spawn=lambda name: metrics.plugin_workers_started_total.labels(name).inc(),
         on_violation=_on_violation,
     )

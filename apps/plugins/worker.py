@@ -205,16 +205,20 @@ def make_audit_hook(*, writer: PipeWriter, scratch: str, denied_paths: tuple[str
 # and the audit hook still apply); docs/plugins.md says so.
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _SYSCALLS = {
-    "x86_64": {"clone": 56, "clone3": 435, "socket": 41, "seccomp": 317, "kill": [
+    "x86_64": {"clone": 56, "clone3": 435, "socket": 41, "seccomp": 317, "rt_sigaction": 13, "kill": [
         57, 58, 59, 322, 101, 272, 308, 165, 166, 155, 310, 311, 246, 320, 321, 323, 425, 248, 249, 250, 298,
-        169, 175, 176, 313]},
-    "aarch64": {"clone": 220, "clone3": 435, "socket": 198, "seccomp": 277, "kill": [
+        169, 175, 176, 313, 128, 282, 289]},
+    "aarch64": {"clone": 220, "clone3": 435, "socket": 198, "seccomp": 277, "rt_sigaction": 134, "kill": [
         221, 281, 117, 97, 268, 40, 39, 41, 270, 271, 104, 294, 280, 282, 425, 217, 218, 219, 241, 142, 105,
-        106, 273]},
+        106, 273, 137, 74]},
 }
 # x86_64 kill list: fork vfork execve execveat ptrace unshare setns mount umount2 pivot_root process_vm_readv
 # process_vm_writev kexec_load kexec_file_load bpf userfaultfd io_uring_setup add_key request_key keyctl
-# perf_event_open reboot init_module delete_module finit_module (aarch64: the same calls by their numbers).
+# perf_event_open reboot init_module delete_module finit_module, and rt_sigtimedwait signalfd signalfd4 (a
+# pending SIGXFSZ/SIGXCPU could be consumed with them; aarch64: the same calls by their numbers).
+# rt_sigaction on SIGXCPU (24) or SIGXFSZ (25) with a new action kills too: the kernel enforces the CPU and
+# file-size limits with those signals, and the bootstrap set them to their default (fatal) action.
+_LIMIT_SIGNALS = (24, 25)
 
 
 def seccomp_program(machine: str) -> bytes:
@@ -234,6 +238,10 @@ def seccomp_program(machine: str) -> bytes:
     prog += [ins(jeq, nr["clone"], 0, 4), ins(ld, 16), ins(jset, 0x00010000, 0, 1), ins(ret, allow), ins(ret, kill)]
     prog += [ins(jeq, nr["socket"], 0, 6), ins(ld, 16), ins(jeq, 2, 3, 0), ins(jeq, 10, 2, 0), ins(jeq, 17, 1, 0),
              ins(ret, allow), ins(ret, kill)]
+    # rt_sigaction(sig, act, ...): sig in _LIMIT_SIGNALS and act != NULL (both 32-bit halves checked) -> kill.
+    xcpu, xfsz = _LIMIT_SIGNALS
+    prog += [ins(jeq, nr["rt_sigaction"], 0, 9), ins(ld, 16), ins(jeq, xfsz, 1, 0), ins(jeq, xcpu, 0, 4),
+             ins(ld, 24), ins(jeq, 0, 0, 3), ins(ld, 28), ins(jeq, 0, 0, 1), ins(ret, allow), ins(ret, kill)]
     for number in nr["kill"]:
         prog += [ins(jeq, number, 0, 1), ins(ret, kill)]
     prog.append(ins(ret, allow))
@@ -468,6 +476,26 @@ def _describe(units: list[dict[str, str]], channel: _Channel) -> None:
     channel.send({"op": "catalogue", "units": out})
 
 
+def drop_identity(uid: int, gid: int) -> None:
+    """Root-started sandbox: become the host's unprivileged sandbox user (clears every capability) and
+    own the scratch dir alone. Exits 72 (recorded by the web process) if anything is left over."""
+    try:
+        scratch = os.getcwd()
+        os.chmod(scratch, 0o700)
+        os.chown(scratch, uid, gid)
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        with open("/proc/self/status") as fh:
+            caps = [line.split()[1] for line in fh if line.startswith(("CapPrm:", "CapEff:", "CapAmb:"))]
+        ok = os.getresuid() == (uid, uid, uid) and os.getresgid() == (gid, gid, gid) and not os.getgroups() \
+            and len(caps) == 3 and all(int(c, 16) == 0 for c in caps)
+    except OSError:
+        ok = False
+    if not ok:
+        os._exit(72)
+
+
 def main() -> None:
     import site
 
@@ -477,6 +505,9 @@ def main() -> None:
     sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", closefd=False), write_through=True)
     channel = _Channel(sys.stdin.buffer, writer)
     init = channel.recv()
+    if init.get("drop_to"):
+        # Before site-packages (.pth files run code) or any plugin module is touched.
+        drop_identity(int(init["drop_to"][0]), int(init["drop_to"][1]))
     if not init.get("sandboxed"):
         _watch_parent()
     for extra in init.get("site_dirs") or []:
@@ -516,7 +547,9 @@ def main() -> None:
             break
         reply = worker.handle(msg)
         channel.send(reply)
-        if msg.get("op") == "shutdown" or reply.get("recycle"):
+        # A worker to recycle stays until the web process, having read its figures (runner.py
+        # limits_reached), kills it.
+        if msg.get("op") == "shutdown":
             break
     os._exit(0)
 

@@ -5,6 +5,7 @@ The hostile modules swallow their errors and store what they got as "loot" (stor
 platform, so the loot survives even when the call is denied)."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import sqlite3
@@ -60,6 +61,14 @@ def attack(user, name: str, intent: str, *, timeout: float | None = None):
     return outcome
 
 
+def host_uid(name: str) -> int:
+    from apps.plugins.services import _runtime
+
+    (worker,) = _runtime().pools[name].idle
+    with open(f"/proc/{worker.worker_pid()}/status") as fh:
+        return int(next(line for line in fh if line.startswith("Uid:")).split()[1])
+
+
 def loot(name: str):
     return cache.get(_cache_key(name, "plugin", None, "loot"))
 
@@ -77,6 +86,15 @@ def test_what_a_plugin_sees_from_inside(redteam, enable, user, settings):
     assert inside["interfaces"] == ["lo"]        # its own network namespace: nothing but loopback
     assert inside["seen"] == {p: p == str(own) for p in paths}, inside["seen"]
     assert inside["cwd"] == "/scratch"
+    # Read-only everywhere but the scratch dir, /proc included (no writes to /proc/self/mem, clear_refs...);
+    # the scratch dir belongs to the worker's uid alone.
+    assert inside["mount_options"]["/"].startswith("ro") and inside["mount_options"]["/proc"].startswith("ro")
+    assert inside["mount_options"]["/scratch"].startswith("rw") and inside["scratch"] == [65534, "0o700"]
+    assert inside["groups"] in ([], [65534])
+    # On the host, the interpreter runs as the unprivileged sandbox uid when the platform is root (so the
+    # kernel applies RLIMIT_NPROC), and as the platform's own non-root user otherwise.
+    uid = host_uid("introspect")
+    assert uid == (65534 if os.geteuid() == 0 else os.geteuid()) and uid != 0
     assert set(inside["env"]) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "PYTHONIOENCODING", "OMP_NUM_THREADS",
                                   "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONDONTWRITEBYTECODE", "PWD"}
 
@@ -179,11 +197,69 @@ def test_fork_without_any_audit_event_is_killed_by_the_kernel(redteam, enable, u
     assert violations("fork_bomb", "sandbox_violation") == before + 1
 
 
-def test_memory_bomb(redteam, enable, user, settings):
+@pytest.mark.parametrize("catch", [False, True])
+def test_memory_bomb_is_recorded_even_when_it_catches_memory_error(redteam, enable, user, settings, catch):
+    """The web process reads the worker's peak address space (the kernel's VmPeak) after every call: a
+    plugin that swallows its MemoryError cannot hide that it ran into the limit."""
     settings.PLUGIN_MEMORY_LIMIT_MB = 256
-    enable("memory_bomb")
+    enable("memory_bomb", config={"catch": catch})
+    before = violations("memory_bomb", "memory_limit")
     outcome = attack(user, "memory_bomb", "attack memory")
-    assert (outcome.outcome, outcome.error_code) == ("error", "memory_limit_exceeded")
+    assert (outcome.outcome, outcome.error_code) == ("denied", "memory_limit"), outcome
+    assert violations("memory_bomb", "memory_limit") == before + 1
+    if catch:
+        assert 0 < loot("memory_bomb")["allocated_mb"] < 256   # it got its MemoryError, and swallowed it
+    # The worker that ran into the limit is replaced: the next call starts from a fresh address space.
+    from apps.plugins.services import _runtime
+
+    assert _runtime().pools["memory_bomb"].spawned == 1
+
+
+def test_well_behaved_calls_record_no_limit(redteam, enable, user):
+    enable("victim")
+    for _ in range(3):
+        assert attack(user, "victim", "victim it").outcome == "ok"
+    assert violations("victim") == 0
+
+
+@pytest.mark.parametrize("delete", [False, True])
+def test_file_size_limit_with_sigxfsz_blocked_is_recorded(redteam, enable, user, settings, delete):
+    """EFBIG caught, the file even deleted: the blocked SIGXFSZ stays pending on the worker, where the web
+    process sees it (and, without `delete`, the file at the cap in the scratch tmpfs)."""
+    settings.PLUGIN_MAX_FILE_MB = 8
+    enable("efbig", config={"mode": "block", "delete": delete})
+    before = violations("efbig", "file_size_limit")
+    outcome = attack(user, "efbig", "attack efbig")
+    got = loot("efbig")
+    assert got["written"] == 8 * 1024 * 1024 and "File too large" in got["error"], got
+    assert (outcome.outcome, outcome.error_code) == ("denied", "file_size_limit"), outcome
+    assert violations("efbig", "file_size_limit") >= before + 1
+
+
+def test_ignoring_sigxfsz_again_kills_the_worker(redteam, enable, user, settings):
+    """signal.signal(SIGXFSZ, SIG_IGN) would turn the file-size limit into an ignorable error: seccomp
+    kills the worker at the attempt, before any write."""
+    settings.PLUGIN_MAX_FILE_MB = 8
+    enable("efbig", config={"mode": "ignore"})
+    before = violations("efbig", "sandbox_violation")
+    outcome = attack(user, "efbig", "attack efbig")
+    assert loot("efbig") == {"step": "about to ignore"}
+    assert (outcome.outcome, outcome.error_code) == ("denied", "sandbox_violation"), outcome
+    assert violations("efbig", "sandbox_violation") == before + 1
+
+
+def test_thread_bomb_is_stopped_by_rlimit_nproc_and_recorded(redteam, enable, user, settings):
+    """Even when the platform runs as root: the worker runs as an unprivileged host uid, so the kernel
+    applies RLIMIT_NPROC to it (root is exempt), and the web process records the limit."""
+    settings.PLUGIN_MAX_PROCESSES = 16
+    enable("thread_bomb", config={"threads": 200})
+    before = violations("thread_bomb", "process_limit")
+    outcome = attack(user, "thread_bomb", "attack threads")
+    got = loot("thread_bomb")
+    assert got["started"] < 16 and "can't start new thread" in got["error"], got
+    # (Each thread's malloc arena also reserves address space, so memory_limit may be recorded as well.)
+    assert outcome.outcome == "denied" and outcome.error_code in ("process_limit", "memory_limit"), outcome
+    assert violations("thread_bomb", "process_limit") == before + 1
 
 
 def test_writes_outside_the_scratch_dir(redteam, enable, user, settings):

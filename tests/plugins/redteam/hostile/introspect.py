@@ -15,7 +15,12 @@ class Introspect(BasePlugin):
         with open("/proc/net/dev") as fh:
             interfaces = sorted(line.split(":")[0].strip() for line in fh.readlines()[2:])
         seen = {p: os.path.exists(p) for p in ctx.config["paths"]}
+        with open("/proc/self/mountinfo") as fh:
+            mounts = {line.split()[4]: line.split()[5] for line in fh}
+        scratch = os.stat("/scratch")
         return Result(title="inside", content="inside the sandbox", data={
             "uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid(), "hostname": socket.gethostname(),
             "root": sorted(os.listdir("/")), "processes": sorted(p for p in os.listdir("/proc") if p.isdigit()),
-            "interfaces": interfaces, "seen": seen, "cwd": os.getcwd(), "env": sorted(os.environ)})
+            "interfaces": interfaces, "seen": seen, "cwd": os.getcwd(), "env": sorted(os.environ),
+            "mount_options": {m: mounts.get(m) for m in ("/", "/proc", "/scratch")},
+            "scratch": [scratch.st_uid, oct(scratch.st_mode & 0o777)], "groups": os.getgroups()})
