@@ -275,6 +275,17 @@ def test_writes_outside_the_scratch_dir(redteam, enable, user, settings):
     assert violations("writer") >= before + 2 * len(targets)
 
 
+def test_writes_to_its_own_proc_entries(redteam, enable, user):
+    """clear_refs would reset the figures the web process judges limits by, /proc/self/mem would patch the
+    interpreter without ctypes: the hook refuses each open, and /proc is mounted read-only beneath it."""
+    enable("proc_writer")
+    before = violations("proc_writer", "operation_not_allowed")
+    outcome = attack(user, "proc_writer", "attack proc")
+    assert loot("proc_writer")["written"] == []
+    assert (outcome.outcome, outcome.error_code) == ("denied", "operation_not_allowed")
+    assert violations("proc_writer", "operation_not_allowed") >= before + 8
+
+
 def test_huge_file_in_the_scratch_dir(redteam, enable, user, settings):
     settings.PLUGIN_MAX_FILE_MB = 8
     enable("huge_file")
