@@ -392,6 +392,18 @@ def exit_outcome(returncode: int | None, sandboxed: bool) -> tuple[str, str, str
     return ("error", "worker_crashed", f"the worker process exited (status {returncode})")
 
 
+def _status_field(status: bytes, name: bytes, base: int) -> int:
+    """One number from a /proc/<pid>/status text (0 when absent)."""
+    at = status.find(name)
+    if at < 0:
+        return 0
+    end = status.find(b"\n", at)
+    try:
+        return int(status[at + len(name):end if end >= 0 else None].split()[0], base)
+    except (ValueError, IndexError):
+        return 0
+
+
 class WorkerProcess:
     """One sandbox worker and its pipe protocol. Not thread-safe: a pool lends it to one caller at a time."""
 
@@ -405,6 +417,8 @@ class WorkerProcess:
         self.cpu = 0.0
         self.peak = 0                     # the address-space peak already judged (bytes)
         self._worker_pid: int | None = None
+        self._status_fd: int | None = None   # the worker's /proc/<pid>/status, kept open (pread per call)
+        self._scratch_fd: int | None = None  # its scratch tmpfs, kept open (fstatvfs per call)
         self.sandboxed = options.sandbox == "bwrap"
         if self.sandboxed:
             problem = sandbox_problem(options)
@@ -585,32 +599,32 @@ class WorkerProcess:
         if pid is None:
             return False
         try:
-            with open(f"/proc/{pid}/status") as fh:
-                fields = dict(line.split(":", 1) for line in fh if ":" in line)
+            if self._status_fd is None:
+                self._status_fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            status = os.pread(self._status_fd, 8192, 0)
         except OSError:
             return False
         found: list[tuple[str, str]] = []
         mb = 1024 * 1024
         cap = self.options.memory_limit_mb * mb
-        peak = int(fields.get("VmPeak", "0 kB").split()[0]) * 1024
+        peak = _status_field(status, b"VmPeak:", 10) * 1024
         if cap and peak > self.peak and peak >= cap - max(cap // 8, 16 * mb):
             found.append(("memory_limit", f"the worker's address space reached {peak // mb} MB of its "
                                           f"{self.options.memory_limit_mb} MB limit"))
         self.peak = max(self.peak, peak)
-        pending = int(fields.get("ShdPnd", "0"), 16)
-        threads = int(fields.get("Threads", "1") or 1)
-        task_files = [f"/proc/{pid}/status"]
+        pending = _status_field(status, b"ShdPnd:", 16) | _status_field(status, b"SigPnd:", 16)
+        threads = _status_field(status, b"Threads:", 10) or 1
         if threads > 1:
             try:
-                task_files = [f"/proc/{pid}/task/{t}/status" for t in os.listdir(f"/proc/{pid}/task")]
+                tasks = [t for t in os.listdir(f"/proc/{pid}/task") if t != str(pid)]
             except OSError:
-                pass
-        for path in task_files:
-            try:
-                with open(path) as fh:
-                    pending |= next((int(line.split()[1], 16) for line in fh if line.startswith("SigPnd:")), 0)
-            except (OSError, ValueError):
-                pass
+                tasks = []
+            for tid in tasks:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/status", "rb") as fh:
+                        pending |= _status_field(fh.read(), b"SigPnd:", 16)
+                except OSError:
+                    pass
         if pending & (1 << (signal.SIGXFSZ - 1)):
             found.append(("file_size_limit", "the plugin wrote past the file-size limit with SIGXFSZ blocked"))
         if pending & (1 << (signal.SIGXCPU - 1)):
@@ -626,7 +640,9 @@ class WorkerProcess:
     def _scratch_limits(self, root: str) -> list[tuple[str, str]]:
         """A file at the size cap (a write past it failed with EFBIG), or a full scratch tmpfs."""
         try:
-            st = os.statvfs(root)
+            if self._scratch_fd is None:
+                self._scratch_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            st = os.fstatvfs(self._scratch_fd)
         except OSError:
             return []
         found = []
@@ -677,6 +693,13 @@ class WorkerProcess:
         self.kill()
 
     def _cleanup(self) -> None:
+        for fd in (self._status_fd, self._scratch_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._status_fd = self._scratch_fd = None
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 if stream:
