@@ -40,6 +40,12 @@ def kb_env(settings, tmp_path, embedding_model):
     yield
     registry.clear()
     app.conf.task_always_eager = eager
+    # Celery keeps "a task is running here" in one process-wide flag that each eager task sets and restores;
+    # eager tasks run by concurrent threads (the concurrent-ingest tests) can leave it set, and every later
+    # AsyncResult.get() in this process then raises "Never call result.get() within a task!".
+    from celery._state import _set_task_join_will_block
+
+    _set_task_join_will_block(False)
 
 
 @pytest.fixture

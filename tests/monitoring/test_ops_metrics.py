@@ -249,7 +249,7 @@ def test_real_worker_reports_queue_wait_outcomes_and_request_id(redis_url, tmp_p
     broker = urlunsplit(urlsplit(redis_url)._replace(path="/13"))
     env = server_env(REDIS_URL=redis_url, CELERY_BROKER_URL=broker, CELERY_RESULT_BACKEND=broker,
                      WORKER_METRICS_PORT=str(port), WORKER_METRICS_ADDR="127.0.0.1", LOG_LEVEL="INFO")
-    client = Celery(broker=broker, backend=broker)
+    client = Celery(broker=broker, backend=broker, set_as_current=False)  # the platform app stays current
     # Published before the worker starts: it waits in the queue for at least the worker's start-up.
     published = time.time()
     result = client.send_task("core.ping", args=["queued"], queue=queue,
