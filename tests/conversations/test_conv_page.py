@@ -67,6 +67,8 @@ def test_chat_in_a_real_browser(user, other_user):
         page.click("button[type=submit]")
         page.wait_for_selector("#message-input")
         assert page.url.rstrip("/").endswith(addr)
+        # chat.js fills the select from the boot data after #message-input exists: wait for it, then count.
+        page.wait_for_selector("#kb-select option[value=support]", state="attached", timeout=15000)
         assert page.locator("#kb-select option[value=support]").count() == 1
 
         page.fill("#message-input", "How do I request a refund?")
