@@ -67,8 +67,9 @@ logger = logging.getLogger(__name__)
 User = AbstractBaseUser | AnonymousUser
 
 # Bump when parsing or chunking changes in a way that must re-chunk stored documents.
-PIPELINE_VERSION = "3"  # 2: Chinese sentences, table rows with headers, literal Markdown identifiers, GB18030/Big5
+PIPELINE_VERSION = "4"  # 2: Chinese sentences, table rows with headers, literal Markdown identifiers, GB18030/Big5
 #                         3: the embedding reads the search context (title, heading path) before the text
+#                         4: HTML navigation (tables of contents, link bars) is left out
 INGEST_BATCH_DOCUMENTS = 64
 _READ_BLOCK = 1 << 20
 

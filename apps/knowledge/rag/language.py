@@ -31,6 +31,9 @@ SWITCH_SHARE = 0.20
 # Fewer tokens than this decide nothing (a title, a table of numbers): such documents are embedded with the
 # base's current model and the next documents decide (a later switch re-embeds them, which is cheap).
 MIN_TOKENS = 20
+# A chunk is CJK text, for the dense search's correction of the multilingual model's language bias
+# (rag/index.py), from this CJK share on; below it, text in Latin script with a few CJK names.
+CJK_TEXT_SHARE = 0.20
 
 
 @dataclass(frozen=True)
@@ -66,3 +69,8 @@ def multilingual_needed(mix: LanguageMix, *, embedded_with_english_model: bool) 
     once multilingual, a base stays multilingual (the caller does not ask)."""
     threshold = SWITCH_SHARE if embedded_with_english_model else MULTILINGUAL_SHARE
     return mix.tokens > 0 and mix.cjk_share >= threshold
+
+
+def script_group(text: str) -> int:
+    """1 for CJK text, 0 for everything else (see CJK_TEXT_SHARE)."""
+    return 1 if language_mix(text).cjk_share >= CJK_TEXT_SHARE else 0

@@ -678,9 +678,21 @@ _HTML_BLOCK_LEVEL = sorted(_HTML_HEADINGS | _HTML_PARAGRAPHS | _HTML_CONTAINERS 
 
 
 def _parse_html(data: bytes, filename: str | None, limits: ParseLimits) -> ParsedDocument:
+    text = _decode_html(data)
+    soup, title = _html_soup(text)
+    walker = _walk_html(soup, drop_navigation=True)
+    if not walker.blocks:  # a page that is nothing but links (a site map) is indexed as it is
+        walker = _walk_html(_html_soup(text)[0], drop_navigation=False)
+    if not title:
+        title = next((b.text for b in walker.blocks if b.kind == "heading" and b.level == 1), "")
+    return ParsedDocument(type="html", title=title, blocks=walker.blocks)
+
+
+def _html_soup(text: str):
+    """The page without chrome, and its ``<title>``."""
     from bs4 import BeautifulSoup
 
-    soup = BeautifulSoup(_decode_html(data), "lxml")
+    soup = BeautifulSoup(text, "lxml")
     title = _inline(soup.title.get_text()) if soup.title else ""
     for tag in soup.find_all(list(_HTML_DROP)):
         if not _is_content_header(tag):
@@ -689,13 +701,52 @@ def _parse_html(data: bytes, filename: str | None, limits: ParseLimits) -> Parse
         tag.decompose()
     for br in soup.find_all("br"):
         br.replace_with("\n")
-    walker = _HtmlWalker()
+    return soup, title
+
+
+def _walk_html(soup, *, drop_navigation: bool):
+    walker = _HtmlWalker(skip=_navigation_blocks(soup) if drop_navigation else frozenset())
     for root in _html_roots(soup):
         walker.walk(root)
     walker.flush()
-    if not title:
-        title = next((b.text for b in walker.blocks if b.kind == "heading" and b.level == 1), "")
-    return ParsedDocument(type="html", title=title, blocks=walker.blocks)
+    return walker
+
+
+# A table of contents, a "Prev | Up | Next" bar or a list of related pages: a list, table or block
+# whose text is (nearly) all link text. It names every section of a document or site, so it matches
+# any question about any of them and crowds the real passages out of the top results (on the Debian
+# FAQ set, chapter and index tables of contents were the top hit of many Chinese misses).
+_NAVIGATION_CANDIDATES = frozenset({"ul", "ol", "dl", "table", "div", "p", "section"})
+_NAVIGATION_MIN_LINKS = 3
+_NAVIGATION_LINK_SHARE = 0.9
+
+
+def _navigation_blocks(soup) -> set[int]:
+    """ids of the outermost-or-not candidate elements that are link lists, in one bottom-up pass
+    (linear in the page: hostile nesting costs no more than flat markup)."""
+    from bs4 import NavigableString, Tag
+
+    # Per element: [visible characters, characters inside <a href>, links, holds a heading].
+    stats: dict[int, list] = {}
+    found: set[int] = set()
+    for node in reversed(list(soup.descendants)):  # children before their parents
+        if not isinstance(node, Tag):
+            continue
+        total = linked = links = 0
+        heading = node.name in _HTML_HEADINGS
+        for child in node.children:
+            if isinstance(child, Tag):
+                t, k, n, h = stats.pop(id(child), (0, 0, 0, False))
+                total, linked, links, heading = total + t, linked + k, links + n, heading or h
+            elif type(child) is NavigableString:
+                total += sum(1 for c in str(child) if c.isalnum())  # "Prev | Up | Next": the bars are not text
+        if node.name == "a" and node.get("href") is not None:
+            linked, links = total, links + 1
+        stats[id(node)] = [total, linked, links, heading]
+        if (node.name in _NAVIGATION_CANDIDATES and links >= _NAVIGATION_MIN_LINKS and total > 0
+                and linked >= _NAVIGATION_LINK_SHARE * total and not heading):
+            found.add(id(node))
+    return found
 
 
 _HTML_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)|<\?xml[^>]+encoding\s*=\s*["']([A-Za-z0-9_.:-]+)""",
@@ -737,10 +788,11 @@ def _html_roots(soup) -> list:
 class _HtmlWalker:
     """Walks the DOM in document order, emitting blocks; loose inline text becomes paragraphs."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, skip: frozenset[int] | set[int] = frozenset()) -> None:
         self.blocks: list[Block] = []
         self._headings = _HeadingStack()
         self._buffer: list[str] = []
+        self._skip = skip  # ids of elements left out (navigation)
 
     def walk(self, node) -> None:
         from bs4 import NavigableString, Tag
@@ -757,6 +809,8 @@ class _HtmlWalker:
 
     def _visit(self, tag) -> None:
         name = tag.name
+        if id(tag) in self._skip:
+            return
         if name in _HTML_HEADINGS:
             self.flush()
             self._heading(int(name[1]), _inline(tag.get_text()))

@@ -314,6 +314,40 @@ def test_html_without_title_uses_first_h1_and_falls_back_to_body_without_main():
     assert [b.text for b in doc.blocks] == ["Welcome", "Body text."]
 
 
+def test_html_tables_of_contents_and_link_bars_are_left_out_but_content_links_stay():
+    page = """<html><head><title>第 3 章 选择版本</title></head><body>
+    <div class="navheader"><a href="ch2.html">上一页</a> | <a href="index.html">起始页</a> | <a href="ch4.html">下一页</a></div>
+    <h1>第 3 章 选择版本</h1>
+    <div class="toc"><p><strong>目录</strong></p><dl class="toc">
+      <dt><a href="#s3.1">3.1. 哪一个发布版本更适合我？</a></dt>
+      <dd><dl><dt><a href="#s3.1.1">3.1.1. 硬件不能被检测到怎么办？</a></dt></dl></dd>
+      <dt><a href="#s3.2">3.2. Knoppix 和 Ubuntu 是 Debian 吗？</a></dt></dl></div>
+    <h2 id="s3.1">3.1. 哪一个发布版本更适合我？</h2>
+    <p>答案取决于您打算做什么，参见 <a href="a.html">发布说明</a>、<a href="b.html">安装手册</a> 和 <a href="c.html">FAQ</a>。</p>
+    <ul><li><a href="x.html">pg_dump</a> writes a script; see <a href="y.html">pg_restore</a> and <a href="z.html">psql</a> to load it back.</li></ul>
+    </body></html>""".encode()
+    doc = parse(page, filename="choosing.html")
+    texts = [b.text for b in doc.blocks]
+    assert "目录" not in doc.text and "上一页" not in doc.text and "硬件不能被检测到" not in doc.text
+    assert texts[:2] == ["第 3 章 选择版本", "3.1. 哪一个发布版本更适合我？"]
+    assert "答案取决于您打算做什么，参见 发布说明 、 安装手册 和 FAQ 。".replace(" ", "") == texts[2].replace(" ", "")
+    assert "pg_dump writes a script" in doc.text  # a list whose items are mostly prose is content
+    assert doc.blocks[2].heading_path == ("第 3 章 选择版本", "3.1. 哪一个发布版本更适合我？")
+
+
+def test_an_html_page_that_is_only_links_is_still_indexed():
+    page = b"""<html><body><ul><li><a href="a.html">Installing the server</a></li>
+    <li><a href="b.html">Upgrading a cluster</a></li><li><a href="c.html">Backup and restore</a></li></ul></body></html>"""
+    doc = parse(page, filename="index.html")
+    assert doc.text == "- Installing the server\n- Upgrading a cluster\n- Backup and restore"
+
+
+def test_html_navigation_detection_handles_nested_markup():
+    depth = 300
+    page = ("<html><body>" + "<div>" * depth + "<p>Deep text.</p>" + "</div>" * depth + "</body></html>").encode()
+    assert "Deep text." in parse(page, filename="deep.html").text
+
+
 def test_markdown_headings_lists_code_and_tables():
     doc = parse(MARKDOWN_DOC, filename="README.md")
     assert doc.type == "markdown"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from apps.knowledge.rag import index as index_module
 from apps.knowledge.rag.analyzer import get_analyzer
 from apps.knowledge.rag.index import (
     BM25Index,
@@ -152,3 +153,59 @@ def test_streamed_dense_build_equals_one_shot_and_ivfpq_recall_against_exact(tmp
     # embeddings are in docs/benchmarks.md. This guards against a broken IVF-PQ path (random would be ~0.0004).
     assert recall >= 0.45, recall
     assert view.parts[0].segment.dense.mmapped and view.nbytes() < flat.nbytes()
+
+
+def _bilingual_base(dim: int = 64, per_group: int = 60, seed: int = 3):
+    """Chinese and English chunks whose vectors carry a language direction (e0 / e1) besides their topic,
+    the way a multilingual encoder's do, and an English chunk's topic asked in "Chinese" (e0)."""
+    rng = np.random.default_rng(seed)
+
+    def unit_vec(v):
+        return v / np.linalg.norm(v)
+
+    def topic():
+        v = rng.standard_normal(dim)
+        v[:2] = 0
+        return unit_vec(v)
+
+    e0, e1 = np.eye(dim)[0], np.eye(dim)[1]
+    zh = [unit_vec(0.8 * e0 + 0.6 * topic()) for _ in range(per_group)]
+    en_topics = [topic() for _ in range(per_group)]
+    en = [unit_vec(0.8 * e1 + 0.6 * t) for t in en_topics]
+    vectors = np.array(zh + en, dtype=np.float32)
+    texts = [f"退款政策的第{i}条说明" for i in range(per_group)] + [f"Refund policy clause {i} explains"
+                                                                   for i in range(per_group)]
+    query = unit_vec(0.6 * e0 + 0.8 * en_topics[7]).astype(np.float32)
+    return vectors, texts, query, per_group + 7  # the row of the English passage asked for
+
+
+def test_dense_search_corrects_the_language_bias_of_a_bilingual_base(tmp_path):
+    vectors, texts, query, wanted_row = _bilingual_base()
+    ids = np.arange(1, len(texts) + 1)
+    seg = write_segment(tmp_path, "s000001", [batch(ids, texts, vectors)], dim=64, expected=len(ids))
+    view = IndexBundle.load(write_view(tmp_path, 1, [ViewSegment(seg["name"])], meta={}, dim=64))
+    raw = np.argsort(-(vectors @ query))[:3]
+    assert all(row < 60 for row in raw)  # by raw similarity, Chinese chunks crowd out the English answer
+    assert view.group_means is not None
+    hits = view.dense_search(query, 3)
+    assert hits[0][0] == ids[wanted_row] and len(hits) == 3
+    # Half of each group's mean similarity is taken off its scores.
+    mean_en = vectors[60:].mean(axis=0)
+    expected = float(vectors[wanted_row] @ query) - index_module.LANGUAGE_BIAS_CORRECTION * float(mean_en @ query)
+    assert hits[0][1] == pytest.approx(expected, abs=1e-5)
+    # Deleted chunks stay out of the grouped searches.
+    dead = np.array([ids[wanted_row]])
+    view2 = IndexBundle.load(write_view(tmp_path, 2, [ViewSegment(seg["name"], dead)], meta={}, dim=64))
+    hits2 = view2.dense_search(query, 5)
+    assert len(hits2) == 5 and ids[wanted_row] not in {i for i, _ in hits2}
+
+
+def test_the_language_bias_correction_needs_enough_chunks_of_each_script(tmp_path):
+    vectors, texts, query, _ = _bilingual_base(per_group=index_module.LANGUAGE_GROUP_MIN_CHUNKS)
+    keep = list(range(index_module.LANGUAGE_GROUP_MIN_CHUNKS)) + [len(texts) - 1]  # one English chunk only
+    ids = np.arange(1, len(keep) + 1)
+    seg = write_segment(tmp_path, "s000001", [batch(ids, [texts[i] for i in keep], vectors[keep])], dim=64)
+    view = IndexBundle.load(write_view(tmp_path, 1, [ViewSegment(seg["name"])], meta={}, dim=64))
+    assert view.group_means is None  # a single chunk's "mean" is that chunk: no correction
+    hits = view.dense_search(query, 3)
+    assert [s for _, s in hits] == pytest.approx(sorted((vectors[keep] @ query).tolist(), reverse=True)[:3], abs=1e-5)
