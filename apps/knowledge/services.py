@@ -69,7 +69,7 @@ User = AbstractBaseUser | AnonymousUser
 # Bump when parsing or chunking changes in a way that must re-chunk stored documents.
 PIPELINE_VERSION = "4"  # 2: Chinese sentences, table rows with headers, literal Markdown identifiers, GB18030/Big5
 #                         3: the embedding reads the search context (title, heading path) before the text
-#                         4: HTML navigation (tables of contents, link bars) is left out
+#                         4: HTML navigation (tables of contents, link bars) is left out; title acronyms in the context
 INGEST_BATCH_DOCUMENTS = 64
 _READ_BLOCK = 1 << 20
 

@@ -121,3 +121,48 @@ def _contains_word(text: str, word: str) -> bool:
     if _is_han(word[0]):
         return word in text
     return re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", text) is not None
+
+
+# Words a title carries besides its name: "Mozilla Public License Version 2.0" is the MPL.
+_TITLE_STOP = frozenset({"version", "edition", "revision", "release", "draft", "v"})
+# What the name of a document people abbreviate ends with: licences, agreements, laws, standards.
+_DOCUMENT_NOUNS = frozenset({
+    "license", "licence", "agreement", "act", "regulation", "regulations", "policy", "law", "code",
+    "contract", "standard", "specification", "protocol", "directive", "convention", "treaty", "charter",
+    "framework", "guidelines", "procedure", "procedures", "terms", "conditions", "statement", "notice",
+    "handbook", "manual",
+})
+_TITLE_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*")
+
+
+def title_acronyms(title: str) -> list[str]:
+    """Short forms people use for a document whose whole title is a name of 3 to 8 capitalised words
+    ending in a document noun (License, Agreement, Act, Regulation, Policy, ...): the initials, small
+    words skipped, a version after the name ignored ("Mozilla Public License Version 2.0" -> MPL;
+    "General Data Protection Regulation" -> GDPR), and for a leading all-capitals word the initials
+    without it too ("GNU General Public License" -> GGPL, GPL). None for any other title (a paper's
+    title in Title Case is not a name anyone abbreviates)."""
+    name: list[str] = []
+    tokens = title.replace("\u2013", " ").replace("\u2014", " ").split()
+    for position, token in enumerate(tokens):
+        word = token.strip("()[]{}:;,.\"'“”‘’")
+        if not word:
+            continue
+        if word.lower() in _TITLE_STOP or not _TITLE_WORD.fullmatch(word):
+            # The name is over: only a version (words like "Version", numbers) may follow it.
+            rest = tokens[position:]
+            if not name or any(_TITLE_WORD.fullmatch(t.strip("(),.")) and t.strip("(),.").lower() not in _TITLE_STOP
+                               for t in rest):
+                return []
+            break
+        if word.lower() in _SMALL_WORDS:
+            continue
+        if not word[0].isupper():
+            return []
+        name.append(word)
+    if not 3 <= len(name) <= 8 or name[-1].lower() not in _DOCUMENT_NOUNS:
+        return []
+    forms = ["".join(w[0] for w in name).upper()]
+    if name[0].isupper() and len(name[0]) > 1 and len(name) >= 4:
+        forms.append("".join(w[0] for w in name[1:]).upper())
+    return list(dict.fromkeys(forms))

@@ -328,13 +328,19 @@ def _merge_tail(
 
 
 def _add_context(chunks: list[ChunkSpec], doc: ParsedDocument, *, title: str) -> None:
-    from .abbreviations import expansions_for, find_abbreviations
+    from .abbreviations import expansions_for, find_abbreviations, title_acronyms
 
     abbreviations = find_abbreviations(doc.text)
     title = " ".join(title.split())
+    # A question about "the MPL" finds every chunk of "Mozilla Public License Version 2.0".
+    short = ", ".join(form for form in title_acronyms(title) if not re.search(rf"\b{form}\b", title))
     for chunk in chunks:
         path = [part for part in chunk.heading_path if part]
-        lines = [" › ".join(([title] if title and (not path or path[0] != title) else []) + path)]
+        if title and (not path or path[0] != title):
+            path = [title] + path
+        if short and path and path[0] == title:
+            path[0] = f"{title} ({short})"
+        lines = [" › ".join(path)]
         lines.extend(expansions_for(chunk.text, abbreviations))
         chunk.context = "\n".join(line for line in lines if line)
         chunk.content_hash = content_hash(indexed_text(chunk.text, chunk.context))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from apps.knowledge.rag.abbreviations import Abbreviation, expansions_for, find_abbreviations
+from apps.knowledge.rag.abbreviations import Abbreviation, expansions_for, find_abbreviations, title_acronyms
 from apps.knowledge.rag.analyzer import get_analyzer
 from apps.knowledge.rag.chunker import chunk_document, indexed_text
 from apps.knowledge.rag.index import BM25Index
@@ -119,6 +119,39 @@ def test_a_question_with_the_short_form_finds_the_chunk_that_spells_it_out(count
     bm25 = BM25Index(list(range(len(chunks))), [indexed_text(c.text, c.context) for c in chunks])
     hits = bm25.search("how is WAL archived", 3)
     assert chunks[hits[0][0]] is archiving
+
+
+@pytest.mark.parametrize("title, forms", [
+    ("Mozilla Public License Version 2.0", ["MPL"]),
+    ("GNU GENERAL PUBLIC LICENSE", ["GGPL", "GPL"]),
+    ("General Data Protection Regulation", ["GDPR"]),
+    ("Family and Medical Leave Act of 1993", ["FMLA"]),
+    ("Service Level Agreement", ["SLA"]),
+    # Not names of documents people abbreviate: a paper title, two-word names, a title with prose after it.
+    ("The DNA Methylome of Human Peripheral Blood Mononuclear Cells", []),
+    ("Privacy Policy", []),
+    ("Apache License", []),
+    ("Service Level Agreement for hosted databases", []),
+    ("26.1. SQL Dump", []),
+    ("劳动合同法", []),
+])
+def test_title_acronyms(title, forms):
+    assert title_acronyms(title) == forms
+
+
+def test_a_question_naming_a_licence_by_its_acronym_finds_that_licence(count_tokens):
+    """Every chunk of "Mozilla Public License Version 2.0" carries "(MPL)" in its context; a clause of
+    another licence that shares the question's words does not win."""
+    mpl = parse(b"# Mozilla Public License Version 2.0\n\n## 3.3. Distribution of a Larger Work\n\n"
+                b"You may create and distribute a Larger Work under terms of Your choice.\n", filename="MPL-2.0.md")
+    gpl = parse(b"                    GNU GENERAL PUBLIC LICENSE\n                       Version 3, 29 June 2007\n\n5. Conveying Modified Source Versions.\n\n"
+                b"You may convey a work based on the Program, or the modifications to produce it.\n",
+                filename="GPL-3.txt")
+    chunks = [c for doc in (mpl, gpl) for c in chunk_document(doc, count_tokens=count_tokens)]
+    assert all("(MPL)" in c.context for c in chunks[:1]) and any("GPL" in c.context for c in chunks[1:])
+    bm25 = BM25Index(list(range(len(chunks))), [indexed_text(c.text, c.context) for c in chunks])
+    best = chunks[bm25.search("may I distribute MPL code in a larger work", 1)[0][0]]
+    assert "Larger Work" in best.text
 
 
 def test_the_heading_path_makes_a_section_findable_by_its_heading(count_tokens):
