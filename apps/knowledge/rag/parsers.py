@@ -722,7 +722,7 @@ _NAVIGATION_LINK_SHARE = 0.9
 
 
 def _navigation_blocks(soup) -> set[int]:
-    """ids of the outermost-or-not candidate elements that are link lists, in one bottom-up pass
+    """ids of the candidate elements (nested ones too) that are link lists, in one bottom-up pass
     (linear in the page: hostile nesting costs no more than flat markup)."""
     from bs4 import NavigableString, Tag
 
