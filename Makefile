@@ -24,8 +24,11 @@ $(STAMP): requirements.txt
 install: $(STAMP)
 
 # Optional: llama.cpp (in-process generator and its OpenAI-compatible server) with the SmolLM2 GGUF.
+# llama.cpp is compiled for a portable x86-64 baseline (AVX2), not -march=native: a native build on a CPU
+# with AMX (Xeon Sapphire Rapids and later) crashes in decode on the AMX_INT8 path. No wheel cache, so a
+# native wheel cached by an earlier install is never reused.
 install-llm: install
-	$(PY) -m pip install --quiet -r requirements-llm.txt
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install --quiet --no-cache-dir -r requirements-llm.txt
 
 demo: install bubblewrap
 	$(DEMO_ENV) $(PY) manage.py migrate --noinput
