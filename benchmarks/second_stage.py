@@ -3,7 +3,9 @@
 Chunks each set the way a fresh base does (structure-aware, sized in the primary model's tokens, context
 + text embedded), encodes them once per model (cached under --cache by text hash, so reruns cost
 nothing), then scores ranking variants side by side with rag/evaluation.py's hit rule: each model's
-dense ranking, BM25, RRF fusions of two or three rankings, and document-aware scoring.
+dense ranking, BM25, RRF and z-score fusions of two or three rankings, document-score boosting, the
+language-bias correction of rag/index.py at several strengths ("centre"), and with --window-tokens the
+chunk's vector mixed with its best sentence window (small-to-big). --misses lists the hybrid misses.
 
 Usage: .venv/bin/python -W ignore benchmarks/second_stage.py --primary all-minilm-l6-v2 \
            --questions benchmarks/devsets/en.jsonl --documents var/devsets/en --cache var/vector-cache
@@ -105,8 +107,6 @@ def main() -> None:
 
     windows, owner = [], []
     if args.window_tokens:
-        import re
-
         from apps.knowledge.rag.chunker import _SENTENCE_GAP
 
         count = encoders[args.primary].count_tokens
