@@ -41,6 +41,23 @@ def encoder_for(key: str):
     return embedder(key)
 
 
+def chunked_folder(folder, count_tokens, chunk_tokens: int, overlap_tokens: int):
+    """(source name, document title, ChunkSpec) for every parseable file under ``folder``, as a base
+    chunks it (structure-aware, sized in ``count_tokens``)."""
+    out = []
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            doc = parse(path.read_bytes(), filename=path.name)
+        except IngestError:
+            continue
+        for chunk in chunk_document(doc, count_tokens=count_tokens, chunk_tokens=chunk_tokens,
+                                    overlap_tokens=overlap_tokens, structure=True):
+            out.append((str(path.relative_to(folder)), doc.title, chunk))
+    return out
+
+
 def rrf(*rankings: list[int], k: int = 60) -> list[int]:
     score: dict[int, float] = {}
     for ranking in rankings:
@@ -61,18 +78,9 @@ def main() -> None:
     tokenize = get_analyzer().tokenize
     for questions_path, folder in zip(args.questions, args.documents):
         questions = load_questions(questions_path)
-        rows = []  # (source name, title, chunk text, context, heading path)
-        for path in sorted(Path(folder).rglob("*")):
-            if not path.is_file():
-                continue
-            try:
-                doc = parse(path.read_bytes(), filename=path.name)
-            except IngestError:
-                continue
-            for chunk in chunk_document(doc, count_tokens=encoder.count_tokens, chunk_tokens=args.chunk_tokens,
-                                        overlap_tokens=args.chunk_overlap, structure=True):
-                rows.append((str(path.relative_to(folder)), doc.title, chunk.text, chunk.context,
-                             [part for part in chunk.heading_path if part]))
+        rows = [(source, title, chunk.text, chunk.context, [part for part in chunk.heading_path if part])
+                for source, title, chunk in chunked_folder(folder, encoder.count_tokens, args.chunk_tokens,
+                                                           args.chunk_overlap)]
         print(f"## {questions_path}: {len(questions)} questions, {len(rows)} chunks, model {args.model}")
         bm25 = _bm25([f"{r[3]}\n{r[2]}" for r in rows], tokenize)
         queries = encoder.encode_queries([q.question for q in questions])

@@ -24,12 +24,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from apps.knowledge.rag.analyzer import get_analyzer  # noqa: E402
-from apps.knowledge.rag.chunker import chunk_document, indexed_text  # noqa: E402
-from apps.knowledge.rag.errors import IngestError  # noqa: E402
+from apps.knowledge.rag.chunker import indexed_text  # noqa: E402
 from apps.knowledge.rag.evaluation import first_hit_rank, hit_metrics, load_questions  # noqa: E402
-from apps.knowledge.rag.parsers import parse  # noqa: E402
 from benchmarks.chunking_variants import _bm25, _scores  # noqa: E402
-from benchmarks.dense_context_variants import encoder_for, rrf  # noqa: E402
+from benchmarks.dense_context_variants import chunked_folder, encoder_for, rrf  # noqa: E402
 
 MODELS = ("all-minilm-l6-v2", "multilingual-e5-small")
 
@@ -60,18 +58,9 @@ def main() -> None:
     encoders = {key: encoder_for(key) for key in MODELS}
     tokenize = get_analyzer().tokenize
     questions = load_questions(args.questions)
-    rows = []  # (source, title, text, indexed)
-    for path in sorted(Path(args.documents).rglob("*")):
-        if not path.is_file():
-            continue
-        try:
-            doc = parse(path.read_bytes(), filename=path.name)
-        except IngestError:
-            continue
-        for chunk in chunk_document(doc, count_tokens=encoders[args.primary].count_tokens,
-                                    chunk_tokens=args.chunk_tokens, overlap_tokens=args.chunk_overlap):
-            rows.append((str(path.relative_to(args.documents)), doc.title, chunk.text,
-                         indexed_text(chunk.text, chunk.context), chunk.context))
+    rows = [(source, title, chunk.text, indexed_text(chunk.text, chunk.context), chunk.context)
+            for source, title, chunk in chunked_folder(args.documents, encoders[args.primary].count_tokens,
+                                                       args.chunk_tokens, args.chunk_overlap)]
     print(f"## {args.questions}: {len(questions)} questions, {len(rows)} chunks, primary {args.primary}")
     texts = [r[3] for r in rows]
     qtexts = [q.question for q in questions]

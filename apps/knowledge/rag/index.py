@@ -545,6 +545,13 @@ class Segment:
         # Script group per row and vector sums per group; None for segments written before they were kept.
         self.groups, self.group_sums = groups, group_sums
         self.name = path.name
+        self._outside: dict[int, np.ndarray] = {}
+
+    def ids_outside(self, group: int) -> np.ndarray:
+        """Sorted ids of the rows not in script ``group`` (computed once per segment, not per query)."""
+        if group not in self._outside:
+            self._outside[group] = np.sort(self.ids[self.groups != group])
+        return self._outside[group]
 
     @property
     def ids(self) -> np.ndarray:
@@ -1226,7 +1233,7 @@ class IndexBundle:
         for part in self.parts:
             exclude = part.tombstones
             if group is not None:
-                others = part.segment.ids[part.segment.groups != group]
+                others = part.segment.ids_outside(group)
                 exclude = np.union1d(exclude, others) if len(exclude) else others
             hits += part.segment.dense.search(query_vec, k, exclude=exclude if len(exclude) else None)
         return hits
