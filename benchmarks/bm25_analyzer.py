@@ -1,10 +1,14 @@
-"""BM25 tokenization on SciFact: the English-only tokenizer before the analyzer vs rag/analyzer.py.
+"""BM25 tokenization: the English-only tokenizer before the analyzer, the analyzer with bm25s' English
+stopwords only (version 2), and rag/analyzer.py as it is.
 
-Document-level BM25 (title + blank line + text, no chunking), same bm25s parameters as the index,
-so the only difference is tokenization. Prints nDCG@10, Recall@100, MRR@10 per tokenizer and the
-CPU time to tokenize the corpus.
+SciFact: document-level BM25 (title + blank line + text, no chunking), same bm25s parameters as the
+index, so the only difference is tokenization; nDCG@10, Recall@100, MRR@10 per tokenizer and the CPU
+time to tokenize the corpus. With ``--questions Q --documents D`` (repeatable pairs, the development
+sets): BM25 alone over the chunks a base makes of D (structure-aware, 200/40 tokens of the set's model),
+hit@3 / MRR@10 with rag/evaluation.py's hit rule.
 
-Usage: .venv/bin/python benchmarks/bm25_analyzer.py [--dataset ../shared/datasets/scifact] [--split test]
+Usage: .venv/bin/python benchmarks/bm25_analyzer.py [--dataset ../shared/datasets/scifact] [--split test] \
+           [--questions benchmarks/devsets/en.jsonl --documents var/devsets/en ...]
 """
 from __future__ import annotations
 
@@ -59,17 +63,55 @@ def run(name, tokenize, doc_ids, texts, queries, qrels):
           f"MRR@10 {metrics['mrr@10']:.4f}  corpus tokenize CPU {tokenize_s:.1f} s")
 
 
+def version2_tokenizer():
+    """The analyzer with bm25s' English stopwords only (before the question words joined them)."""
+    from bm25s.stopwords import STOPWORDS_EN
+
+    from apps.knowledge.rag.analyzer import Analyzer
+
+    analyzer = Analyzer()
+    analyzer._english_stopwords = frozenset(STOPWORDS_EN)
+    return analyzer.tokenize
+
+
+def run_devset(name, tokenize, questions_path, documents) -> None:
+    from apps.knowledge.rag.chunker import indexed_text
+    from apps.knowledge.rag.evaluation import first_hit_rank, hit_metrics, load_questions
+    from benchmarks.chunking_variants import _bm25, _scores
+    from benchmarks.dense_context_variants import chunked_folder, encoder_for
+
+    questions = load_questions(questions_path)
+    cjk = any(q.lang == "zh" for q in questions)
+    count = encoder_for("multilingual-e5-small" if cjk else "all-minilm-l6-v2").count_tokens
+    rows = [(source, title, chunk.text, indexed_text(chunk.text, chunk.context))
+            for source, title, chunk in chunked_folder(documents, count, 200, 40)]
+    model = _bm25([r[3] for r in rows], tokenize)
+    ranks = []
+    for question in questions:
+        scores = _scores(model, question.question, tokenize)
+        order = [int(i) for i in np.argsort(-scores, kind="stable")[:10] if scores[i] > 0]
+        ranks.append(first_hit_rank(question, [(rows[i][0], rows[i][1], rows[i][2]) for i in order]))
+    m = hit_metrics(ranks)
+    print(f"{Path(questions_path).stem:6s} {name:10s} hit@3 {m['hit@3']:.3f}  MRR@10 {m['mrr@10']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset", default="../shared/datasets/scifact")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--questions", action="append", default=[])
+    parser.add_argument("--documents", action="append", default=[])
     args = parser.parse_args()
+    tokenizers = {"legacy": legacy_tokenizer(), "version 2": version2_tokenizer(), "analyzer": get_analyzer().tokenize}
+    for questions, documents in zip(args.questions, args.documents):
+        for name in ("version 2", "analyzer"):
+            run_devset(name, tokenizers[name], questions, documents)
     corpus, queries, qrels = load_beir(args.dataset, args.split)
     doc_ids = list(corpus)
     texts = [f"{corpus[d]['title']}\n\n{corpus[d]['text']}" for d in doc_ids]
     print(f"{len(texts)} documents, {len(queries)} queries ({args.split})")
-    run("legacy", legacy_tokenizer(), doc_ids, texts, queries, qrels)
-    run("analyzer", get_analyzer().tokenize, doc_ids, texts, queries, qrels)
+    for name, tokenize in tokenizers.items():
+        run(name, tokenize, doc_ids, texts, queries, qrels)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,13 @@ DEVSETS = ROOT / "benchmarks" / "devsets"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--set", action="append", dest="sets", help="en, zh (default: both)")
+    parser.add_argument("--set", action="append", dest="sets", help="en, en2, zh, zh2 (default: every set)")
     parser.add_argument("--mode", action="append", help="Repeatable; default: every mode of `evaluate`")
     parser.add_argument("--cache", default=str(ROOT / "var" / "devsets"))
     parser.add_argument("--out", help="Write the JSON reports here")
     parser.add_argument("--no-update", action="store_true", help="Skip apt-get update")
     args = parser.parse_args(argv)
-    sets = args.sets or ["en", "zh"]
+    sets = args.sets or list(json.loads((DEVSETS / "sources.json").read_text(encoding="utf-8"))["sets"])
     env = {**os.environ}
     env.setdefault("KOTAEMON_DEMO", "1")
     python = sys.executable

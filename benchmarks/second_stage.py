@@ -5,7 +5,9 @@ Chunks each set the way a fresh base does (structure-aware, sized in the primary
 nothing), then scores ranking variants side by side with rag/evaluation.py's hit rule: each model's
 dense ranking, BM25, RRF and z-score fusions of two or three rankings, document-score boosting, the
 language-bias correction of rag/index.py at several strengths ("centre"), and with --window-tokens the
-chunk's vector mixed with its best sentence window (small-to-big). --misses lists the hybrid misses.
+chunk's vector mixed with its best sentence window (small-to-big). "served ..." variants are what a base
+serves: rag/fusion.py's `fuse` over the top-100 dense (corrected as rag/index.py does) and BM25 lists,
+for each fusion setting a base can have. --misses lists the hybrid misses.
 
 Usage: .venv/bin/python -W ignore benchmarks/second_stage.py --primary all-minilm-l6-v2 \
            --questions benchmarks/devsets/en.jsonl --documents var/devsets/en --cache var/vector-cache
@@ -175,6 +177,25 @@ def main() -> None:
             rc = ranking(c)
             variants[f"centre {lam} top{top} dense"] = rc
             variants[f"centre {lam} top{top} rrf+bm25"] = [rrf(d, b) for d, b in zip(rc, r_bm25)]
+    # The platform's own fusion (rag/fusion.py `fuse`) over the top-100 lists a base searches, the dense
+    # list with the language-bias correction where the platform applies it (>= 50 chunks of each script).
+    from apps.knowledge.rag.fusion import fuse
+    from apps.knowledge.rag.index import LANGUAGE_BIAS_CORRECTION, LANGUAGE_GROUP_MIN_CHUNKS
+
+    served = prim
+    if min(int(group.sum()), int((~group).sum())) >= LANGUAGE_GROUP_MIN_CHUNKS:
+        served = centred(prim, LANGUAGE_BIAS_CORRECTION)
+
+    def top_list(row: np.ndarray, positive_only: bool = False) -> list[tuple[int, float]]:
+        order = np.argsort(-row, kind="stable")[:100]
+        return [(int(i), float(row[i])) for i in order if not positive_only or row[i] > 0]
+
+    lists = [(top_list(d), top_list(b, positive_only=True)) for d, b in zip(served, bm25_scores)]
+    settings = [("rrf", 60, 0.5), ("rrf", 20, 0.5)] + [("zscore", 60, w) for w in (0.5, 0.6, 0.7, 0.8)] + \
+        [("weighted", 60, w) for w in (0.3, 0.4, 0.5, 0.6, 0.7)]
+    for kind, k, w in settings:
+        label = f"served {kind} k={k}" if kind == "rrf" else f"served {kind} {w}"
+        variants[label] = [[i for i, _ in fuse(kind, d, b, rrf_k=k, dense_weight=w)] for d, b in lists]
     for name, ranked in variants.items():
         ranks = [first_hit_rank(q, [(rows[i][0], rows[i][1], rows[i][2]) for i in r[:10]])
                  for q, r in zip(questions, ranked)]

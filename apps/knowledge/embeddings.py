@@ -63,6 +63,23 @@ def model_catalog() -> dict[str, ModelSpec]:
     return catalog
 
 
+# What a base with fusion "auto" (the default) serves, by its model: (fusion, rrf k, dense weight). Chosen on
+# the four development sets and SciFact's train split, the platform's own search (docs/benchmarks.md, "Fusion
+# by model"): z-score fusion beat RRF on every set; all-MiniLM-L6-v2's dense side is strong enough on English
+# to weigh 0.6, for multilingual-e5-small (Chinese and mixed bases) and an unmeasured local model it is 0.5.
+AUTO_FUSION = {MODEL_MINILM: ("zscore", 60, 0.6)}
+AUTO_FUSION_OTHERS = ("zscore", 60, 0.5)
+
+
+def served_fusion(knowledge_base: Any) -> tuple[str, int, float]:
+    """(fusion, rrf_k, dense_weight) the base's hybrid search uses: its own settings, or with fusion
+    ``auto`` the measured default of its embedding model. The one place retrieval, its cache key and
+    calibration read them."""
+    if knowledge_base.fusion != "auto":
+        return knowledge_base.fusion, knowledge_base.rrf_k, knowledge_base.dense_weight
+    return AUTO_FUSION.get(knowledge_base.embedding_model, AUTO_FUSION_OTHERS)
+
+
 def model_choices() -> list[tuple[str, str]]:
     return [(key, spec.label) for key, spec in model_catalog().items()]
 

@@ -114,6 +114,7 @@ def beir_corpus_load(*, knowledge_base: KnowledgeBase, corpus: dict[str, dict[st
     build = index_rebuild(knowledge_base_id=knowledge_base.pk)
     stats.index_version, stats.chunks = build.version, build.chunk_count
     stats.seconds = time.perf_counter() - started
+    knowledge_base.refresh_from_db()  # ingestion may have chosen its model (and so its served fusion)
     return stats
 
 
@@ -190,6 +191,7 @@ def labelled_documents_load(*, knowledge_base: KnowledgeBase, root: Path,
     if report.build is not None:
         stats.index_version, stats.chunks = report.build.version, report.build.chunk_count
     stats.seconds = time.perf_counter() - started
+    knowledge_base.refresh_from_db()  # ingestion may have chosen its model (and so its served fusion)
     return stats
 
 
@@ -280,8 +282,9 @@ def query_candidates(*, knowledge_base: KnowledgeBase, queries: list[str], depth
 def current_ranking_params(knowledge_base: KnowledgeBase):
     from .rag.calibration import RankingParams
 
-    return RankingParams(knowledge_base.fusion, knowledge_base.rrf_k, knowledge_base.dense_weight,
-                         knowledge_base.mmr_lambda)
+    from .embeddings import served_fusion
+
+    return RankingParams(*served_fusion(knowledge_base), knowledge_base.mmr_lambda)
 
 
 @dataclass

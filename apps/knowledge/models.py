@@ -37,6 +37,7 @@ def default_embedding_choice() -> dict:
 
 class KnowledgeBase(models.Model):
     class Fusion(models.TextChoices):
+        AUTO = "auto", _("Measured default of the embedding model")
         RRF = "rrf", _("Reciprocal rank fusion")
         WEIGHTED = "weighted", _("Weighted (min-max normalised scores)")
         ZSCORE = "zscore", _("Weighted (z-score normalised scores)")
@@ -77,7 +78,10 @@ class KnowledgeBase(models.Model):
     chunk_overlap = models.PositiveSmallIntegerField(verbose_name=_("chunk overlap"), default=40, validators=[MaxValueValidator(128)])
 
     # Retrieval.
-    fusion = models.CharField(verbose_name=_("fusion"), max_length=16, choices=Fusion.choices, default=Fusion.RRF)
+    fusion = models.CharField(verbose_name=_("fusion"), max_length=16, choices=Fusion.choices, default=Fusion.AUTO,
+                              help_text=_("How dense and keyword results are combined. The measured default "
+                                          "depends on the embedding model (rrf k and dense weight are then not "
+                                          "used); evaluate --calibrate --save chooses on the base's own questions."))
     rrf_k = models.PositiveSmallIntegerField(verbose_name=_("rrf k"), default=60, validators=[MinValueValidator(1)])
     dense_weight = models.FloatField(verbose_name=_("dense weight"), default=0.5, validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
                                      help_text=_("Weighted and z-score fusion: weight of the dense score (BM25 gets the "

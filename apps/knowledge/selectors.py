@@ -249,7 +249,9 @@ def ranked_chunk_ids(*, knowledge_base: KnowledgeBase, query: str, top_k: int, m
 
 
 def _kb_settings(kb: KnowledgeBase) -> list:
-    return [kb.fusion, kb.rrf_k, kb.dense_weight, kb.candidates, kb.mmr_lambda, kb.use_reranker]
+    from .embeddings import served_fusion
+
+    return [*served_fusion(kb), kb.candidates, kb.mmr_lambda, kb.use_reranker]
 
 
 def _cache_key(query: str, top_k: int, mode: str, held, reranker) -> str:
@@ -292,6 +294,7 @@ def _reranker():
 def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, Any]]:
     """Ranked [{"id", "kb", "version", "score", "scores"}]: a few more than top_k, so that hits in documents
     deleted since can be dropped without returning short."""
+    from .embeddings import served_fusion
     from .rag.fusion import fuse, mmr
 
     needs_vector = mode != "bm25" or any(kb.mmr_lambda is not None for kb, _ in held)
@@ -305,7 +308,8 @@ def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, A
                  if mode in ("hybrid", "dense") and query_vec is not None else [])
         bm25 = bundle.bm25_search(query, n) if mode in ("hybrid", "bm25") else []
         if mode == "hybrid":
-            fused = fuse(kb.fusion, dense, bm25, rrf_k=kb.rrf_k, dense_weight=kb.dense_weight)
+            fusion, rrf_k, dense_weight = served_fusion(kb)
+            fused = fuse(fusion, dense, bm25, rrf_k=rrf_k, dense_weight=dense_weight)
         else:
             fused = dense or bm25
         dense_scores, bm25_scores = dict(dense), dict(bm25)
@@ -319,7 +323,8 @@ def _rank(query: str, top_k: int, mode: str, held, reranker) -> list[dict[str, A
                 scores["fused"] = score
             pool[chunk_id] = {"id": chunk_id, "kb": kb.pk, "version": bundle.version, "score": score,
                               "scores": scores, "_bundle": bundle}
-    # Across knowledge bases the per-base scores are on one scale (cosine, RRF, or [0, 1] weighted).
+    # Across knowledge bases the per-base scores are merged as they are (cosine, RRF, [0, 1] min-max or z-score
+    # units): bases that share a fusion share a scale.
     ranked = sorted(pool.values(), key=lambda item: (-item["score"], item["id"]))
     want = top_k * 2
     lambdas = [kb.mmr_lambda for kb, _ in held if kb.mmr_lambda is not None]

@@ -113,6 +113,21 @@ def test_a_new_base_is_automatic_until_its_documents_speak(editor, client):
     assert "not decided yet" in payload["embedding_model_reason"]
 
 
+def test_an_evaluation_ranks_with_the_fusion_of_the_model_its_documents_chose(editor, tmp_path):
+    from apps.knowledge import evaluation
+    from apps.knowledge.embeddings import AUTO_FUSION_OTHERS, served_fusion
+
+    kb = _auto_kb(editor)
+    assert served_fusion(kb) == ("zscore", 60, 0.6)  # undecided: the English model's default
+    (tmp_path / "leave.md").write_bytes(LEAVE_ZH)
+    (tmp_path / "refund.md").write_bytes(REFUND_ZH)
+    evaluation.labelled_documents_load(knowledge_base=kb, root=tmp_path)
+    # the caller's instance is the stored row: the command scores what a search of the base serves
+    assert kb.embedding_model == MODEL_E5 and served_fusion(kb) == AUTO_FUSION_OTHERS
+    params = evaluation.current_ranking_params(kb)
+    assert (params.fusion, params.dense_weight) == ("zscore", 0.5)
+
+
 def test_a_chinese_upload_chooses_the_multilingual_model_before_anything_is_embedded(editor, encode_counter):
     kb = _auto_kb(editor)
     _upload(kb, editor, {"leave.md": LEAVE_ZH, "refund.md": REFUND_ZH})

@@ -109,6 +109,29 @@ def test_weighted_fusion_and_mmr_are_options_of_the_knowledge_base(make_kb, load
     assert all("mmr" in r.scores for r in diverse) and len({r.chunk_id for r in diverse}) == 3
 
 
+def test_the_default_fusion_is_the_measured_default_of_the_model(make_kb, load_docs, user):
+    from apps.knowledge.embeddings import AUTO_FUSION_OTHERS, MODEL_E5, MODEL_MINILM, served_fusion
+    from apps.knowledge.rag.fusion import fuse
+
+    kb = make_kb("fresh")
+    assert kb.fusion == "auto" and kb.embedding_model == MODEL_MINILM
+    assert served_fusion(kb) == ("zscore", 60, 0.6)
+    kb.embedding_model = MODEL_E5
+    assert served_fusion(kb) == AUTO_FUSION_OTHERS == ("zscore", 60, 0.5)
+    kb.fusion, kb.rrf_k = "rrf", 20  # an editor's (or a calibration's) choice is served as it is
+    assert served_fusion(kb) == ("rrf", 20, 0.5)
+    kb.refresh_from_db()
+    load_docs(kb, {"expenses.md": kb_files.MARKDOWN, "fire.txt": FIRE, "parking.md": PARKING})
+    query = "where is the fire assembly point"
+    served = chunks_retrieve(user=user, query=query, knowledge_bases=["fresh"], top_k=5)
+    dense = chunks_retrieve(user=user, query=query, knowledge_bases=["fresh"], top_k=50, mode="dense")
+    bm25 = chunks_retrieve(user=user, query=query, knowledge_bases=["fresh"], top_k=50, mode="bm25")
+    expected = fuse("zscore", [(r.chunk_id, r.score) for r in dense], [(r.chunk_id, r.score) for r in bm25],
+                    dense_weight=0.6)
+    assert [r.chunk_id for r in served] == [i for i, _ in expected][:len(served)]
+    assert served[0].scores["fused"] == pytest.approx(expected[0][1])
+
+
 def test_identical_queries_are_cached_until_a_new_version_is_active(world, user, encode_counter, load_docs):
     first = chunks_retrieve(user=user, query="visitors park", knowledge_bases=["private"])
     encoded = encode_counter["texts"]

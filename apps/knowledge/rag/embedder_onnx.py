@@ -6,8 +6,7 @@ vectors); ``onnxruntime.quantization.quantize_dynamic`` turns the weights of its
 (per output channel) with activations quantised on the fly. The result is cached at
 ``cache_dir/<name>-<model hash>-<recipe>/model.onnx``: any process (web, worker) that finds it loads
 it; the first one to need it exports it (about 10-40 s) under a temporary name and renames it into
-place, so concurrent first uses never see a half-written file. ``manage.py embedding_models export``
-does the export at install time.
+place, so concurrent first uses never see a half-written file.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 import json
 import time
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils.translation import gettext, gettext_lazy
 
+from apps.core.management.base import Command as ProjectCommand
 from apps.core.registry import instances_list
 
 COLUMNS = ("instance", "kind", "host", "port", "pid", "up_s", "ready", "sub", "indexes", "plugins", "last_event",
@@ -43,7 +44,7 @@ def format_table(records: list[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 
 
-class Command(BaseCommand):
+class Command(ProjectCommand):
     help = (gettext_lazy("Show the live instances of this cluster (web servers and Celery workers) from their "
                          "heartbeats in Redis: id, host, port, pid, uptime, readiness, event subscription, index "
                          "versions held, plugin config version, last event applied, heartbeat age."))

@@ -1,16 +1,17 @@
 from datetime import timedelta
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 from django.utils.translation import gettext, gettext_lazy
 
+from apps.core.management.base import Command as ProjectCommand
 from apps.core.errors import ApplicationError
 from apps.core.models import SCOPES
 from apps.core.services import api_key_create
 
 
-class Command(BaseCommand):
+class Command(ProjectCommand):
     help = gettext_lazy("Create an API key for USERNAME and print it once (only its hash is stored).")
 
     def add_arguments(self, parser):

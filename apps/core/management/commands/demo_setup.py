@@ -3,11 +3,12 @@ import os
 from pathlib import Path
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
 from django.utils.translation import gettext, gettext_lazy
 
+from apps.core.management.base import Command as ProjectCommand
 
-class Command(BaseCommand):
+
+class Command(ProjectCommand):
     help = gettext_lazy("Prepare the embedded demo: a demo admin and the sample knowledge base. Idempotent.")
 
     def add_arguments(self, parser):

@@ -3,9 +3,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
+
+from apps.core.management.base import Command as ProjectCommand
 
 from ._output import progress, table
 from ._process import prepare_process
@@ -13,7 +15,7 @@ from ._process import prepare_process
 MODES = ["dense", "bm25", "hybrid"]
 
 
-class Command(BaseCommand):
+class Command(ProjectCommand):
     help = (gettext_lazy("Evaluate retrieval. With --dataset: a BEIR dataset (e.g. ../shared/datasets/scifact) is "
                          "ingested into a scratch knowledge base and nDCG@10, Recall@100 and MRR@10 are printed "
                          "beside the published figures. With --questions: a labelled JSONL question set (question, "

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils.translation import gettext, gettext_lazy
+
+from apps.core.management.base import Command as ProjectCommand
 
 from ._process import prepare_process
 
@@ -11,7 +13,7 @@ from ._operator import operator_user
 from ._output import progress, table
 
 
-class Command(BaseCommand):
+class Command(ProjectCommand):
     help = (gettext_lazy("Import and ingest files into a knowledge base, then rebuild its index. A file already "
                          "there under the same name is updated only if its bytes changed; failures are listed and "
                          "never stop the batch."))

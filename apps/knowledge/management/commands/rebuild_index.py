@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils.translation import gettext, gettext_lazy, gettext_noop
+
+from apps.core.management.base import Command as ProjectCommand
 
 from ._process import prepare_process
 
@@ -13,7 +15,7 @@ HEADERS = (gettext_noop("knowledge base"), gettext_noop("status"), gettext_noop(
            gettext_noop("chunks"), gettext_noop("encoded"), gettext_noop("seconds"))
 
 
-class Command(BaseCommand):
+class Command(ProjectCommand):
     help = gettext_lazy("Write a new index version from stored embeddings and activate it (nothing is re-encoded).")
 
     def add_arguments(self, parser):

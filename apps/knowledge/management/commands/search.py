@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import textwrap
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils.translation import gettext, gettext_lazy
 
+from apps.core.management.base import Command as ProjectCommand
 from apps.core.errors import ApplicationError
 from ._process import prepare_process
 
@@ -12,7 +13,7 @@ from ._operator import operator_user
 from ._output import table
 
 
-class Command(BaseCommand):
+class Command(ProjectCommand):
     help = gettext_lazy("Search knowledge bases the way users do and print the ranked chunks with each stage's "
                         "scores.")
 

@@ -1,13 +1,14 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils.translation import gettext, gettext_lazy
 from tqdm import tqdm
 
+from apps.core.management.base import Command as ProjectCommand
 from apps.core.errors import ApplicationError
 from apps.monitoring.archive import conversations_archive, parse_age
 from apps.monitoring.audit import audit_actor
 
 
-class Command(BaseCommand):
+class Command(ProjectCommand):
     help = (gettext_lazy("Move conversations idle for longer than --older-than to a compressed JSON Lines archive "
                          "(ARCHIVE_ROOT, or the S3 bucket ARCHIVE_S3_BUCKET) and remove them from the database. "
                          "Bring them back with restore_conversations."))

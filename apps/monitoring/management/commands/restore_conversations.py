@@ -1,16 +1,17 @@
 import os
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils.translation import gettext, gettext_lazy
 from tqdm import tqdm
 
+from apps.core.management.base import Command as ProjectCommand
 from apps.core.errors import ApplicationError
 from apps.monitoring.archive import FileArchiveStorage, archive_storage, conversations_restore
 from apps.monitoring.audit import audit_actor
 
 
-class Command(BaseCommand):
+class Command(ProjectCommand):
     help = (gettext_lazy("Restore the conversations of an archive written by archive_conversations. FILE is a name "
                          "in the archive storage (see --list) or a local path. Conversations already present are "
                          "skipped."))

@@ -6,15 +6,16 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils.translation import gettext, gettext_lazy
 
+from apps.core.management.base import Command as ProjectCommand
 from apps.core.errors import ApplicationError
 
 DEFAULT_DATA = Path(settings.BASE_DIR) / "tests" / "plugins" / "data" / "router_heldout.json"
 
 
-class Command(BaseCommand):
+class Command(ProjectCommand):
     help = gettext_lazy("Plugins: list them (with load errors), reload modules everywhere, test one, evaluate the "
                         "intent router.")
 
