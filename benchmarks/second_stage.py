@@ -53,8 +53,11 @@ def main() -> None:
     parser.add_argument("--cache", default="var/vector-cache")
     parser.add_argument("--chunk-tokens", type=int, default=200)
     parser.add_argument("--chunk-overlap", type=int, default=40)
-    parser.add_argument("--misses", action="store_true")
+    parser.add_argument("--misses", nargs="?", const="rrf primary+bm25", default=None, metavar="VARIANT",
+                        help="list the misses of this variant (default: rrf primary+bm25)")
     parser.add_argument("--window-tokens", type=int, default=0, help="also score sentence windows of this size")
+    parser.add_argument("--correction", type=float, action="append", default=[],
+                        help="also serve z-score fusion with this language-bias correction (repeatable)")
     args = parser.parse_args()
     cache = Path(args.cache)
     encoders = {key: encoder_for(key) for key in MODELS}
@@ -153,10 +156,9 @@ def main() -> None:
             variants[f"dense win mix {a}"] = r_mix
             variants[f"rrf win mix {a}+bm25"] = [rrf(d, b) for d, b in zip(r_mix, r_bm25)]
             variants[f"z win mix {a} 0.7"] = ranking(0.7 * zscore(mix) + 0.3 * zb)
-    from apps.knowledge.rag.language import language_mix
+    from apps.knowledge.rag.language import script_group
 
-    group = np.array([language_mix(r[2]).cjk_share >= 0.2 for r in rows])
-    qgroup = np.array([language_mix(q).cjk_share >= 0.2 for q in qtexts])
+    group = np.array([script_group(r[3]) == 1 for r in rows])  # of the indexed text, as rag/index.py does
 
     def centred(scores: np.ndarray, lam: float, top: int = 0) -> np.ndarray:
         out = scores.copy()
@@ -182,20 +184,25 @@ def main() -> None:
     from apps.knowledge.rag.fusion import fuse
     from apps.knowledge.rag.index import LANGUAGE_BIAS_CORRECTION, LANGUAGE_GROUP_MIN_CHUNKS
 
-    served = prim
-    if min(int(group.sum()), int((~group).sum())) >= LANGUAGE_GROUP_MIN_CHUNKS:
-        served = centred(prim, LANGUAGE_BIAS_CORRECTION)
+    bilingual = min(int(group.sum()), int((~group).sum())) >= LANGUAGE_GROUP_MIN_CHUNKS
 
     def top_list(row: np.ndarray, positive_only: bool = False) -> list[tuple[int, float]]:
         order = np.argsort(-row, kind="stable")[:100]
         return [(int(i), float(row[i])) for i in order if not positive_only or row[i] > 0]
 
-    lists = [(top_list(d), top_list(b, positive_only=True)) for d, b in zip(served, bm25_scores)]
+    bm25_lists = [top_list(b, positive_only=True) for b in bm25_scores]
+    served = centred(prim, LANGUAGE_BIAS_CORRECTION) if bilingual else prim
+    lists = [(top_list(d), b) for d, b in zip(served, bm25_lists)]
     settings = [("rrf", 60, 0.5), ("rrf", 20, 0.5)] + [("zscore", 60, w) for w in (0.5, 0.6, 0.7, 0.8)] + \
         [("weighted", 60, w) for w in (0.3, 0.4, 0.5, 0.6, 0.7)]
     for kind, k, w in settings:
         label = f"served {kind} k={k}" if kind == "rrf" else f"served {kind} {w}"
         variants[label] = [[i for i, _ in fuse(kind, d, b, rrf_k=k, dense_weight=w)] for d, b in lists]
+    for strength in (args.correction if bilingual else []):
+        corrected = [(top_list(d), b) for d, b in zip(centred(prim, strength), bm25_lists)]
+        for w in (0.5, 0.6):
+            variants[f"served zscore {w} correction {strength}"] = [
+                [i for i, _ in fuse("zscore", d, b, dense_weight=w)] for d, b in corrected]
     for name, ranked in variants.items():
         ranks = [first_hit_rank(q, [(rows[i][0], rows[i][1], rows[i][2]) for i in r[:10]])
                  for q, r in zip(questions, ranked)]
@@ -210,7 +217,7 @@ def main() -> None:
         sub = f"same {hit_metrics(same)['hit@3']:.3f} cross {hit_metrics(cross)['hit@3']:.3f} " + sub
         print(f"{name:28s} hit@3 {m['hit@3']:.3f}  hit@10 {m['hit@10']:.3f}  MRR@10 {m['mrr@10']:.3f}"
               f"  doc@3 {m['doc_hit@3']:.3f} | {sub}")
-        if args.misses and name == "rrf primary+bm25":
+        if args.misses == name:
             for q, rank, r in zip(questions, ranks, ranked):
                 if rank[0] is None or rank[0] > 3:
                     top = [f"{rows[i][0].split('/')[-1]}:{rows[i][2][:50]!r}" for i in r[:3]]
