@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--misses", nargs="?", const="rrf primary+bm25", default=None, metavar="VARIANT",
                         help="list the misses of this variant (default: rrf primary+bm25)")
     parser.add_argument("--window-tokens", type=int, default=0, help="also score sentence windows of this size")
+    parser.add_argument("--neighbour", type=float, action="append", default=[],
+                        help="also serve dense scores smoothed with this share of a better neighbour's (repeatable)")
     parser.add_argument("--correction", type=float, action="append", default=[],
                         help="also serve z-score fusion with this language-bias correction (repeatable)")
     args = parser.parse_args()
@@ -198,6 +200,17 @@ def main() -> None:
     for kind, k, w in settings:
         label = f"served {kind} k={k}" if kind == "rrf" else f"served {kind} {w}"
         variants[label] = [[i for i, _ in fuse(kind, d, b, rrf_k=k, dense_weight=w)] for d, b in lists]
+    # Neighbour smoothing: a chunk also gets part of the better score of the chunks beside it in its document.
+    same_prev = np.array([i > 0 and rows[i - 1][0] == rows[i][0] for i in range(len(rows))])
+    same_next = np.array([i + 1 < len(rows) and rows[i + 1][0] == rows[i][0] for i in range(len(rows))])
+    for alpha in args.neighbour:
+        prev = np.where(same_prev, np.roll(served, 1, axis=1), -1.0)
+        nxt = np.where(same_next, np.roll(served, -1, axis=1), -1.0)
+        smoothed = served + alpha * np.maximum(np.maximum(prev, nxt) - served, 0.0)
+        lists_n = [(top_list(d), b) for d, b in zip(smoothed, bm25_lists)]
+        for w in (0.5, 0.6):
+            variants[f"served zscore {w} neighbour {alpha}"] = [
+                [i for i, _ in fuse("zscore", d, b, dense_weight=w)] for d, b in lists_n]
     for strength in (args.correction if bilingual else []):
         corrected = [(top_list(d), b) for d, b in zip(centred(prim, strength), bm25_lists)]
         for w in (0.5, 0.6):
