@@ -73,12 +73,13 @@ ZH_STOPWORDS = frozenset(
 # The question and pronoun words of colloquial English questions ("how do I ...", "can my ..."), as the
 # Chinese list has 怎么 and 我: in a question they match every chunk that happens to say "you" or "how".
 # Measured on BM25 alone (docs/benchmarks.md, "Fusion by model"): MRR@10 up on all four development sets
-# and SciFact nDCG@10 0.6844 -> 0.6886. Words with another meaning in documents (may, might) are kept.
+# and SciFact nDCG@10 0.6844 -> 0.6888. Words that are also names or units once lower-cased are kept:
+# may, might (May), who (WHO), us (US), am (9 am).
 EN_QUESTION_WORDS = frozenset(
     """
-    what which who whom whose how why when where do does did doing done can could should would must shall
-    me my mine myself you your yours yourself we us our ours he him his she her its them what's i'm i've
-    don't doesn't can't isn't there's it's am been being have has had get got any some
+    what which whom whose how why when where do does did doing done can could should would must shall
+    me my mine myself you your yours yourself we our ours he him his she her its them what's i'm i've
+    don't doesn't can't isn't there's it's been being have has had get got any some
     """.split()
 )
 

@@ -53,6 +53,15 @@ def test_latin_words_are_stemmed_and_english_stopwords_dropped_as_before():
     assert tokenize("state-of-the-art") == ["state", "art"]
 
 
+def test_english_question_words_are_dropped_like_the_chinese_ones():
+    # "how do I ..." matched every chunk that says "how" or "you"; the question's content words remain
+    assert tokenize("How do I reset my password, can you help?") == ["reset", "password", "help"]
+    assert tokenize("怎么重置我的密码") == tokenize("重置密码")
+    # words that are names or units once lower-cased stay: US, WHO, 9 am, May
+    assert tokenize("US shipping, WHO guidance, opens 9 am in May") == ["us", "ship", "who", "guidanc", "open",
+                                                                         "am", "may"]
+
+
 @pytest.mark.parametrize("text, kept", [
     ("call __init__ first", "__init__"),
     ("compute 2*3*4 now", "2*3*4"),
