@@ -41,7 +41,7 @@ from apps.knowledge.rag.embedder import (  # noqa: E402
     default_model_path,
     get_encoder,
 )
-from apps.knowledge.rag.evaluation import load_beir, ndcg_at_k, recall_at_k  # noqa: E402
+from apps.knowledge.rag.evaluation import load_beir, ndcg_at_k  # noqa: E402
 
 
 def main() -> None:

@@ -7,7 +7,9 @@ dense ranking, BM25, RRF and z-score fusions of two or three rankings, document-
 language-bias correction of rag/index.py at several strengths ("centre"), and with --window-tokens the
 chunk's vector mixed with its best sentence window (small-to-big). "served ..." variants are what a base
 serves: rag/fusion.py's `fuse` over the top-100 dense (corrected as rag/index.py does) and BM25 lists,
-for each fusion setting a base can have. --misses lists the hybrid misses.
+for each fusion setting a base can have; --correction S and --neighbour A add served z-score rows with
+another language-bias correction strength or with neighbour smoothing. --misses [VARIANT] lists the
+misses of a variant (default: rrf primary+bm25).
 
 Usage: .venv/bin/python -W ignore benchmarks/second_stage.py --primary all-minilm-l6-v2 \
            --questions benchmarks/devsets/en.jsonl --documents var/devsets/en --cache var/vector-cache
