@@ -42,6 +42,8 @@ def test_sign_in_chat_and_sign_out_through_the_identity_provider(idp, make_kb, l
         page.click("#idp-submit")
         page.wait_for_selector("#message-input", timeout=60_000)
         assert page.url.rstrip("/") == f"http://{addr}"
+        # chat.js fills the selector after the page has loaded: wait for it (an immediate count raced it)
+        page.wait_for_selector("#kb-select option[value=travel]", state="attached", timeout=30_000)
         assert page.locator("#kb-select option[value=travel]").count() == 1  # granted by the directory group
 
         page.fill("#message-input", "How early do I need to book a flight?")
