@@ -74,7 +74,8 @@ def version2_tokenizer():
     return analyzer.tokenize
 
 
-def run_devset(name, tokenize, questions_path, documents) -> None:
+def run_devset(tokenizers: dict, questions_path, documents) -> None:
+    """BM25 alone over the set's chunks (chunked once), hit@3 / MRR@10 per tokenizer."""
     from apps.knowledge.rag.chunker import indexed_text
     from apps.knowledge.rag.evaluation import first_hit_rank, hit_metrics, load_questions
     from benchmarks.chunking_variants import _bm25, _scores
@@ -85,14 +86,15 @@ def run_devset(name, tokenize, questions_path, documents) -> None:
     count = encoder_for("multilingual-e5-small" if cjk else "all-minilm-l6-v2").count_tokens
     rows = [(source, title, chunk.text, indexed_text(chunk.text, chunk.context))
             for source, title, chunk in chunked_folder(documents, count, 200, 40)]
-    model = _bm25([r[3] for r in rows], tokenize)
-    ranks = []
-    for question in questions:
-        scores = _scores(model, question.question, tokenize)
-        order = [int(i) for i in np.argsort(-scores, kind="stable")[:10] if scores[i] > 0]
-        ranks.append(first_hit_rank(question, [(rows[i][0], rows[i][1], rows[i][2]) for i in order]))
-    m = hit_metrics(ranks)
-    print(f"{Path(questions_path).stem:6s} {name:10s} hit@3 {m['hit@3']:.3f}  MRR@10 {m['mrr@10']:.3f}")
+    for name, tokenize in tokenizers.items():
+        model = _bm25([r[3] for r in rows], tokenize)
+        ranks = []
+        for question in questions:
+            scores = _scores(model, question.question, tokenize)
+            order = [int(i) for i in np.argsort(-scores, kind="stable")[:10] if scores[i] > 0]
+            ranks.append(first_hit_rank(question, [(rows[i][0], rows[i][1], rows[i][2]) for i in order]))
+        m = hit_metrics(ranks)
+        print(f"{Path(questions_path).stem:6s} {name:10s} hit@3 {m['hit@3']:.3f}  MRR@10 {m['mrr@10']:.3f}")
 
 
 def main() -> None:
@@ -104,8 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     tokenizers = {"legacy": legacy_tokenizer(), "version 2": version2_tokenizer(), "analyzer": get_analyzer().tokenize}
     for questions, documents in zip(args.questions, args.documents):
-        for name in ("version 2", "analyzer"):
-            run_devset(name, tokenizers[name], questions, documents)
+        run_devset({name: tokenizers[name] for name in ("version 2", "analyzer")}, questions, documents)
     corpus, queries, qrels = load_beir(args.dataset, args.split)
     doc_ids = list(corpus)
     texts = [f"{corpus[d]['title']}\n\n{corpus[d]['text']}" for d in doc_ids]
